@@ -1,0 +1,85 @@
+"""Packaging: the manifest napari finds, and a core that stays free of Qt."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_manifest_symlink_points_at_root_file():
+    inside = REPO_ROOT / "napari_langmamba" / "napari.yaml"
+    assert inside.is_symlink(), "napari_langmamba/napari.yaml must be a symlink to the root manifest"
+    assert os.path.samefile(inside, REPO_ROOT / "napari.yaml")
+
+
+def test_installed_manifest_is_the_root_manifest():
+    from importlib.metadata import entry_points
+
+    (entry,) = [ep for ep in entry_points(group="napari.manifest") if ep.name == "napari-langmamba"]
+    import importlib.resources
+
+    package, resource = entry.value.split(":")
+    text = importlib.resources.files(package).joinpath(resource).read_text()
+    assert text == (REPO_ROOT / "napari.yaml").read_text()
+
+
+def test_npe2_validate_passes():
+    npe2 = Path(sys.executable).with_name("npe2")
+    result = subprocess.run(
+        [str(npe2), "validate", "napari-langmamba"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid" in result.stdout
+
+
+def test_manifest_python_names_import():
+    """Every command of the manifest resolves to a real object (what napari imports on demand)."""
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_file(REPO_ROOT / "napari.yaml")
+    import importlib
+
+    for command in manifest.contributions.commands:
+        module_name, attr = command.python_name.split(":")
+        module = importlib.import_module(module_name)
+        assert callable(getattr(module, attr)), command.python_name
+
+
+CORE_MODULES = [
+    "napari_langmamba",
+    "napari_langmamba.errors",
+    "napari_langmamba.events",
+    "napari_langmamba.windowing",
+    "napari_langmamba.io",
+    "napari_langmamba.metrics",
+    "napari_langmamba.models",
+    "napari_langmamba.checkpoint",
+    "napari_langmamba.inference",
+    "napari_langmamba.tokens",
+]
+
+
+@pytest.mark.parametrize("module", CORE_MODULES)
+def test_core_module_imports_no_qt_or_napari(module):
+    code = (
+        f"import sys, {module}\n"
+        "bad = sorted(m for m in ('qtpy', 'PyQt6', 'PyQt5', 'PySide6', 'napari') if m in sys.modules)\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"{module} pulled in {result.stdout.strip()}"
+
+
+def test_reader_module_imports_no_torch():
+    """napari imports the reader/sample module at start-up: it must not load torch."""
+    code = "import sys, napari_langmamba.io._napari\nprint('torch' in sys.modules)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
