@@ -1,0 +1,1023 @@
+"""DICOM series: find, group, order and decode CT slices; write derived series.
+
+Reading happens in two passes: every file's header is read with ``stop_before_pixels`` to
+group files by SeriesInstanceUID and order them by position along the slice normal; only the
+chosen series' pixel data is then decoded (compressed syntaxes through pydicom's pixel
+decoders, i.e. pylibjpeg/openjpeg). Axis conventions: see :mod:`napari_langmamba.io`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import os
+import uuid
+import warnings
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+from pydicom.valuerep import format_number_as_ds
+
+from napari_langmamba import __version__
+from napari_langmamba.errors import CTReadError, CTWriteError, DependencyError, SeriesChoiceError
+from napari_langmamba.events import Progress
+from napari_langmamba.io._files import atomic_dir
+from napari_langmamba.io.volume import CTVolume, SeriesInfo, to_jsonable, warn
+
+logger = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# A compressed frame this many times larger than its file, and above this size, is taken as
+# a corrupt header rather than allocated (a 1-KB file claiming 65535 x 65535 pixels).
+MAX_COMPRESSION_RATIO = 1000
+MIN_SUSPICIOUS_BYTES = 64 * 2**20
+# Geometry tolerances (mm or unit-vector components).
+ORIENTATION_TOLERANCE = 1e-3
+POSITION_TOLERANCE_MM = 0.01
+SPACING_RELATIVE_TOLERANCE = 0.01
+
+# DICOM fields kept in CTVolume.metadata (what a derived-series writer needs).
+PATIENT_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientWeight",
+    "PatientSize",
+)
+STUDY_KEYWORDS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+SERIES_KEYWORDS = (
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "Modality",
+    "BodyPartExamined",
+    "PatientPosition",
+    "ProtocolName",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+)
+EQUIPMENT_KEYWORDS = (
+    "Manufacturer",
+    "ManufacturerModelName",
+    "InstitutionName",
+    "StationName",
+    "SoftwareVersions",
+)
+IMAGE_KEYWORDS = (
+    "SOPClassUID",
+    "ImageType",
+    "SliceThickness",
+    "KVP",
+    "ConvolutionKernel",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "RescaleType",
+    "WindowCenter",
+    "WindowWidth",
+    "XRayTubeCurrent",
+    "Exposure",
+    "CTDIvol",
+    "ContrastBolusAgent",
+)
+METADATA_KEYWORDS = PATIENT_KEYWORDS + STUDY_KEYWORDS + SERIES_KEYWORDS + EQUIPMENT_KEYWORDS + IMAGE_KEYWORDS
+
+# Transfer syntaxes -> the packages that decode them (for the "install this" message).
+_J2K_SYNTAXES = {
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
+}
+_JPEG_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+}
+
+
+# --------------------------------------------------------------------------------------
+# Pass 1: headers
+# --------------------------------------------------------------------------------------
+@dataclass
+class _Frame:
+    """One 2-D image: a single-frame file or one frame of a multi-frame file."""
+
+    path: str
+    frame: int  # index within its file
+    n_frames: int  # frames in its file
+    header: Dataset
+    rows: int
+    columns: int
+    position: np.ndarray | None  # ImagePositionPatient (3,)
+    orientation: np.ndarray | None  # ImageOrientationPatient (6,)
+    pixel_spacing: tuple[float, float] | None  # (row spacing dy, column spacing dx)
+    slope: float | None
+    intercept: float | None
+    instance: int | None
+    sop_uid: str
+
+
+@dataclass
+class _Scan:
+    """What a folder scan found."""
+
+    frames: list[_Frame]
+    n_files: int
+    not_dicom: list[str]
+    unreadable: list[str]
+    no_image: list[str]
+
+
+def looks_like_dicom(path: str | os.PathLike) -> bool:
+    """Cheap test: the ``DICM`` magic at byte 128, or a DICOM file-name suffix."""
+    path = Path(path)
+    if path.name.lower().endswith(DICOM_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _read_header(path: str) -> Dataset | None:
+    """The header of ``path``, None if it is not DICOM; raises OSError/ValueError if corrupt."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        pass
+    if not path.lower().endswith(DICOM_SUFFIXES):
+        return None
+    # Old files without the 128-byte preamble: accept only if they parse into an image header.
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - anything pydicom raises on garbage means "not DICOM"
+        return None
+    return ds if "Rows" in ds and ("SOPClassUID" in ds or "Modality" in ds) else None
+
+
+def _is_image_storage(ds: Dataset) -> bool:
+    """True if the SOP class (or the file meta's) is an image storage class."""
+    meta = getattr(ds, "file_meta", None)
+    for uid in (ds.get("SOPClassUID"), meta.get("MediaStorageSOPClassUID") if meta is not None else None):
+        if uid and "Image Storage" in UID(str(uid)).name:
+            return True
+    return False
+
+
+def _floats(value: Any, n: int) -> np.ndarray | None:
+    try:
+        out = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _group_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
+    """A functional-group macro of an enhanced multi-frame image: per-frame, else shared."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame < len(per_frame):
+        item = _first_item(per_frame[frame], keyword)
+        if item is not None:
+            return item
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    return _first_item(shared[0], keyword) if shared else None
+
+
+def _optional_float(ds: Dataset | None, keyword: str) -> float | None:
+    if ds is None or keyword not in ds or ds.get(keyword) in (None, ""):
+        return None
+    try:
+        value = float(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _spacing_pair(value: Any) -> tuple[float, float] | None:
+    pair = _floats(value, 2) if value is not None else None
+    return None if pair is None else (float(pair[0]), float(pair[1]))
+
+
+def _frames_of(path: str, ds: Dataset) -> list[_Frame]:
+    """The 2-D images of one file with their own geometry and rescale."""
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    instance = ds.get("InstanceNumber")
+    common = {
+        "path": path,
+        "n_frames": n_frames,
+        "header": ds,
+        "rows": int(ds.get("Rows") or 0),
+        "columns": int(ds.get("Columns") or 0),
+        "instance": int(instance) if instance not in (None, "") else None,
+        "sop_uid": str(ds.get("SOPInstanceUID", "") or ""),
+    }
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        # Enhanced multi-frame: geometry and rescale live in per-frame or shared functional groups.
+        frames = []
+        for f in range(n_frames):
+            plane = _group_item(ds, f, "PlanePositionSequence")
+            orient = _group_item(ds, f, "PlaneOrientationSequence")
+            measures = _group_item(ds, f, "PixelMeasuresSequence")
+            rescale = _group_item(ds, f, "PixelValueTransformationSequence") or ds
+            frames.append(
+                _Frame(
+                    frame=f,
+                    position=None if plane is None else _floats(plane.get("ImagePositionPatient"), 3),
+                    orientation=None if orient is None else _floats(orient.get("ImageOrientationPatient"), 6),
+                    pixel_spacing=None if measures is None else _spacing_pair(measures.get("PixelSpacing")),
+                    slope=_optional_float(rescale, "RescaleSlope"),
+                    intercept=_optional_float(rescale, "RescaleIntercept"),
+                    **common,
+                )
+            )
+        return frames
+    position = _floats(ds.get("ImagePositionPatient"), 3) if "ImagePositionPatient" in ds else None
+    orientation = _floats(ds.get("ImageOrientationPatient"), 6) if "ImageOrientationPatient" in ds else None
+    step = _optional_float(ds, "SpacingBetweenSlices") or _optional_float(ds, "SliceThickness") or 1.0
+    frames = []
+    for f in range(n_frames):
+        frame_position = position
+        if position is not None and orientation is not None and n_frames > 1:
+            # A legacy multi-frame image without per-frame positions: frames are stacked
+            # along the normal at SpacingBetweenSlices (the best the header offers).
+            frame_position = position + f * step * np.cross(orientation[:3], orientation[3:])
+        frames.append(
+            _Frame(
+                frame=f,
+                position=frame_position,
+                orientation=orientation,
+                pixel_spacing=_spacing_pair(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")),
+                slope=_optional_float(ds, "RescaleSlope"),
+                intercept=_optional_float(ds, "RescaleIntercept"),
+                **common,
+            )
+        )
+    return frames
+
+
+def _candidate_files(path: Path) -> list[str]:
+    if path.is_file():
+        return [str(path)]
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files.extend(os.path.join(root, n) for n in sorted(names))
+    return files
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CTReadError(f"{path} does not exist; check the path (and that the drive is mounted).")
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise CTReadError(f"{path} cannot be read: permission denied. Ask for read access or copy it elsewhere.")
+    return path
+
+
+def iter_scan(path: str | os.PathLike | Sequence[str | os.PathLike]) -> Generator[Progress, None, _Scan]:
+    """Read the headers of every file in a folder (recursively), a file, or a list of files."""
+    if isinstance(path, (str, os.PathLike)):
+        root = _check_path(path)
+        files = _candidate_files(root)
+        where = str(root)
+    else:
+        files = [str(_check_path(p)) for p in path]
+        where = f"{len(files)} selected files"
+    if not files:
+        raise CTReadError(f"The folder {where} is empty: there are no DICOM files to read.")
+    scan = _Scan(frames=[], n_files=len(files), not_dicom=[], unreadable=[], no_image=[])
+    for n, file in enumerate(files, start=1):
+        try:
+            ds = _read_header(file)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt files
+            logger.debug("unreadable DICOM header in %s: %s", file, exc)
+            scan.unreadable.append(file)
+            ds = None
+        else:
+            if ds is None:
+                scan.not_dicom.append(file)
+            elif "Rows" not in ds or "Columns" not in ds:
+                if _is_image_storage(ds):
+                    scan.unreadable.append(file)  # an image whose header stops short: truncated
+                else:
+                    scan.no_image.append(file)  # DICOMDIR, structured reports, RT plans ...
+            else:
+                scan.frames.extend(_frames_of(file, ds))
+        if n % 16 == 0 or n == len(files):
+            yield Progress(n, len(files), f"Reading DICOM headers ({n} of {len(files)} files)")
+    return scan
+
+
+def _report_skipped(scan: _Scan, where: str) -> None:
+    if scan.not_dicom:
+        examples = ", ".join(Path(f).name for f in scan.not_dicom[:3])
+        warn(f"Skipped {len(scan.not_dicom)} non-DICOM file(s) in {where} (e.g. {examples}).")
+    if scan.no_image:
+        warn(f"Skipped {len(scan.no_image)} DICOM file(s) without an image (e.g. DICOMDIR, reports) in {where}.")
+    if scan.unreadable:
+        examples = ", ".join(Path(f).name for f in scan.unreadable[:3])
+        warn(
+            f"Skipped {len(scan.unreadable)} DICOM file(s) that could not be read (corrupt or truncated), "
+            f"e.g. {examples}; the series may have gaps."
+        )
+
+
+def _no_images_error(scan: _Scan, where: str) -> CTReadError:
+    if scan.n_files == 1:
+        name = Path(where).name
+        if scan.unreadable:
+            return CTReadError(f"{name} is a corrupt or truncated DICOM file; copy it again from the archive.")
+        if scan.no_image:
+            return CTReadError(f"{name} is a DICOM file without an image (e.g. a DICOMDIR or a report).")
+        return CTReadError(
+            f"{name} is not a DICOM file; expected a DICOM file or folder, a NIfTI file or a .npy array."
+        )
+    parts = [f"No DICOM images were found in {where}"]
+    details = []
+    if scan.not_dicom:
+        details.append(f"{len(scan.not_dicom)} non-DICOM file(s)")
+    if scan.no_image:
+        details.append(f"{len(scan.no_image)} DICOM file(s) without an image")
+    if scan.unreadable:
+        details.append(f"{len(scan.unreadable)} corrupt or truncated DICOM file(s)")
+    if details:
+        parts.append(f" (it holds {', '.join(details)})")
+    parts.append(". Choose the folder that holds the CT slices, or a NIfTI/.npy file.")
+    return CTReadError("".join(parts))
+
+
+# --------------------------------------------------------------------------------------
+# Grouping and geometry
+# --------------------------------------------------------------------------------------
+def _series_key(frame: _Frame) -> str:
+    uid = str(frame.header.get("SeriesInstanceUID", "") or "").strip()
+    if uid:
+        return uid
+    # Anonymised files may lack the UID: group by what else identifies a series.
+    ds = frame.header
+    parts = (
+        str(ds.get("StudyInstanceUID", "") or ""),
+        str(ds.get("SeriesNumber", "") or ""),
+        str(ds.get("SeriesDescription", "") or ""),
+        str(ds.get("FrameOfReferenceUID", "") or ""),
+        str(ds.get("Modality", "") or ""),
+    )
+    return "nouid-" + hashlib.sha1("\\".join(parts).encode()).hexdigest()[:12]
+
+
+def _group(frames: Iterable[_Frame]) -> list[tuple[str, list[_Frame]]]:
+    groups: dict[str, list[_Frame]] = {}
+    for frame in frames:
+        groups.setdefault(_series_key(frame), []).append(frame)
+
+    def sort_key(item: tuple[str, list[_Frame]]) -> tuple:
+        header = item[1][0].header
+        number = header.get("SeriesNumber")
+        try:
+            number = int(number)
+        except (TypeError, ValueError):
+            number = 1 << 30
+        return (number, str(header.get("SeriesDescription", "") or ""), item[0])
+
+    return sorted(groups.items(), key=sort_key)
+
+
+@dataclass
+class _Geometry:
+    order: list[int]  # indices into the series' frames, ascending along the normal
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+    positions: np.ndarray  # (z, 3) LPS positions in order, NaN when unknown
+    problems: list[str]  # recoverable oddities, as warning messages
+
+
+def _orientation(frames: list[_Frame], description: str) -> np.ndarray | None:
+    known = [f.orientation for f in frames if f.orientation is not None]
+    if not known:
+        return None
+    reference = known[0]
+    distinct = [reference]
+    for o in known[1:]:
+        if not any(np.allclose(o, d, atol=ORIENTATION_TOLERANCE) for d in distinct):
+            distinct.append(o)
+    if len(distinct) > 1:
+        shown = "; ".join("[" + ", ".join(f"{v:.3g}" for v in d) + "]" for d in distinct[:3])
+        raise CTReadError(
+            f"The slices of series {description!r} have {len(distinct)} different orientations "
+            f"(ImageOrientationPatient {shown}), so they do not form one volume. The series may mix "
+            f"axial slices with a localizer or a reformat: export one orientation only."
+        )
+    return reference
+
+
+def _geometry(frames: list[_Frame], description: str) -> _Geometry:
+    problems: list[str] = []
+    first = frames[0]
+    iop = _orientation(frames, description)
+    if iop is None:
+        problems.append(
+            f"Series {description!r} has no ImageOrientationPatient; assuming axial slices."
+        )
+        row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    else:
+        row, col = iop[:3], iop[3:]
+        if np.linalg.norm(row) < 1e-6 or np.linalg.norm(col) < 1e-6:
+            raise CTReadError(
+                f"Series {description!r} has an invalid ImageOrientationPatient {iop.tolist()}: a zero "
+                f"direction vector. The header is damaged."
+            )
+        row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    norm = np.linalg.norm(normal)
+    if norm < 1e-6:
+        raise CTReadError(
+            f"Series {description!r} has parallel row and column directions in ImageOrientationPatient; "
+            f"the header is damaged."
+        )
+    normal /= norm
+    direction = np.stack([normal, col, row])  # rows: z, y, x
+
+    spacings = {f.pixel_spacing for f in frames if f.pixel_spacing is not None}
+    if not spacings:
+        problems.append(f"Series {description!r} has no PixelSpacing; assuming 1 mm pixels.")
+        dy, dx = 1.0, 1.0
+    else:
+        dy, dx = first.pixel_spacing or sorted(spacings)[0]
+        if len(spacings) > 1:
+            problems.append(
+                f"Series {description!r} has slices with different PixelSpacing {sorted(spacings)}; "
+                f"using {dy:g} x {dx:g} mm."
+            )
+    if dy <= 0 or dx <= 0:
+        problems.append(f"Series {description!r} has a non-positive PixelSpacing; assuming 1 mm pixels.")
+        dy, dx = 1.0, 1.0
+
+    thickness = _optional_float(first.header, "SliceThickness")
+    fallback_dz = _optional_float(first.header, "SpacingBetweenSlices") or thickness or 1.0
+    have_positions = all(f.position is not None for f in frames)
+    if not have_positions:
+        if len(frames) > 1:
+            problems.append(
+                f"Series {description!r} lacks ImagePositionPatient on some slices; ordering by "
+                f"InstanceNumber and using a slice spacing of {fallback_dz:g} mm from the header."
+            )
+        order = sorted(range(len(frames)), key=lambda i: (frames[i].instance or 0, frames[i].path, frames[i].frame))
+        origin = frames[order[0]].position if frames[order[0]].position is not None else np.zeros(3)
+        positions = np.full((len(frames), 3), np.nan)
+        return _Geometry(order, (abs(fallback_dz), dy, dx), tuple(origin), direction, positions, problems)
+
+    along = np.array([float(np.dot(f.position, normal)) for f in frames])
+    order = sorted(range(len(frames)), key=lambda i: (along[i], frames[i].instance or 0))
+    along = along[order]
+    positions = np.stack([frames[i].position for i in order])
+    diffs = np.diff(along)
+    duplicates = int(np.sum(diffs < POSITION_TOLERANCE_MM))
+    if duplicates:
+        keep = [0] + [k + 1 for k, d in enumerate(diffs) if d >= POSITION_TOLERANCE_MM]
+        problems.append(
+            f"Series {description!r} has {duplicates} slice(s) at the same position as another "
+            f"(several acquisitions or phases in one series?); kept the first at each position."
+        )
+        order = [order[k] for k in keep]
+        along, positions = along[keep], positions[keep]
+        diffs = np.diff(along)
+
+    if len(order) > 1:
+        dz = float(np.median(diffs))
+        tolerance = max(POSITION_TOLERANCE_MM, SPACING_RELATIVE_TOLERANCE * dz)
+        gaps = diffs > 1.5 * dz
+        if np.any(gaps):
+            missing = int(sum(round(d / dz) - 1 for d in diffs[gaps]))
+            where = ", ".join(f"{along[k]:.1f}..{along[k + 1]:.1f} mm" for k in np.flatnonzero(gaps)[:3])
+            problems.append(
+                f"Series {description!r} seems to miss about {missing} slice(s) (gaps at {where}); the "
+                f"volume is built from the slices present with a spacing of {dz:g} mm, so distances "
+                f"across the gap are wrong."
+            )
+        uneven = np.abs(diffs - dz) > tolerance
+        if np.any(uneven & ~gaps):
+            problems.append(
+                f"Series {description!r} has uneven slice spacing (from {diffs.min():.3g} to "
+                f"{diffs.max():.3g} mm); using the median, {dz:.4g} mm."
+            )
+        # Positions that drift within the slice plane: a gantry tilt (sheared volume).
+        steps = np.diff(positions, axis=0)
+        in_plane = steps - np.outer(steps @ normal, normal)
+        shear = np.linalg.norm(in_plane, axis=1)
+        if np.any(shear > POSITION_TOLERANCE_MM + 1e-3 * np.linalg.norm(steps, axis=1)):
+            tilt = _optional_float(first.header, "GantryDetectorTilt")
+            angle = float(np.degrees(np.arctan2(np.median(shear), dz)))
+            problems.append(
+                f"Series {description!r} was acquired with a gantry tilt (about {angle:.1f} degrees"
+                + (f", header says {tilt:g}" if tilt else "")
+                + "): slices are shifted in-plane, so the volume shown is sheared. Distances within a "
+                "slice are right; across slices they are approximate."
+            )
+    else:
+        dz = abs(fallback_dz)
+    return _Geometry(order, (dz, dy, dx), tuple(positions[0]), direction, positions, problems)
+
+
+def _description(header: Dataset) -> str:
+    return str(header.get("SeriesDescription", "") or "").strip()
+
+
+def _series_info(uid: str, frames: list[_Frame]) -> SeriesInfo:
+    header = frames[0].header
+    description = _description(header)
+    try:
+        spacing: tuple[float, float, float] | None = _geometry(frames, description).spacing
+    except CTReadError:
+        spacing = None
+    files = tuple(dict.fromkeys(f.path for f in frames))
+    return SeriesInfo(
+        uid=uid,
+        description=description,
+        modality=str(header.get("Modality", "") or ""),
+        n_slices=len(frames),
+        rows=frames[0].rows,
+        columns=frames[0].columns,
+        spacing=spacing,
+        files=files,
+    )
+
+
+def iter_list_dicom_series(path: str | os.PathLike | Sequence) -> Generator[Progress, None, list[SeriesInfo]]:
+    """Like :func:`list_dicom_series`, yielding progress while headers are read."""
+    scan = yield from iter_scan(path)
+    if not scan.frames:
+        raise _no_images_error(scan, str(path))
+    return [_series_info(uid, frames) for uid, frames in _group(scan.frames)]
+
+
+def _choose(groups: list[tuple[str, list[_Frame]]], series: str | int | None, where: str) -> tuple[str, list[_Frame]]:
+    infos = [_series_info(uid, frames) for uid, frames in groups]
+    listing = "\n".join(f"  [{i}] {info.summary()}  (UID {info.uid})" for i, info in enumerate(infos))
+    if series is None:
+        if len(groups) == 1:
+            return groups[0]
+        raise SeriesChoiceError(
+            f"{where} holds {len(groups)} image series; choose one by its number or UID:\n{listing}",
+            series=infos,
+        )
+    if isinstance(series, (int, np.integer)) and not isinstance(series, bool):
+        if 0 <= int(series) < len(groups):
+            return groups[int(series)]
+        raise SeriesChoiceError(
+            f"There is no series number {series} in {where}; it holds {len(groups)}:\n{listing}", series=infos
+        )
+    wanted = str(series).strip()
+    for uid, frames in groups:
+        if uid == wanted:
+            return uid, frames
+    raise SeriesChoiceError(f"No series with UID {wanted!r} in {where}; it holds:\n{listing}", series=infos)
+
+
+# --------------------------------------------------------------------------------------
+# Pass 2: pixels
+# --------------------------------------------------------------------------------------
+def _transfer_syntax(header: Dataset) -> UID:
+    meta = getattr(header, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(str(uid)) if uid else ExplicitVRLittleEndian
+
+
+def _packages_for(syntax: UID) -> str:
+    if syntax in _J2K_SYNTAXES:
+        return "pylibjpeg and pylibjpeg-openjpeg (pip install pylibjpeg pylibjpeg-openjpeg)"
+    if syntax in _JPEG_SYNTAXES:
+        return "pylibjpeg and pylibjpeg-libjpeg, or python-gdcm (pip install pylibjpeg pylibjpeg-libjpeg)"
+    return "pylibjpeg with its plugins (pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg)"
+
+
+def _check_decoders(syntaxes: Iterable[UID]) -> None:
+    """Fail before decoding anything when a transfer syntax has no working decoder."""
+    from pydicom.pixels import get_decoder
+
+    for syntax in syntaxes:
+        try:
+            decoder = get_decoder(syntax)
+        except NotImplementedError:
+            raise CTReadError(
+                f"The pixel data is stored as {syntax.name} ({syntax}), which cannot be decoded. "
+                f"Re-export the series uncompressed or as JPEG 2000."
+            ) from None
+        if not decoder.is_available:
+            missing = "; ".join(decoder.missing_dependencies) or "no decoder plugin is installed"
+            raise DependencyError(
+                f"The pixel data is compressed as {syntax.name}; decoding it needs {_packages_for(syntax)}, "
+                f"which is not installed ({missing}). Install it and open the series again."
+            )
+
+
+def _expected_bytes(frame: _Frame) -> int:
+    header = frame.header
+    bits = int(header.get("BitsAllocated") or 16)
+    samples = int(header.get("SamplesPerPixel") or 1)
+    return frame.rows * frame.columns * frame.n_frames * samples * max(bits, 1) // 8
+
+
+def _check_file(frame: _Frame) -> None:
+    """Refuse, before any allocation, images that are not CT-like or whose header cannot be true."""
+    path = frame.path
+    header = frame.header
+    name = Path(path).name
+    if int(header.get("SamplesPerPixel") or 1) != 1:
+        raise CTReadError(f"{name} is a colour image ({header.get('SamplesPerPixel')} samples per pixel), not CT.")
+    if frame.rows <= 0 or frame.columns <= 0:
+        raise CTReadError(f"{name} has an empty image ({frame.rows} x {frame.columns} pixels); the header is damaged.")
+    expected = _expected_bytes(frame)
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise CTReadError(f"{name} cannot be read: {exc}.") from exc
+    syntax = _transfer_syntax(header)
+    if not syntax.is_compressed and size < expected:
+        raise CTReadError(
+            f"{name} is truncated: its header describes {frame.n_frames} frame(s) of {frame.rows} x "
+            f"{frame.columns} pixels ({expected} bytes) but the file has only {size} bytes. Copy the file "
+            f"again from the archive."
+        )
+    if syntax.is_compressed and expected > max(MIN_SUSPICIOUS_BYTES, MAX_COMPRESSION_RATIO * size):
+        raise CTReadError(
+            f"{name} claims {frame.n_frames} frame(s) of {frame.rows} x {frame.columns} pixels "
+            f"({expected / 2**20:.0f} MB) in a {size / 2**10:.0f} KB file; the header is corrupt."
+        )
+
+
+def _decode_file(frame: _Frame) -> np.ndarray:
+    """All frames of ``frame.path`` as stored values, shape ``(frames, rows, columns)``."""
+    path = frame.path
+    name = Path(path).name
+    syntax = _transfer_syntax(frame.header)
+    expected = _expected_bytes(frame)
+    truncated = CTReadError(f"{name} is truncated or corrupt: its pixel data ends early. Copy it again from the archive.")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
+        raise CTReadError(f"{name} is corrupt and could not be read ({exc}).") from exc
+    if any("End of file" in str(w.message) for w in caught):
+        raise truncated
+    if "PixelData" not in ds:
+        raise CTReadError(f"{name} has no pixel data; it is not an image or it is truncated.")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pixels = ds.pixel_array
+        for w in caught:  # pydicom's own notes (e.g. J2K sign corrections) go to the log
+            logger.debug("pydicom, decoding %s: %s", name, w.message)
+    except RuntimeError as exc:
+        if "missing dependencies" in str(exc) or "plugins" in str(exc):
+            raise DependencyError(
+                f"Cannot decode {name} ({syntax.name}): {_packages_for(syntax)} is needed ({exc})."
+            ) from exc
+        raise CTReadError(f"The pixel data of {name} could not be decoded ({exc}); the file may be corrupt.") from exc
+    except NotImplementedError as exc:
+        raise CTReadError(f"{name} uses {syntax.name}, which cannot be decoded ({exc}).") from exc
+    except MemoryError as exc:
+        raise CTReadError(f"Not enough memory to decode {name} ({expected / 2**20:.0f} MB).") from exc
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise ValueError, OSError, ...
+        raise CTReadError(
+            f"The pixel data of {name} could not be decoded ({exc}); the file may be corrupt or truncated."
+        ) from exc
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    if pixels.shape != (frame.n_frames, frame.rows, frame.columns):
+        raise CTReadError(
+            f"{name} decoded to an array of shape {pixels.shape}, not the {frame.n_frames} x {frame.rows} x "
+            f"{frame.columns} its header promises; the file is corrupt."
+        )
+    return pixels
+
+
+def _metadata(frames: list[_Frame], geometry: _Geometry) -> dict[str, Any]:
+    header = frames[geometry.order[0]].header
+    out: dict[str, Any] = {}
+    for keyword in METADATA_KEYWORDS:
+        if keyword in header:
+            value = to_jsonable(header.get(keyword))
+            if value is not None:
+                out[keyword] = value
+    out["source_format"] = "dicom"
+    out["TransferSyntaxUID"] = str(_transfer_syntax(header))
+    ordered = [frames[i] for i in geometry.order]
+    uids = [f.sop_uid for f in ordered]
+    if all(uids) and all(f.n_frames == 1 for f in ordered):
+        out["source_sop_instance_uids"] = uids
+    out["slice_positions_lps"] = [
+        None if np.any(np.isnan(p)) else [float(v) for v in p] for p in geometry.positions
+    ]
+    return out
+
+
+def iter_read_dicom(
+    path: str | os.PathLike | Sequence, *, series: str | int | None = None
+) -> Generator[Progress, None, CTVolume]:
+    """Read one DICOM series (a folder, a file, or a list of files) as a :class:`CTVolume`.
+
+    Yields :class:`Progress` while headers are read and per slice decoded. Raises
+    :class:`SeriesChoiceError` when several series are found and ``series`` (index into
+    :func:`list_dicom_series` order, or UID) is None; :class:`DependencyError` when the pixel
+    decoder is missing; :class:`CTReadError` for anything else unreadable.
+    """
+    where = str(path) if isinstance(path, (str, os.PathLike)) else f"the {len(path)} selected files"
+    scan = yield from iter_scan(path)
+    if not scan.frames:
+        raise _no_images_error(scan, where)
+    _report_skipped(scan, where)
+    uid, frames = _choose(_group(scan.frames), series, where)
+    header = frames[0].header
+    description = _description(header) or Path(frames[0].path).parent.name
+
+    sizes = {(f.rows, f.columns) for f in frames}
+    if len(sizes) > 1:
+        raise CTReadError(
+            f"The slices of series {description!r} have different matrix sizes ({sorted(sizes)}); they do "
+            f"not form one volume. Export the series again or choose one of its parts."
+        )
+    geometry = _geometry(frames, description)
+    for message in geometry.problems:
+        warn(message)
+    modality = str(header.get("Modality", "") or "")
+    if modality != "CT":
+        warn(
+            f"Series {description!r} has modality {modality or 'unknown'}, not CT: its values are shown "
+            f"as if they were Hounsfield units, which they may not be."
+        )
+    ordered = [frames[i] for i in geometry.order]
+    no_rescale = sum(1 for f in ordered if f.slope is None or f.intercept is None)
+    if no_rescale:
+        warn(
+            f"{no_rescale} of {len(ordered)} slice(s) of series {description!r} have no RescaleSlope/"
+            f"RescaleIntercept; assuming slope 1 and intercept 0 (stored values taken as HU). Check that "
+            f"air reads about -1000 HU."
+        )
+    _check_decoders({_transfer_syntax(f.header) for f in ordered})
+    for frame in {f.path: f for f in ordered}.values():
+        _check_file(frame)
+
+    n, rows, columns = len(ordered), ordered[0].rows, ordered[0].columns
+    try:
+        hu = np.empty((n, rows, columns), dtype=np.float32)
+    except (MemoryError, ValueError) as exc:
+        raise CTReadError(
+            f"Series {description!r} needs {n * rows * columns * 4 / 2**30:.1f} GB of memory, which is not "
+            f"available."
+        ) from exc
+    cache: dict[str, np.ndarray] = {}  # multi-frame files are decoded once
+    for k, frame in enumerate(ordered):
+        pixels = cache.get(frame.path)
+        if pixels is None:
+            pixels = _decode_file(frame)
+            if frame.n_frames > 1:
+                cache[frame.path] = pixels
+        slope = 1.0 if frame.slope is None else frame.slope
+        intercept = 0.0 if frame.intercept is None else frame.intercept
+        np.multiply(pixels[frame.frame], np.float32(slope), out=hu[k], casting="unsafe")
+        hu[k] += np.float32(intercept)
+        yield Progress(k + 1, n, f"Reading slice {k + 1} of {n}")
+
+    metadata = _metadata(frames, geometry)
+    metadata["SeriesInstanceUID"] = str(header.get("SeriesInstanceUID", "") or "")
+    source = str(path) if isinstance(path, (str, os.PathLike)) else str(Path(ordered[0].path).parent)
+    logger.info("read %d slices of %r from %s", n, description, source)
+    return CTVolume(
+        hu=hu,
+        spacing=geometry.spacing,
+        origin=geometry.origin,
+        direction=geometry.direction,
+        metadata=metadata,
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Writing a derived series
+# --------------------------------------------------------------------------------------
+def _ds(value: float) -> str:
+    """A decimal string (DS) of at most 16 characters that parses back to ``value`` when possible."""
+    value = float(value)
+    if value == 0:
+        return "0"
+    text = repr(value)
+    if len(text) <= 16:
+        return text[:-2] if text.endswith(".0") else text
+    return format_number_as_ds(value)
+
+
+def _int16_rescale(hu: np.ndarray) -> tuple[float, float]:
+    """``(slope, intercept)`` so that ``hu = stored * slope + intercept`` fits int16."""
+    lo, hi = float(np.min(hu)), float(np.max(hu))
+    if lo >= -32768 and hi <= 32767:
+        return 1.0, 0.0
+    slope = (hi - lo) / 65535.0
+    warn(
+        f"HU range {lo:.0f}..{hi:.0f} does not fit 16-bit integers; storing with RescaleSlope {slope:.4g} "
+        f"(precision about {slope / 2:.2g} HU).",
+        category=UserWarning,
+    )
+    return slope, lo + 32768.0 * slope
+
+
+def _today() -> tuple[str, str]:
+    now = _dt.datetime.now()
+    return now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+
+
+def _set(ds: Dataset, keyword: str, value: Any) -> None:
+    if value is None:
+        return
+    try:
+        setattr(ds, keyword, value)
+    except (TypeError, ValueError) as exc:  # a value read from another file that no longer validates
+        logger.debug("dropped %s=%r: %s", keyword, value, exc)
+
+
+def write_dicom_series(
+    volume: CTVolume,
+    out_dir: str | os.PathLike,
+    *,
+    reference: CTVolume | None = None,
+    description: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``volume`` as a derived CT series (one uncompressed file per slice) a PACS accepts.
+
+    Parameters
+    ----------
+    volume : CTVolume
+        The HU volume to write; its geometry (spacing, origin, direction) is written exactly.
+    out_dir : path
+        A new or empty folder (any existing content only with ``overwrite=True``, which replaces it).
+    reference : CTVolume, optional
+        The series this one derives from (e.g. the low-dose input): its patient, study and
+        equipment fields are copied and its StudyInstanceUID reused. Without it, the volume's own
+        metadata is used; if that has no study, new patient/study identifiers are created.
+    description : str, optional
+        SeriesDescription of the new series, e.g. ``"LangMamba denoised"``.
+    overwrite : bool
+        Replace an existing non-empty folder.
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+
+    Notes
+    -----
+    Each file gets a new SOPInstanceUID and the series a new SeriesInstanceUID; ImageType is
+    ``DERIVED\\SECONDARY\\AXIAL``; pixels are int16 with RescaleSlope/Intercept (exact to 0.5 HU);
+    transfer syntax Explicit VR Little Endian. The files are written to a temporary sibling
+    folder and renamed into place, so a failure leaves nothing behind.
+    """
+    if not isinstance(volume, CTVolume):
+        raise CTWriteError(f"write_dicom_series needs a CTVolume; got {type(volume).__name__}.")
+    hu = volume.hu
+    if not np.all(np.isfinite(hu)):
+        raise CTWriteError("The volume holds NaN or infinite values, which DICOM cannot store; nothing was written.")
+    out_dir = Path(out_dir)
+    source = dict(reference.metadata if reference is not None else volume.metadata)
+    new_study = not str(source.get("StudyInstanceUID", "") or "").strip()
+    slope, intercept = _int16_rescale(hu)
+
+    date, time = _today()
+    series_uid = generate_uid()
+    old_description = str(source.get("SeriesDescription", "") or "").strip()
+    if description is None:
+        description = f"Derived from {old_description}" if old_description else "Derived by napari-langmamba"
+    description = description[:64]  # LO: 64 characters
+    try:
+        series_number = int(source.get("SeriesNumber")) + 1000
+    except (TypeError, ValueError):
+        series_number = 1001
+    frame_of_reference = str(volume.metadata.get("FrameOfReferenceUID") or source.get("FrameOfReferenceUID") or "")
+    frame_of_reference = frame_of_reference or generate_uid()
+    source_uids = source.get("source_sop_instance_uids") or []
+    source_class = str(source.get("SOPClassUID") or CTImageStorage)
+
+    dz, dy, dx = volume.spacing
+    normal, col, row = volume.direction
+    positions = volume.slice_positions()
+    # Patient and study: copied from the source; a source without a study gets new identifiers
+    # (a PACS files every image under a valid StudyInstanceUID and a patient ID).
+    identity: dict[str, Any] = {}
+    if new_study:
+        identity.update(StudyInstanceUID=generate_uid(), StudyDate=date, StudyTime=time, StudyID="1")
+    for keyword in PATIENT_KEYWORDS + STUDY_KEYWORDS + EQUIPMENT_KEYWORDS:
+        if keyword not in identity and source.get(keyword) not in (None, ""):
+            identity[keyword] = source[keyword]
+    if new_study and not identity.get("PatientID"):
+        identity["PatientID"] = f"LM-{uuid.uuid4().hex[:10].upper()}"
+        identity.setdefault("PatientName", "ANONYMOUS")
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+        identity.setdefault(keyword, "")  # type 2: present, possibly empty
+    n, rows, columns = volume.shape
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for k in range(n):
+            # Slice by slice: a float64 copy of the whole volume would double peak memory.
+            stored = np.clip(np.rint((hu[k].astype(np.float64) - intercept) / slope), -32768, 32767).astype("<i2")
+            sop_uid = generate_uid()
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CTImageStorage
+            meta.MediaStorageSOPInstanceUID = sop_uid
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            meta.ImplementationVersionName = f"LANGMAMBA_{__version__}"[:16]
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.preamble = b"\0" * 128
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+            ds.SOPClassUID = CTImageStorage
+            ds.SOPInstanceUID = sop_uid
+            for keyword, value in identity.items():
+                _set(ds, keyword, value)
+            for keyword in ("BodyPartExamined", "PatientPosition", "KVP", "ConvolutionKernel", "ProtocolName"):
+                if source.get(keyword) not in (None, ""):
+                    _set(ds, keyword, source[keyword])
+            ds.Modality = "CT"
+            ds.SeriesInstanceUID = series_uid
+            ds.SeriesNumber = series_number
+            ds.SeriesDescription = description
+            ds.SeriesDate, ds.SeriesTime = date, time
+            ds.ContentDate, ds.ContentTime = date, time
+            ds.DerivationDescription = description
+            ds.SoftwareVersions = f"napari-langmamba {__version__}"
+            if "Manufacturer" not in ds:
+                ds.Manufacturer = ""
+            ds.FrameOfReferenceUID = frame_of_reference
+            ds.PositionReferenceIndicator = str(source.get("PositionReferenceIndicator", "") or "")
+            ds.InstanceNumber = k + 1
+            ds.AcquisitionNumber = 1
+            ds.ImagePositionPatient = [_ds(v) for v in positions[k]]
+            ds.ImageOrientationPatient = [_ds(v) for v in (*row, *col)]
+            ds.SliceLocation = _ds(float(np.dot(positions[k], normal)))
+            ds.PixelSpacing = [_ds(dy), _ds(dx)]
+            thickness = source.get("SliceThickness")
+            ds.SliceThickness = _ds(float(thickness) if thickness not in (None, "") else dz)
+            ds.SpacingBetweenSlices = _ds(dz)
+            if len(source_uids) == n:
+                item = Dataset()
+                item.ReferencedSOPClassUID = source_class
+                item.ReferencedSOPInstanceUID = source_uids[k]
+                ds.SourceImageSequence = DicomSequence([item])
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.Rows, ds.Columns = rows, columns
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+            ds.PixelRepresentation = 1
+            ds.RescaleIntercept = _ds(intercept)
+            ds.RescaleSlope = _ds(slope)
+            ds.RescaleType = "HU"
+            ds.WindowCenter, ds.WindowWidth = "40", "400"
+            ds.PixelData = stored.tobytes()
+            try:
+                ds.save_as(tmp / f"CT{k + 1:05d}.dcm", enforce_file_format=True)
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise CTWriteError(f"Could not encode slice {k + 1} as DICOM ({exc}); nothing was written.") from exc
+    logger.info("wrote %d-slice derived series %r to %s", n, description, out_dir)
+    return out_dir

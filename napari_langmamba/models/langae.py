@@ -1,0 +1,420 @@
+"""LangAE: the taming-transformers style autoencoder whose codebook is a language model's vocabulary.
+
+The encoder/decoder follow taming-transformers' ``diffusionmodules/model.py`` layout (small named
+blocks so state-dict keys read ``encoder.down.2.block.0.conv1.weight``): ResNet blocks, strided
+convolutions to downsample, nearest-neighbour + conv to upsample, single-head attention at the
+lowest resolution and in the mid block, GroupNorm + Swish. With ``ch_mult`` of five entries there
+are four downsamplings (factor 16): a 512 x 512 slice gives a 32 x 32 latent.
+
+The encoder also returns the five feature scales the SEED denoiser uses as its frozen encoder:
+the ``conv_in`` output and the outputs of the four downsampling steps. In taming's layout a
+downsampling step keeps the channels of its level, so for ``paper`` these are
+64@512, 64@256, 64@128, 128@64, 128@32 (:attr:`LangAEConfig.feature_channels`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from napari_langmamba.errors import ConfigError
+from napari_langmamba.models.quantizer import PyramidOutput, PyramidQuantizer
+
+if TYPE_CHECKING:
+    from napari_langmamba.models.codebook import Codebook
+
+__all__ = [
+    "AttnBlock",
+    "Decoder",
+    "Downsample",
+    "Encoder",
+    "LangAE",
+    "LangAEConfig",
+    "ResnetBlock",
+    "Upsample",
+    "group_norm",
+]
+
+NUM_LEVELS = 5  # ch_mult entries: four downsamplings, five feature scales for SEED
+
+
+@dataclass(frozen=True, kw_only=True)
+class LangAEConfig:
+    """Architecture of a LangAE (and of the frozen SEED encoder built from it).
+
+    Parameters
+    ----------
+    ch
+        Channels after ``conv_in``; level ``i`` has ``ch * ch_mult[i]`` channels.
+    ch_mult
+        Five channel multipliers, one per resolution level (four downsamplings).
+    num_res_blocks
+        ResNet blocks per encoder level (the decoder uses one more, as in taming).
+    attn_resolutions
+        Nominal feature-map sizes (for an input of ``resolution`` pixels) whose levels get
+        attention blocks, taming's convention: ``(32,)`` puts attention at the 32 x 32 latent
+        level of a 512 input. The mid block always has attention.
+    z_channels
+        Channels of the encoder output (before ``quant_conv``).
+    resolution
+        Nominal input size the attention levels refer to; the network is fully convolutional
+        and accepts any size that is a multiple of 16.
+    codebook_dim
+        Width of the language-model codebook (``quant_conv`` maps ``z_channels`` to it).
+    commitment_beta
+        Weight of the quantizer's commitment loss.
+    name
+        Name of the preset this config came from (``"custom"`` otherwise); stored in checkpoints.
+    """
+
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    z_channels: int
+    resolution: int
+    codebook_dim: int
+    in_channels: int = 1
+    out_channels: int = 1
+    dropout: float = 0.0
+    commitment_beta: float = 0.3
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        # Normalise sequences (JSON gives lists) so configs compare and hash by value.
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        if len(self.ch_mult) != NUM_LEVELS:
+            raise ConfigError(
+                f"LangAE needs exactly {NUM_LEVELS} channel multipliers (four downsamplings, the five "
+                f"feature scales SEED uses); got ch_mult={self.ch_mult}."
+            )
+        for name in ("ch", "num_res_blocks", "z_channels", "resolution", "codebook_dim", "in_channels",
+                     "out_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"LangAE option {name!r} must be a positive integer; got {value!r}.")
+        if any(m < 1 for m in self.ch_mult):
+            raise ConfigError(f"LangAE channel multipliers must be positive; got {self.ch_mult}.")
+        if self.resolution % self.downsample_factor:
+            raise ConfigError(
+                f"LangAE resolution must be a multiple of {self.downsample_factor}; got {self.resolution}."
+            )
+        if not isinstance(self.name, str):
+            raise ConfigError(f"LangAE config name must be a string; got {self.name!r}.")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"LangAE dropout must be in [0, 1); got {self.dropout}.")
+        if not float(self.commitment_beta) >= 0.0:
+            raise ConfigError(f"LangAE commitment_beta must be >= 0; got {self.commitment_beta}.")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Input pixels per latent pixel along each axis (16)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def feature_channels(self) -> tuple[int, int, int, int, int]:
+        """Channels of the five encoder feature scales (full, 1/2, 1/4, 1/8, 1/16 resolution).
+
+        ``conv_in`` gives ``ch``; the downsampling at the end of level ``i`` keeps that level's
+        ``ch * ch_mult[i]`` channels.
+        """
+        return (self.ch, *(self.ch * m for m in self.ch_mult[:-1]))  # type: ignore[return-value]
+
+    @property
+    def latent_resolution(self) -> int:
+        """Latent size for an input of ``resolution`` pixels."""
+        return self.resolution // self.downsample_factor
+
+    @classmethod
+    def preset_names(cls) -> tuple[str, ...]:
+        return tuple(_PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, *, codebook_dim: int) -> LangAEConfig:
+        """A named configuration: ``"paper"``, ``"lite"`` or ``"tiny"``.
+
+        ``paper`` is the published setting (ch 64, z 256, 512 -> 32 x 32 latent); ``lite`` has the
+        same topology with half the channels so CPU training is practical; ``tiny`` is for tests.
+        """
+        key = str(name).strip().lower()
+        if key not in _PRESETS:
+            raise ConfigError(f"Unknown LangAE preset {name!r}; choose one of {', '.join(_PRESETS)}.")
+        return cls(**_PRESETS[key], codebook_dim=int(codebook_dim), name=key)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (tuples as lists)."""
+        data = asdict(self)
+        data["ch_mult"] = list(self.ch_mult)
+        data["attn_resolutions"] = list(self.attn_resolutions)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LangAEConfig:
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ConfigError`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"A LangAE config is a JSON object; got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown LangAE config keys {unknown}; expected a subset of {sorted(known)}.")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"Incomplete LangAE config ({exc}); got keys {sorted(data)}.") from exc
+
+
+_PRESETS: dict[str, dict] = {
+    "paper": dict(ch=64, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(32,),
+                  z_channels=256, resolution=512),
+    "lite": dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(32,),
+                 z_channels=128, resolution=512),
+    "tiny": dict(ch=8, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(16,),
+                 z_channels=16, resolution=256),
+}
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups, or the largest divisor of ``channels`` below 32 for narrow layers."""
+    groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> swish -> conv3x3 -> norm -> swish -> dropout -> conv3x3, plus a (1x1) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return shortcut + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention (taming's AttnBlock) through PyTorch's fused kernel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        hn = self.norm(x)
+        # (b, c, h, w) -> (b, 1, h*w, c): one head, positions as the sequence axis
+        q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q(hn), self.k(hn), self.v(hn)))
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with taming's asymmetric (right/bottom) zero padding: h -> h/2."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: ResNet blocks, optional attention after each, optional resampling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels: int, *, dropout: float) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout=dropout)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels, dropout=dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+def _check_input(x: Tensor, factor: int, channels: int) -> None:
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ConfigError(f"Expected an image batch of shape (b, {channels}, h, w); got {tuple(x.shape)}.")
+    if x.shape[-2] % factor or x.shape[-1] % factor:
+        raise ConfigError(
+            f"Image height and width must be multiples of {factor} (the encoder downsamples by {factor}); "
+            f"got {x.shape[-2]} x {x.shape[-1]}. Pad or crop the slice first."
+        )
+
+
+class Encoder(nn.Module):
+    """Image (b, in_channels, h, w) -> latent (b, z_channels, h/16, w/16) and five feature scales."""
+
+    def __init__(self, config: LangAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        cfg = config
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        in_mult = (1, *cfg.ch_mult)
+        res = cfg.resolution
+        block_in = cfg.ch
+        for i_level, mult in enumerate(cfg.ch_mult):
+            level = _Level()
+            block_in = cfg.ch * in_mult[i_level]
+            block_out = cfg.ch * mult
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(ResnetBlock(block_in, block_out, dropout=cfg.dropout))
+                block_in = block_out
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i_level != len(cfg.ch_mult) - 1:
+                level.downsample = Downsample(block_in)
+                res //= 2
+            self.down.append(level)
+        self.mid = _Mid(block_in, dropout=cfg.dropout)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
+
+    def _run_level(self, level: _Level, h: Tensor) -> Tensor:
+        for i_block, block in enumerate(level.block):
+            h = block(h)
+            if len(level.attn) > 0:
+                h = level.attn[i_block](h)
+        return h
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """Only the five feature scales (stops after the fourth downsampling; cheaper for SEED)."""
+        _check_input(x, self.config.downsample_factor, self.config.in_channels)
+        h = self.conv_in(x)
+        features = [h]  # (b, ch, h, w)
+        for level in list(self.down)[:-1]:
+            h = level.downsample(self._run_level(level, h))
+            features.append(h)  # (b, ch*mult_i, h/2^(i+1), w/2^(i+1))
+        return features
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``(h, features)``: the latent and ``[conv_in out, after downsample 1..4]``."""
+        features = self.forward_features(x)
+        h = self._run_level(self.down[-1], features[-1])  # lowest resolution level (attention here)
+        h = self.mid(h)
+        h = self.conv_out(F.silu(self.norm_out(h)))  # (b, z_channels, h/16, w/16)
+        return h, features
+
+
+class Decoder(nn.Module):
+    """Latent (b, z_channels, h/16, w/16) -> image (b, out_channels, h, w), taming's mirror layout."""
+
+    def __init__(self, config: LangAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        cfg = config
+        block_in = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.resolution // cfg.downsample_factor
+        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in, dropout=cfg.dropout)
+        up: list[_Level] = []
+        for i_level in reversed(range(len(cfg.ch_mult))):
+            level = _Level()
+            block_out = cfg.ch * cfg.ch_mult[i_level]
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, block_out, dropout=cfg.dropout))
+                block_in = block_out
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i_level != 0:
+                level.upsample = Upsample(block_in)
+                res *= 2
+            up.insert(0, level)  # keep taming's key order: up.0 is the full-resolution level
+        self.up = nn.ModuleList(up)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid(self.conv_in(z))
+        for i_level in reversed(range(len(self.up))):
+            level = self.up[i_level]
+            for i_block, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[i_block](h)
+            if i_level != 0:
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (b, out_channels, h, w)
+
+
+class LangAE(nn.Module):
+    """Autoencoder whose quantizer uses a frozen language-model vocabulary as its codebook.
+
+    ``encode`` -> ``quantize`` (token pyramid) -> ``decode``. The codebook lives in the quantizer
+    as a non-persistent buffer: it is never trained, never in an optimizer, and not stored in
+    checkpoints (they record its source and SHA-256 and reload it from there).
+    """
+
+    def __init__(self, config: LangAEConfig, *, codebook: Codebook) -> None:
+        super().__init__()
+        if codebook.embeddings.ndim != 2 or codebook.embeddings.shape[1] != config.codebook_dim:
+            raise ConfigError(
+                f"The codebook {codebook.source!r} has {tuple(codebook.embeddings.shape)} embeddings but the "
+                f"LangAE config expects width {config.codebook_dim}; build the config with "
+                f"codebook_dim={codebook.embeddings.shape[-1]}."
+            )
+        self.config = config
+        self.codebook = codebook
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_dim, 1)
+        self.quantizer = PyramidQuantizer(codebook.embeddings, beta=config.commitment_beta)
+        self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.z_channels, 1)
+        self.decoder = Decoder(config)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Image (b, 1, h, w) -> continuous latent (b, codebook_dim, h/16, w/16) after ``quant_conv``."""
+        h, _ = self.encoder(x)
+        return self.quant_conv(h)
+
+    def quantize(self, z: Tensor) -> PyramidOutput:
+        """Token pyramid of a latent from :meth:`encode`."""
+        return self.quantizer(z)
+
+    def decode(self, z_q: Tensor) -> Tensor:
+        """Quantized latent (b, codebook_dim, h', w') -> image (b, 1, 16 h', 16 w')."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, PyramidOutput]:
+        """``(reconstruction, pyramid)`` of an image batch in [0, 1]."""
+        pyramid = self.quantize(self.encode(x))
+        return self.decode(pyramid.z_q), pyramid
+
+    @torch.no_grad()
+    def tokens(self, x: Tensor) -> PyramidOutput:
+        """The token pyramid of an image batch without gradients (for display)."""
+        return self.quantize(self.encode(x))

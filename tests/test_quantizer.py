@@ -1,0 +1,188 @@
+"""Token pyramid quantizer: positions, residual/mean quantization, chunked search, semantic loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_langmamba.errors import ConfigError
+from napari_langmamba.models.quantizer import (
+    PyramidQuantizer,
+    nearest_tokens,
+    pyramid_positions,
+    pyramid_semantic_loss,
+)
+
+torch.set_num_threads(1)
+
+
+def _as_lists(positions):
+    return [(r.tolist(), c.tolist()) for r, c in positions]
+
+
+def test_positions_on_32x32_match_the_paper():
+    (r1, c1), (r2, c2), (r3, c3) = _as_lists(pyramid_positions(32, 32))
+    assert r1 == c1 == [7, 23]
+    assert r2 == c2 == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert r3 == c3 == list(range(32))
+
+
+def test_positions_other_sizes():
+    (r1, _), (r2, _), (r3, _) = _as_lists(pyramid_positions(16, 16))
+    assert (r1, r2, r3) == ([7], [3, 7, 11, 15], list(range(16)))
+    (r1, c1), (r2, c2), _ = _as_lists(pyramid_positions(64, 16))
+    assert r1 == [7, 23, 39, 55] and c1 == [7]
+    assert len(r2) == 16 and c2 == [3, 7, 11, 15]
+    # too short for a layer: it takes the layer-below position nearest the centre
+    (r1, _), (r2, _), _ = _as_lists(pyramid_positions(4, 4))
+    assert (r1, r2) == ([3], [3])
+    (r1, _), (r2, _), (r3, _) = _as_lists(pyramid_positions(3, 3))
+    assert (r1, r2, r3) == ([1], [1], [0, 1, 2])
+    assert _as_lists(pyramid_positions(1, 1)) == [([0], [0])] * 3
+    with pytest.raises(ConfigError):
+        pyramid_positions(0, 4)
+
+
+@pytest.mark.parametrize("size", range(1, 70))
+def test_positions_nested_and_nonempty(size):
+    layers = [r.tolist() for r, _ in pyramid_positions(size, size)]
+    assert all(layer and layer == sorted(set(layer)) for layer in layers)
+    assert set(layers[0]) <= set(layers[1]) <= set(layers[2]) == set(range(size))
+
+
+def test_nearest_tokens_chunked_equals_brute_force():
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(300, 12, generator=g)
+    x = torch.randn(97, 12, generator=g)
+    ids, dist = nearest_tokens(x, table, block_elements=1000)  # blocks of 3 positions
+    ref = torch.cdist(x.double(), table.double()).pow(2)
+    assert torch.equal(ids, ref.argmin(1))
+    assert torch.allclose(dist.double(), ref.min(1).values, atol=1e-4)
+
+
+def test_quantizer_exact_on_codebook_vectors():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(40, 8, generator=g)
+    target_ids = torch.randint(0, 40, (2, 32, 32), generator=g)
+    z = table[target_ids].permute(0, 3, 1, 2).contiguous()  # (b, d, h, w) made of codebook rows
+    out = PyramidQuantizer(table, beta=0.25)(z)
+    assert [tuple(i.shape) for i in out.ids] == [(2, 2, 2), (2, 8, 8), (2, 32, 32)]
+    for ids, (rows, cols) in zip(out.ids, out.positions, strict=True):
+        assert torch.equal(ids, target_ids[:, rows[:, None], cols[None, :]])
+    assert torch.allclose(out.z_q, z, atol=1e-5)
+    assert all(float(d.max()) < 1e-4 for d in out.distances)  # |x|^2 - 2x.e + |e|^2 cancellation
+    assert float(out.commitment_loss) < 1e-10
+
+
+def test_quantized_latent_is_mean_of_layer_embeddings_and_residuals():
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(64, 6, generator=g)
+    z = torch.randn(1, 6, 16, 16, generator=g, requires_grad=True)
+    quantizer = PyramidQuantizer(table)
+    out = quantizer(z)
+    e = [table[i[0]] for i in out.ids]  # per layer (rows, cols, d)
+    # position (7, 7): all three layers; (3, 3): layers 2 and 3; (0, 0): layer 3 only
+    zq = out.z_q.detach()[0].permute(1, 2, 0)
+    assert torch.allclose(zq[7, 7], (e[0][0, 0] + e[1][1, 1] + e[2][7, 7]) / 3, atol=1e-6)
+    assert torch.allclose(zq[3, 3], (e[1][0, 0] + e[2][3, 3]) / 2, atol=1e-6)
+    assert torch.allclose(zq[0, 0], e[2][0, 0], atol=1e-6)
+    # residuals: layer 2 at (7, 7) quantizes 2 z - e1; layer 3 there 3 z - e1 - e2
+    zz = z.detach()[0, :, 7, 7]
+    assert torch.allclose(out.layer_embeddings[1][0, :, 1, 1].detach(), 2 * zz - e[0][0, 0], atol=1e-6)
+    assert torch.allclose(out.layer_embeddings[2][0, :, 7, 7].detach(), 3 * zz - e[0][0, 0] - e[1][1, 1], atol=1e-6)
+    # each token is the nearest row to its residual
+    r2 = out.layer_embeddings[2][0].detach().permute(1, 2, 0).reshape(-1, 6)
+    assert torch.equal(out.ids[2][0].reshape(-1), torch.cdist(r2, table).argmin(1))
+    # straight-through: d z_q / d z is the identity
+    out.z_q.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))
+
+
+def test_commitment_loss_uses_beta_and_reaches_latent():
+    table = torch.randn(20, 4)
+    z = torch.randn(1, 4, 8, 8, requires_grad=True)
+    out1 = PyramidQuantizer(table, beta=1.0)(z)
+    out2 = PyramidQuantizer(table, beta=0.3)(z)
+    assert torch.allclose(out2.commitment_loss, 0.3 * out1.commitment_loss)
+    out1.commitment_loss.backward()
+    assert z.grad.abs().sum() > 0
+
+
+def _naive_semantic(layer_embeddings, table, pools):
+    losses = []
+    for emb, pool in zip(layer_embeddings, pools, strict=True):
+        b, d = emb.shape[:2]
+        x = emb.permute(0, 2, 3, 1).reshape(b, -1, d)
+        logits = -((x.unsqueeze(2) - table.view(1, 1, *table.shape)) ** 2).sum(-1)  # (b, P, n)
+        logp = logits - logits.logsumexp(-1, keepdim=True)
+        per_item = [-(logp[i][:, pool[i]]).mean(1) for i in range(b)]
+        losses.append(torch.stack(per_item).mean())
+    return torch.stack(losses).mean()
+
+
+def test_semantic_loss_matches_naive_reference_values_and_gradients():
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(50, 5, generator=g, dtype=torch.float64)
+    embs = [torch.randn(2, 5, r, r, generator=g, dtype=torch.float64, requires_grad=True) for r in (1, 2, 4)]
+    pools = []
+    for _ in range(3):
+        mask = torch.zeros(2, 50, dtype=torch.bool)
+        mask[0, [1, 4, 9]] = True
+        mask[1, [2, 30]] = True
+        pools.append(mask)
+    loss = pyramid_semantic_loss(embs, table, pools, block_elements=100)  # blocks of 2 positions
+    ref = _naive_semantic(embs, table, pools)
+    assert torch.allclose(loss, ref, rtol=1e-10)
+    grads = torch.autograd.grad(loss, embs)
+    ref_grads = torch.autograd.grad(_naive_semantic(embs, table, pools), embs)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_semantic_loss_falls_as_embeddings_move_toward_pool():
+    g = torch.Generator().manual_seed(7)
+    table = torch.randn(200, 16, generator=g)
+    pool = torch.zeros(200, dtype=torch.bool)
+    pool[[3, 50, 120]] = True
+    x0 = torch.randn(1, 16, 4, 4, generator=g)
+    centre = table[pool].mean(0).view(1, 16, 1, 1)
+    # straight moves from random embeddings to the pool's centre
+    path = [float(pyramid_semantic_loss([(1 - t) * x0 + t * centre], table, [pool])) for t in (0, 0.25, 0.5, 0.75, 1)]
+    assert all(b < a for a, b in zip(path, path[1:], strict=False))
+    assert path[-1] < 0.25 * path[0]
+
+    def pool_distance(x):  # mean distance to the pool's nearest member
+        flat = x.detach().permute(0, 2, 3, 1).reshape(-1, 16)
+        return torch.cdist(flat, table[pool]).min(1).values.mean()
+
+    # and gradient descent on the loss moves them there
+    x = x0.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([x], lr=0.2)
+    history = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = pyramid_semantic_loss([x], table, [pool])
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert all(b <= a + 1e-6 for a, b in zip(history, history[1:], strict=False))
+    assert history[-1] < 0.5 * history[0]
+    assert pool_distance(x) < 0.85 * pool_distance(x0)
+
+
+def test_semantic_loss_skips_missing_pools_and_keeps_graph():
+    table = torch.randn(10, 3)
+    x = torch.randn(2, 3, 2, 2, requires_grad=True)
+    empty = torch.zeros(2, 10, dtype=torch.bool)
+    loss = pyramid_semantic_loss([x, x], table, [None, empty])
+    assert float(loss) == 0.0
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    # a pool for only one of two images: only that image counts
+    half = empty.clone()
+    half[1, 4] = True
+    both = pyramid_semantic_loss([x], table, [half])
+    only = pyramid_semantic_loss([x[1:]], table, [half[1:]])
+    assert torch.allclose(both, only)
+    with pytest.raises(ConfigError):
+        pyramid_semantic_loss([x], table, [torch.ones(3, dtype=torch.bool)])
