@@ -58,6 +58,7 @@ CORE_MODULES = [
     "napari_langmamba.windowing",
     "napari_langmamba.io",
     "napari_langmamba.metrics",
+    "napari_langmamba.compare",
     "napari_langmamba.models",
     "napari_langmamba.checkpoint",
     "napari_langmamba.inference",
