@@ -1,0 +1,770 @@
+"""The Tokens dock widget: the words a LangAE uses for each region of the current slice.
+
+Show tokens computes the token pyramid (:func:`napari_langmamba.tokens.iter_token_pyramid`) of
+the current slice of the chosen image layer in a worker and draws the regions of the chosen
+pyramid layer as a Shapes overlay: layers 1 and 2 with their words as text, layer 3 (one
+region per 16 x 16 pixels, too dense for text) as boxes only. Hovering shows the three words
+under the cursor; clicking anywhere in the image (a viewer mouse callback, whatever layer is
+active) lists the words of the three layers at that point with their nearest alternatives and
+outlines the three regions. Changing the slice or the layer recomputes in a worker (debounced;
+results are cached by the core). Compare computes the pyramid of a second layer on the same
+slice and reports, per pyramid layer, the share of regions whose token agrees, with an overlay
+of the regions that disagree. Export writes the current pyramid as JSON or CSV.
+
+The overlays are nD Shapes layers with the image layer's transform (scale, translate, rotate,
+shear, affine), their rectangles placed on the computed slice, so they only show on that slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Generator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Shapes
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QWidget,
+)
+
+from napari_langmamba.errors import ConfigError
+from napari_langmamba.events import Progress
+from napari_langmamba.tokens import (
+    LAYER_NAMES,
+    PyramidComparison,
+    Region,
+    TokenPyramid,
+    box_corners,
+    compare_pyramids,
+    iter_token_pyramid,
+    load_token_model,
+)
+from napari_langmamba.widgets._base import WidgetBase, WorkerState
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "bundled default"
+FOLDER_MODEL = "LangAE checkpoint folder"
+PYRAMID_CHOICES = {
+    1: "1 - coarse (quadrants)",
+    2: "2 - middle (8 x 8 on 512 px)",
+    3: "3 - fine (every 16 px)",
+}
+NO_LAYER = "(none)"
+OVERLAY_NAME = "Tokens"
+SELECTION_NAME = "Token selection"
+DISAGREEMENT_NAME = "Token disagreement"
+TEXT_SIZE = {1: 14, 2: 10, 3: 8}  # points; readable at the default zoom of a 512 x 512 slice
+EDGE_RGBA = np.array([1.0, 0.85, 0.1, 0.7])  # yellow boxes
+HIGHLIGHT_RGBA = np.array([1.0, 0.2, 0.2, 1.0])
+DISAGREE_RGBA = np.array([1.0, 0.0, 1.0, 0.9])
+SELECTION_RGBA = {1: (1.0, 0.2, 0.2, 1.0), 2: (0.2, 1.0, 1.0, 1.0), 3: (1.0, 1.0, 1.0, 1.0)}
+EDGE_WIDTH = 1.0
+HIGHLIGHT_WIDTH = 3.0
+DEBOUNCE_MS = 250
+
+
+def current_slice(layer: Image, world_point: Sequence[float]) -> tuple[tuple[int, ...], np.ndarray]:
+    """The index of the displayed 2D slice of ``layer`` and its data as float32 HU.
+
+    ``world_point`` is the viewer's ``dims.point``; the last two data axes are the slice's
+    rows and columns, the leading ones are rounded to the nearest index (clipped to the data).
+    """
+    if layer.rgb:
+        raise ConfigError(f"{layer.name!r} is an RGB image; tokens need a CT image in HU.")
+    data = layer.data[0] if layer.multiscale else layer.data
+    if data.ndim < 2:
+        raise ConfigError(f"{layer.name!r} has {data.ndim} dimension(s); tokens need 2D slices.")
+    lead = data.ndim - 2
+    if lead:
+        point = np.asarray(layer.world_to_data(np.asarray(world_point, dtype=float)))[:lead]
+        index = tuple(
+            int(np.clip(np.floor(v + 0.5), 0, n - 1)) for v, n in zip(point, data.shape[:lead], strict=True)
+        )
+    else:
+        index = ()
+    return index, np.asarray(data[index], dtype=np.float32)
+
+
+def pixel_at(layer: Image, world_position: Sequence[float]) -> tuple[int, int]:
+    """``(row, col)`` pixel of ``layer``'s slice under a world position (nearest pixel centre)."""
+    data = np.asarray(layer.world_to_data(np.asarray(world_position, dtype=float)))
+    row, col = np.floor(data[-2:] + 0.5).astype(int)
+    return int(row), int(col)
+
+
+def _rectangles(boxes: np.ndarray, index: tuple[int, ...]) -> list[np.ndarray]:
+    """Boxes (n, 4) -> napari rectangles (4 corners) placed on slice ``index`` of an nD layer."""
+    lead = np.asarray(index, dtype=float)
+    return [np.column_stack([np.tile(lead, (4, 1)), box_corners(box)]) for box in boxes]
+
+
+def _transform_kwargs(layer: Image) -> dict[str, Any]:
+    return {
+        "scale": layer.scale, "translate": layer.translate, "rotate": layer.rotate,
+        "shear": layer.shear, "affine": layer.affine.affine_matrix,
+    }
+
+
+def _remove_callback(callbacks: list, callback: Any, *_: object) -> None:
+    try:
+        callbacks.remove(callback)
+    except ValueError:
+        pass
+
+
+class TokensWidget(WidgetBase):
+    """Tokens: per-region words of the LangAE token pyramid, click to read them, compare, export."""
+
+    TOOLTIP_SECTION = "tokens"
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(napari_viewer, parent)
+        self._model: Any = None
+        self._model_spec: str | None = None
+        self.pyramid: TokenPyramid | None = None
+        """The pyramid shown (of ``pyramid_source`` at ``pyramid_index``)."""
+        self.pyramid_index: tuple[int, ...] | None = None
+        self._pyramid_layer_ref: weakref.ref | None = None
+        self.comparison: PyramidComparison | None = None
+        self.compare_pyramid: TokenPyramid | None = None
+        self._compare_layer_ref: weakref.ref | None = None
+        self.selected: list[Region] = []
+        self._last_pixel: tuple[int, int] | None = None
+        self._computed_top_k: int | None = None
+        self._computed_spec: str | None = None
+        self._active = False  # tokens were shown once: follow slice/layer changes from now on
+        self._comparing = False
+        self._refresh_pending = False
+        self._pending_click: tuple[float, ...] | None = None
+        self.overlay: Shapes | None = None
+        self.selection_layer: Shapes | None = None
+        self.disagreement_layer: Shapes | None = None
+        self._debounce = QTimer(self)
+        self._debounce.setSingleShot(True)
+        self._debounce.setInterval(DEBOUNCE_MS)
+        self._debounce.timeout.connect(self._on_view_changed)
+        self._build()
+        self._connect_viewer()
+        self._refresh_layer_choices()
+        self._on_state_changed(self.state.value)
+
+    # --- layout -----------------------------------------------------------------------
+    def _build(self) -> None:
+        self.bind("image_combo", QComboBox(), label="Image")
+
+        model_row = QHBoxLayout()
+        model_combo = self.bind("model_combo", QComboBox(), add=False)
+        model_combo.addItems([DEFAULT_MODEL, FOLDER_MODEL])
+        model_row.addWidget(model_combo)
+        path_edit = self.bind("model_path_edit", QLineEdit(), add=False)
+        path_edit.setPlaceholderText("LangAE checkpoint folder")
+        model_row.addWidget(path_edit, 1)
+        model_row.addWidget(self.bind("browse_button", QPushButton("..."), add=False))
+        self._form.addRow("Model", model_row)
+
+        pyramid_combo = self.bind("pyramid_combo", QComboBox(), label="Pyramid layer")
+        for layer, text in PYRAMID_CHOICES.items():
+            pyramid_combo.addItem(text, layer)
+        pyramid_combo.setCurrentIndex(1)
+        topk = self.bind("topk_spin", QSpinBox(), label="Alternatives")
+        topk.setRange(0, 20)
+        topk.setValue(5)
+
+        run_row = QHBoxLayout()
+        run_row.addWidget(self.bind("show_button", QPushButton("Show tokens"), add=False))
+        run_row.addWidget(self.bind("cancel_button", QPushButton("Cancel"), add=False))
+        self._form.addRow(run_row)
+
+        hover = self.bind("hover_label", QLabel("Words under the cursor appear here."), label="Cursor")
+        hover.setWordWrap(True)
+        tree = self.bind("hits_tree", QTreeWidget())
+        tree.setColumnCount(3)
+        tree.setHeaderLabels(["Layer", "Word", "Distance"])
+        tree.setMinimumHeight(220)
+
+        compare_row = QHBoxLayout()
+        compare_row.addWidget(self.bind("compare_combo", QComboBox(), add=False), 1)
+        compare_row.addWidget(self.bind("compare_button", QPushButton("Compare"), add=False))
+        self._form.addRow("Compare with", compare_row)
+        agreement = self.bind("agreement_label", QLabel(""), label="Agreement")
+        agreement.setWordWrap(True)
+        self.bind("export_button", QPushButton("Export tokens..."))
+        self.add_status_rows()
+        self._layout.addStretch(1)
+
+        model_combo.currentTextChanged.connect(self._on_model_choice)
+        path_edit.editingFinished.connect(self._on_model_choice)
+        self.browse_button.clicked.connect(self._browse_model)
+        pyramid_combo.currentIndexChanged.connect(self._on_pyramid_layer_changed)
+        topk.valueChanged.connect(lambda _v: self._schedule())
+        self.image_combo.currentTextChanged.connect(lambda _t: self._schedule())
+        self.compare_combo.currentTextChanged.connect(self._on_compare_choice)
+        self.show_button.clicked.connect(self.show_tokens)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.compare_button.clicked.connect(self.compare)
+        self.export_button.clicked.connect(self._export_dialog)
+        self.state_changed.connect(self._on_state_changed)
+        self._on_model_choice()
+
+    def _connect_viewer(self) -> None:
+        # Weak references: the viewer must not keep a closed widget alive (or call into it).
+        ref = weakref.ref(self)
+
+        def _mouse_press(viewer: Any, event: Any) -> None:
+            widget = ref()
+            if widget is None or getattr(event, "type", None) != "mouse_press":
+                return
+            try:
+                widget.select_at(event.position)
+            except RuntimeError:  # the Qt side of the widget is already deleted
+                pass
+
+        def _mouse_move(viewer: Any, event: Any) -> None:
+            widget = ref()
+            if widget is None:
+                return
+            try:
+                widget.hover_at(event.position)
+            except RuntimeError:
+                pass
+
+        def _schedule(event: Any = None) -> None:
+            widget = ref()
+            if widget is not None:
+                try:
+                    widget._schedule()
+                except RuntimeError:
+                    pass
+
+        def _layers_changed(event: Any = None) -> None:
+            widget = ref()
+            if widget is not None:
+                try:
+                    widget._refresh_layer_choices()
+                except RuntimeError:
+                    pass
+
+        self._mouse_press_callback = _mouse_press
+        self._mouse_move_callback = _mouse_move
+        viewer = self.viewer
+        viewer.mouse_drag_callbacks.append(_mouse_press)
+        viewer.mouse_move_callbacks.append(_mouse_move)
+        viewer.dims.events.current_step.connect(_schedule)
+        viewer.layers.events.inserted.connect(_layers_changed)
+        viewer.layers.events.removed.connect(_layers_changed)
+        viewer.layers.events.renamed.connect(_layers_changed)
+        self.destroyed.connect(partial(_remove_callback, viewer.mouse_drag_callbacks, _mouse_press))
+        self.destroyed.connect(partial(_remove_callback, viewer.mouse_move_callbacks, _mouse_move))
+        for emitter, slot in (
+            (viewer.dims.events.current_step, _schedule),
+            (viewer.layers.events.inserted, _layers_changed),
+            (viewer.layers.events.removed, _layers_changed),
+            (viewer.layers.events.renamed, _layers_changed),
+        ):
+            self.destroyed.connect(lambda *_, emitter=emitter, slot=slot: emitter.disconnect(slot))
+
+    def _on_state_changed(self, state: str) -> None:
+        running = state == WorkerState.RUNNING.value
+        self.cancel_button.setEnabled(running)
+        self.show_button.setEnabled(not running)
+        self.compare_button.setEnabled(not running)
+
+    # --- choices ----------------------------------------------------------------------
+    def _image_layers(self) -> list[Image]:
+        own = {self.overlay, self.selection_layer, self.disagreement_layer}
+        return [ly for ly in self.viewer.layers if isinstance(ly, Image) and not ly.rgb and ly not in own]
+
+    def _refresh_layer_choices(self) -> None:
+        names = [ly.name for ly in self._image_layers()]
+        for combo, extra in ((self.image_combo, []), (self.compare_combo, [NO_LAYER])):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(extra + names)
+            if current in extra + names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        if self.image_combo.currentText() != self._shown_layer_name():
+            self._schedule()
+
+    def _shown_layer_name(self) -> str | None:
+        layer = self._pyramid_layer_ref() if self._pyramid_layer_ref else None
+        return None if layer is None else layer.name
+
+    def _layer_named(self, name: str) -> Image | None:
+        for layer in self._image_layers():
+            if layer.name == name:
+                return layer
+        return None
+
+    @property
+    def image_layer(self) -> Image | None:
+        """The image layer chosen in the widget."""
+        return self._layer_named(self.image_combo.currentText())
+
+    def set_image_layer(self, layer: Image | str) -> None:
+        """Choose the image layer whose tokens are shown (by layer or name)."""
+        name = layer if isinstance(layer, str) else layer.name
+        if self._layer_named(name) is None:
+            raise ConfigError(f"There is no image layer named {name!r} in the viewer.")
+        self.image_combo.setCurrentText(name)
+
+    @property
+    def pyramid_layer(self) -> int:
+        """The pyramid layer drawn in the overlay: 1 (coarse), 2 (middle) or 3 (fine)."""
+        return int(self.pyramid_combo.currentData())
+
+    @pyramid_layer.setter
+    def pyramid_layer(self, layer: int) -> None:
+        if layer not in PYRAMID_CHOICES:
+            raise ConfigError(f"Pyramid layers are 1, 2 and 3; got {layer!r}.")
+        self.pyramid_combo.setCurrentIndex(list(PYRAMID_CHOICES).index(layer))
+
+    @property
+    def top_k(self) -> int:
+        return int(self.topk_spin.value())
+
+    # --- model ------------------------------------------------------------------------
+    def _on_model_choice(self, *_: object) -> None:
+        choice = self.model_combo.currentText()
+        folder = choice == FOLDER_MODEL
+        self.model_path_edit.setEnabled(folder)
+        self.browse_button.setEnabled(folder)
+        if choice not in (DEFAULT_MODEL, FOLDER_MODEL):
+            return  # a model given with set_model
+        for i in range(self.model_combo.count() - 1, 1, -1):  # leaving a given model forgets it
+            self.model_combo.removeItem(i)
+        spec = self.model_path_edit.text().strip() if folder else "default"
+        if spec != self._model_spec:
+            self._model = None  # loaded again, in the next worker
+            self._model_spec = spec
+            self._schedule()
+
+    def _browse_model(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Choose a LangAE checkpoint folder",
+                                                self.model_path_edit.text() or "")
+        if path:
+            self.use_weights(path)
+
+    def use_weights(self, weights: str | Path) -> None:
+        """Use ``"default"`` (the bundled LangAE) or a LangAE checkpoint folder."""
+        if str(weights) == "default":
+            self.model_combo.setCurrentText(DEFAULT_MODEL)
+        else:
+            self.model_combo.setCurrentText(FOLDER_MODEL)
+            self.model_path_edit.setText(str(weights))
+        self._on_model_choice()
+        self._schedule()
+
+    def set_model(self, model: Any, *, name: str = "custom model") -> None:
+        """Use an already loaded LangAE (shown as ``name`` in the model choice, until it changes)."""
+        self._model = model
+        self._model_spec = f"<{name}>"
+        combo = self.model_combo
+        combo.blockSignals(True)
+        for i in range(combo.count() - 1, 1, -1):
+            combo.removeItem(i)
+        combo.addItem(f"loaded: {name}")
+        combo.setCurrentIndex(2)
+        combo.blockSignals(False)
+        self.model_path_edit.setEnabled(False)
+        self.browse_button.setEnabled(False)
+        self._schedule()
+
+    @property
+    def model(self) -> Any:
+        """The LangAE in use, once loaded."""
+        return self._model
+
+    # --- computing --------------------------------------------------------------------
+    def _schedule(self) -> None:
+        """Recompute after a short pause (slider drags fire many events)."""
+        if self._active:
+            self._debounce.start()
+
+    def _on_view_changed(self) -> None:
+        if self.busy:
+            self._refresh_pending = True
+            return
+        layer = self.image_layer
+        if layer is None:
+            return
+        try:
+            index, _ = current_slice(layer, self.viewer.dims.point)
+        except ConfigError as exc:
+            self.set_status(str(exc))
+            return
+        fresh = (
+            self.pyramid is not None and layer is self._shown_layer() and index == self.pyramid_index
+            and self._computed_top_k == self.top_k and self._computed_spec == self._model_spec
+            and (not self._comparing or self._compare_is_fresh())
+        )
+        if not fresh:
+            self.refresh()
+
+    def _shown_layer(self) -> Image | None:
+        return self._pyramid_layer_ref() if self._pyramid_layer_ref else None
+
+    def _compare_is_fresh(self) -> bool:
+        other = self._compare_layer_ref() if self._compare_layer_ref else None
+        return other is not None and other is self._layer_named(self.compare_combo.currentText())
+
+    def show_tokens(self) -> Any:
+        """Compute and show the tokens of the current slice; follow slice/layer changes from now on."""
+        self._active = True
+        return self.refresh()
+
+    def compare(self) -> Any:
+        """Compare the tokens of the chosen image with those of the 'Compare with' layer."""
+        if self._layer_named(self.compare_combo.currentText()) is None:
+            self.report_warning("Choose a second image layer to compare with.")
+            return None
+        self._active = True
+        self._comparing = True
+        return self.refresh()
+
+    def stop_comparing(self) -> None:
+        """Hide the disagreement overlay and stop comparing on slice changes."""
+        self._comparing = False
+        self.comparison = None
+        self.compare_pyramid = None
+        self.agreement_label.setText("")
+        self._remove_layer("disagreement_layer")
+
+    def _on_compare_choice(self, name: str) -> None:
+        if name == NO_LAYER:
+            self.stop_comparing()
+        elif self._comparing:
+            self._schedule()
+
+    def refresh(self) -> Any:
+        """Compute the pyramid(s) of the current slice in a worker; return the worker (or None)."""
+        if self.busy:
+            self._refresh_pending = True
+            return None
+        layer = self.image_layer
+        if layer is None:
+            self.report_warning("Add or choose an image layer first.")
+            return None
+        if self.viewer.dims.ndisplay != 2:
+            self.report_warning("Tokens are shown in the 2D view; switch the viewer to 2D.")
+            return None
+        ndim = self.viewer.dims.ndim
+        if sorted(self.viewer.dims.displayed) != [ndim - 2, ndim - 1]:
+            self.report_warning("Tokens are computed on the last two axes (the axial slice); reset the axis order.")
+            return None
+        if self._model is None and not self._model_spec:
+            self.report_warning("Choose a LangAE checkpoint folder (or the bundled default model) first.")
+            return None
+        other = self._layer_named(self.compare_combo.currentText()) if self._comparing else None
+        try:
+            index, hu = current_slice(layer, self.viewer.dims.point)
+            other_slice = current_slice(other, self.viewer.dims.point) if other is not None else None
+        except ConfigError as exc:
+            self.report_error(exc)
+            return None
+        if other_slice is not None and other_slice[1].shape != hu.shape:
+            self.report_error(ConfigError(
+                f"{layer.name!r} and {other.name!r} have slices of different sizes ({hu.shape} vs "
+                f"{other_slice[1].shape}); compare layers of the same series."
+            ))
+            self._comparing = False
+            other, other_slice = None, None
+        where = f"slice {index[0]}" if len(index) == 1 else "this slice"
+        self.set_status(f"Computing the tokens of {layer.name} ({where}) ...")
+        work = self._work(self._model, self._model_spec or "default", hu,
+                          None if other_slice is None else other_slice[1], self.top_k)
+        layer_ref = weakref.ref(layer)
+        other_ref = None if other is None else weakref.ref(other)
+        worker = self.run_generator(
+            work,
+            on_returned=partial(self._on_computed, layer_ref, index, other_ref, self.top_k, self._model_spec),
+            on_failed=self._on_failed,
+            context="Cannot compute the tokens",
+        )
+        worker.finished.connect(self._after_worker)
+        return worker
+
+    @staticmethod
+    def _work(
+        model: Any, spec: str, hu: np.ndarray, other_hu: np.ndarray | None, top_k: int
+    ) -> Generator[Progress, None, tuple[Any, TokenPyramid, TokenPyramid | None]]:
+        if model is None:
+            if spec.startswith("<"):
+                raise ConfigError("The model given to the widget is gone; choose the bundled default or a folder.")
+            yield Progress(0, 0, "Loading the LangAE ...")
+            model = load_token_model(spec, device="auto")
+        pyramid = yield from iter_token_pyramid(model, hu, top_k=top_k)
+        other = None
+        if other_hu is not None:
+            other = yield from iter_token_pyramid(model, other_hu, top_k=top_k)
+        return model, pyramid, other
+
+    def _on_failed(self, error: BaseException) -> None:
+        # stop following the slice: every slider step would otherwise repeat the same error
+        self._active = False
+        self._refresh_pending = False
+        self._pending_click = None
+
+    def _after_worker(self) -> None:
+        if self._refresh_pending:
+            self._refresh_pending = False
+            self._debounce.start()
+
+    def _on_computed(
+        self,
+        layer_ref: weakref.ref,
+        index: tuple[int, ...],
+        other_ref: weakref.ref | None,
+        top_k: int,
+        spec: str | None,
+        result: tuple[Any, TokenPyramid, TokenPyramid | None],
+    ) -> None:
+        model, pyramid, other = result
+        if spec == self._model_spec:  # the choice may have changed while the worker ran
+            self._model = model
+        self._computed_top_k, self._computed_spec = top_k, spec
+        layer = layer_ref()
+        if layer is None or layer not in self.viewer.layers:
+            return
+        self.pyramid = pyramid
+        self.pyramid_index = index
+        self._pyramid_layer_ref = layer_ref
+        self.comparison = None
+        self.compare_pyramid = None
+        if other is not None and other_ref is not None and other_ref() is not None:
+            self.compare_pyramid = other
+            self._compare_layer_ref = other_ref
+            self.comparison = compare_pyramids(pyramid, other)
+        self._draw_overlay()
+        self._draw_comparison()
+        n = {tl.layer: tl.n_regions for tl in pyramid.layers}
+        self.set_status(
+            f"Tokens of {layer.name}: {n[1]} / {n[2]} / {n[3]} regions in layers 1 / 2 / 3. "
+            "Click the image to read the words at a point."
+        )
+        if self._pending_click is not None:
+            position, self._pending_click = self._pending_click, None
+            self.select_at(position)
+        elif self._last_pixel is not None and pyramid.contains(*self._last_pixel):
+            # keep the list on the same pixel when the slice changes: its words are the new slice's
+            self._show_hits(*self._last_pixel)
+
+    # --- overlays ---------------------------------------------------------------------
+    def _ensure_shapes(self, attr: str, name: str, image: Image) -> Shapes:
+        layer = getattr(self, attr)
+        if layer is None or layer not in self.viewer.layers or layer.ndim != image.ndim:
+            if layer is not None and layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+            active = self.viewer.layers.selection.active
+            layer = self.viewer.add_shapes(
+                ndim=image.ndim, name=name, face_color="transparent", edge_color="yellow",
+                **_transform_kwargs(image),
+            )
+            layer.editable = False
+            setattr(self, attr, layer)
+            if active is not None and active in self.viewer.layers:  # adding a layer must not steal focus
+                self.viewer.layers.selection.active = active
+        else:
+            for key, value in _transform_kwargs(image).items():
+                setattr(layer, key, value)
+        return layer
+
+    def _remove_layer(self, attr: str) -> None:
+        layer = getattr(self, attr)
+        setattr(self, attr, None)
+        if layer is not None and layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
+
+    def _set_shapes(
+        self, layer: Shapes, boxes: np.ndarray, words: list[str], *, edge_rgba: np.ndarray,
+        show_text: bool, text_color: str = "yellow",
+    ) -> None:
+        n = len(boxes)
+        layer.data = (_rectangles(boxes, self.pyramid_index or ()), ["rectangle"] * n)
+        layer.features = {"word": list(words)}
+        if n:
+            layer.edge_color = np.tile(edge_rgba, (n, 1))
+            layer.edge_width = [EDGE_WIDTH] * n
+        layer.text = {"string": "{word}", "size": TEXT_SIZE[self.pyramid_layer], "color": text_color,
+                      "anchor": "center", "visible": bool(show_text)}
+
+    def _draw_overlay(self) -> None:
+        image = self._shown_layer()
+        if self.pyramid is None or image is None:
+            return
+        overlay = self._ensure_shapes("overlay", OVERLAY_NAME, image)
+        layer = self.pyramid_layer
+        self._set_shapes(overlay, self.pyramid.boxes(layer), self.pyramid.words(layer), edge_rgba=EDGE_RGBA,
+                         show_text=layer < 3)
+        self._highlight_overlay()
+
+    def _highlight_overlay(self) -> None:
+        overlay = self.overlay
+        if overlay is None or self.pyramid is None or overlay not in self.viewer.layers or overlay.nshapes == 0:
+            return
+        n = overlay.nshapes
+        colors = np.tile(EDGE_RGBA, (n, 1))
+        widths = [EDGE_WIDTH] * n
+        layer = self.pyramid_layer
+        for region in self.selected:
+            if region.layer == layer:
+                i = region.row * self.pyramid.layer(layer).grid_shape[1] + region.col
+                if i < n:
+                    colors[i] = HIGHLIGHT_RGBA
+                    widths[i] = HIGHLIGHT_WIDTH
+        overlay.edge_color = colors
+        overlay.edge_width = widths
+
+    def _draw_comparison(self) -> None:
+        if self.comparison is None:
+            self.agreement_label.setText("")
+            self._remove_layer("disagreement_layer")
+            return
+        parts = [
+            f"layer {c.layer}: {100 * c.agreement:.0f}% ({c.n_agree}/{c.n_regions})" for c in self.comparison.layers
+        ]
+        other = self._compare_layer_ref() if self._compare_layer_ref else None
+        other_name = other.name if other is not None else "?"
+        self.agreement_label.setText(f"vs {other_name}: " + ", ".join(parts))
+        image = self._shown_layer()
+        if image is None:
+            return
+        comparison = self.comparison.layer(self.pyramid_layer)
+        layer = self._ensure_shapes("disagreement_layer", DISAGREEMENT_NAME, image)
+        words = [f"{a} -> {b}" for a, b in comparison.disagreeing_words]
+        self._set_shapes(layer, comparison.disagreeing_boxes, words, edge_rgba=DISAGREE_RGBA,
+                         show_text=self.pyramid_layer < 3, text_color="magenta")
+        if len(words):
+            layer.edge_width = [2.0] * len(words)
+
+    def _on_pyramid_layer_changed(self, *_: object) -> None:
+        self._draw_overlay()
+        self._draw_comparison()
+
+    # --- pointing ---------------------------------------------------------------------
+    def _pointable_layer(self) -> Image | None:
+        """The shown layer when the view is on the slice the pyramid was computed for."""
+        layer = self._shown_layer()
+        if layer is None or self.pyramid is None or layer not in self.viewer.layers or self.viewer.dims.ndisplay != 2:
+            return None
+        try:
+            index, _ = current_slice(layer, self.viewer.dims.point)
+        except ConfigError:
+            return None
+        return layer if index == self.pyramid_index else None
+
+    def select_at(self, world_position: Sequence[float]) -> list[Region]:
+        """List the words of the three pyramid layers at a world position and outline their regions.
+
+        Called by the viewer's mouse-press callback. When the pyramid of the current slice is
+        still being computed, the click is applied once it is ready.
+        """
+        if not self._active or self.pyramid is None:
+            return []
+        layer = self._pointable_layer()
+        if layer is None:
+            if self.busy or self._debounce.isActive():  # the pyramid of this slice is on its way
+                self._pending_click = tuple(float(v) for v in world_position)
+            return []
+        row, col = pixel_at(layer, world_position)
+        return self._show_hits(row, col)
+
+    def _show_hits(self, row: int, col: int) -> list[Region]:
+        assert self.pyramid is not None
+        regions = self.pyramid.regions_at(row, col)
+        if not regions:
+            self.set_status(f"Pixel ({row}, {col}) is outside the image.")
+            return []
+        self._last_pixel = (row, col)
+        self.selected = regions
+        self._fill_tree(regions)
+        self._draw_selection()
+        self._highlight_overlay()
+        self.set_status(f"Words at pixel (row {row}, column {col}): " + ", ".join(r.word for r in regions))
+        return regions
+
+    def _fill_tree(self, regions: list[Region]) -> None:
+        tree = self.hits_tree
+        tree.clear()
+        for region in regions:
+            y0, x0, y1, x1 = region.box
+            item = QTreeWidgetItem([f"{region.layer} {LAYER_NAMES[region.layer]}", region.word,
+                                    f"{region.distance:.3f}"])
+            item.setToolTip(0, f"Region rows {y0}-{y1 - 1}, columns {x0}-{x1 - 1}; token id {region.token_id}")
+            for alt in region.alternatives:
+                QTreeWidgetItem(item, ["  alternative", alt.word, f"{alt.distance:.3f}"])
+            tree.addTopLevelItem(item)
+        tree.expandAll()
+        for column in range(3):
+            tree.resizeColumnToContents(column)
+
+    def listed_words(self) -> list[tuple[str, list[str]]]:
+        """What the list shows: per layer row, its word and its alternatives' words."""
+        out = []
+        for i in range(self.hits_tree.topLevelItemCount()):
+            item = self.hits_tree.topLevelItem(i)
+            out.append((item.text(1), [item.child(j).text(1) for j in range(item.childCount())]))
+        return out
+
+    def _draw_selection(self) -> None:
+        image = self._shown_layer()
+        if image is None or not self.selected:
+            return
+        layer = self._ensure_shapes("selection_layer", SELECTION_NAME, image)
+        boxes = np.array([r.box for r in self.selected])
+        self._set_shapes(layer, boxes, [r.word for r in self.selected], edge_rgba=HIGHLIGHT_RGBA, show_text=False)
+        layer.edge_color = np.array([SELECTION_RGBA[r.layer] for r in self.selected])
+        layer.edge_width = [HIGHLIGHT_WIDTH] * len(self.selected)
+
+    def hover_at(self, world_position: Sequence[float]) -> str:
+        """Show (and return) the words of the three layers under the cursor."""
+        layer = self._pointable_layer()
+        if layer is None or self.pyramid is None:
+            return ""
+        hits = self.pyramid.at(*pixel_at(layer, world_position))
+        text = "  |  ".join(f"{h.layer}: {h.word}" for h in hits) if hits else "outside the image"
+        self.hover_label.setText(text)
+        return text
+
+    # --- export -----------------------------------------------------------------------
+    def export(self, path: str | Path) -> Path:
+        """Write the current pyramid to ``path``: CSV when it ends in ``.csv``, JSON otherwise."""
+        if self.pyramid is None:
+            raise ConfigError("There are no tokens to export yet; press Show tokens first.")
+        path = Path(path)
+        if path.suffix.lower() == ".csv":
+            self.pyramid.to_csv(path)
+        else:
+            if path.suffix.lower() != ".json":
+                path = path.with_suffix(path.suffix + ".json")
+            self.pyramid.to_json(path)
+        self.set_status(f"Saved the tokens to {path}.")
+        return path
+
+    def _export_dialog(self) -> None:
+        if self.pyramid is None:
+            self.report_warning("There are no tokens to export yet; press Show tokens first.")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Export tokens", "tokens.json", "JSON (*.json);;CSV (*.csv)")
+        if path:
+            try:
+                self.export(path)
+            except ConfigError as exc:
+                self.report_error(exc, context="Cannot export the tokens")
+            except OSError as exc:  # disk full, no permission: the user's to fix, not a bug
+                self.report_warning(f"Cannot write {path}: {exc}")
