@@ -1,0 +1,274 @@
+"""Datasets: layouts, pairing, normalisation, paired crops and augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_langmamba.errors import ConfigError
+from napari_langmamba.events import run
+from napari_langmamba.windowing import MODEL_NORMALIZATION
+from training.datasets import (
+    DicomPairs,
+    MayoDataset,
+    MayoPairs,
+    NDCTDataset,
+    PairedSliceDataset,
+    SimulatedPairDataset,
+    SimulatedPairs,
+    open_pairs,
+)
+from training.simulate import SimulationOptions, iter_simulate_dataset
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # .npy inputs carry no spacing
+
+OFFSET_HU = 100.0  # low = full + OFFSET_HU in the synthetic pairs below
+
+
+class ArrayPairs:
+    """A pair source over in-memory arrays (low = full + OFFSET_HU), to test the datasets alone."""
+
+    def __init__(self, fulls):
+        self.fulls = [np.asarray(f, dtype=np.float32) for f in fulls]
+
+    def __len__(self):
+        return len(self.fulls)
+
+    def key(self, index):
+        return f"s{index}"
+
+    def pair_hu(self, index):
+        return self.fulls[index] + OFFSET_HU, self.fulls[index]
+
+
+def _random_hu(shape, seed):
+    # Inside the model range [-1000, 2000] even after +OFFSET_HU: no clipping, so low - full is exact.
+    return np.random.default_rng(seed).uniform(-800, 1500, shape).astype(np.float32)
+
+
+def _norm(hu):
+    return MODEL_NORMALIZATION.to_model(np.asarray(hu, dtype=np.float32))
+
+
+def _locate(patch, image, size):
+    """Every (top, left, transform) such that the patch is that flip/rotation of that crop."""
+    windows = np.lib.stride_tricks.sliding_window_view(image, (size, size))  # (tops, lefts, size, size)
+    found = []
+    for k in range(4):
+        rotated = np.rot90(windows, k, axes=(2, 3))
+        for flip in (False, True):
+            candidates = rotated[..., ::-1] if flip else rotated
+            hits = np.all(np.abs(candidates - patch) < 1e-6, axis=(2, 3))
+            found += [(int(t), int(left), 2 * k + flip) for t, left in zip(*np.nonzero(hits), strict=True)]
+    return found
+
+
+# --- paired crops and augmentation ------------------------------------------------------------
+
+
+def test_training_samples_apply_the_same_crop_and_flip_to_low_and_full():
+    full = _random_hu((40, 40), seed=0)
+    dataset = PairedSliceDataset(ArrayPairs([full]), patch_size=12, generator=torch.Generator().manual_seed(0))
+    positions, transforms = set(), set()
+    for _ in range(24):
+        sample = dataset[0]
+        assert sample["low"].shape == sample["full"].shape == (1, 12, 12)
+        assert sample["low"].dtype == torch.float32
+        assert sample["key"] == "s0" and sample["index"] == 0
+        # Same crop and same flip/rotation: the difference is the constant offset everywhere.
+        diff = (sample["low"] - sample["full"]).numpy()
+        np.testing.assert_allclose(diff, OFFSET_HU / 3000.0, atol=1e-6)
+        (match,) = _locate(sample["full"][0].numpy(), _norm(full), 12)
+        positions.add(match[:2])
+        transforms.add(match[2])
+    assert len(positions) > 10  # random crops
+    assert len(transforms) >= 5  # random flips and quarter turns (8 possible)
+
+
+def test_validation_samples_are_the_central_crop_without_augmentation():
+    full = _random_hu((40, 48), seed=1)
+    dataset = PairedSliceDataset(ArrayPairs([full]), patch_size=16, train=False)
+    for _ in range(3):
+        sample = dataset[0]
+        np.testing.assert_array_equal(sample["full"][0].numpy(), _norm(full[12:28, 16:32]))
+        np.testing.assert_array_equal(sample["low"][0].numpy(), _norm(full[12:28, 16:32] + OFFSET_HU))
+    whole = PairedSliceDataset(ArrayPairs([full]), train=False)[0]
+    np.testing.assert_array_equal(whole["full"][0].numpy(), _norm(full))
+
+
+def test_full_slices_keep_their_shape_under_augmentation():
+    full = _random_hu((24, 32), seed=2)
+    dataset = PairedSliceDataset(ArrayPairs([full]), generator=torch.Generator().manual_seed(1))
+    for _ in range(12):
+        sample = dataset[0]
+        assert sample["full"].shape == (1, 24, 32)  # only half turns for a non-square slice
+        np.testing.assert_allclose((sample["low"] - sample["full"]).numpy(), OFFSET_HU / 3000.0, atol=1e-6)
+
+
+def test_seeded_generators_reproduce_the_samples_and_repeat_extends_an_epoch():
+    fulls = [_random_hu((32, 32), seed=s) for s in range(3)]
+    a = PairedSliceDataset(ArrayPairs(fulls), patch_size=8, repeat=4, generator=torch.Generator().manual_seed(5))
+    b = PairedSliceDataset(ArrayPairs(fulls), patch_size=8, repeat=4, generator=torch.Generator().manual_seed(5))
+    assert len(a) == 12
+    for i in range(12):
+        sample_a, sample_b = a[i], b[i]
+        assert sample_a["index"] == sample_b["index"] == i % 3
+        torch.testing.assert_close(sample_a["full"], sample_b["full"])
+    with pytest.raises(IndexError):
+        a[12]
+    loader = torch.utils.data.DataLoader(a, batch_size=4)
+    batch = next(iter(loader))
+    assert batch["low"].shape == (4, 1, 8, 8) and len(batch["key"]) == 4
+
+
+def test_dataset_options_are_validated():
+    source = ArrayPairs([_random_hu((16, 16), seed=0)])
+    with pytest.raises(ConfigError, match="larger than the slice"):
+        PairedSliceDataset(source, patch_size=32)[0]
+    with pytest.raises(ConfigError, match="patch_size"):
+        PairedSliceDataset(source, patch_size=0)
+    with pytest.raises(ConfigError, match="repeat"):
+        PairedSliceDataset(source, repeat=0)
+    with pytest.raises(ConfigError, match="empty"):
+        PairedSliceDataset(ArrayPairs([]))
+
+
+# --- Mayo 2D layout ------------------------------------------------------------------------
+
+
+def _mayo(root, n=3, shape=(32, 32)):
+    (root / "quarter_1mm").mkdir(parents=True)
+    (root / "full_1mm").mkdir()
+    fulls = {}
+    for k in range(1, n + 1):
+        full = np.full(shape, 100.0 * k, dtype=np.float32)  # each pair has its own level
+        fulls[k] = full
+        np.save(root / "full_1mm" / f"train_full_{k:05d}.npy", (full + 1024).astype(np.int16))
+        np.save(root / "quarter_1mm" / f"train_quarter_{k:05d}.npy", (full + OFFSET_HU + 1024).astype(np.int16))
+    return fulls
+
+
+def test_mayo_layout_pairs_by_name_and_removes_the_1024_offset(tmp_path):
+    fulls = _mayo(tmp_path)
+    dataset = MayoDataset(tmp_path, train=False)
+    assert len(dataset) == 3
+    for i in range(3):
+        sample = dataset[i]
+        k = int(sample["key"].rsplit("_", 1)[1])
+        assert sample["key"] == f"train_full_{k:05d}"
+        np.testing.assert_allclose(sample["full"][0].numpy(), _norm(fulls[k]), atol=1e-7)
+        np.testing.assert_allclose(sample["low"][0].numpy(), _norm(fulls[k] + OFFSET_HU), atol=1e-7)
+    low_hu, full_hu = MayoPairs(tmp_path).pair_hu(0)
+    assert full_hu.dtype == np.float32 and float(full_hu[0, 0]) == 100.0 and float(low_hu[0, 0]) == 200.0
+    assert isinstance(open_pairs(tmp_path), MayoPairs)
+
+
+def test_mayo_layout_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="quarter_1mm"):
+        MayoPairs(tmp_path)
+    (tmp_path / "quarter_1mm").mkdir()
+    (tmp_path / "full_1mm").mkdir()
+    with pytest.raises(ConfigError, match="no .npy slices"):
+        MayoPairs(tmp_path)
+    _mayo(tmp_path / "split" / "train", n=2)
+    np.save(tmp_path / "split" / "train" / "quarter_1mm" / "train_quarter_00009.npy", np.zeros((32, 32), np.int16))
+    with pytest.raises(ConfigError, match="no partner.*train_quarter_00009"):
+        MayoPairs(tmp_path / "split", split="train")
+
+
+# --- simulated pairs and DICOM pairs ----------------------------------------------------------
+
+
+def test_simulated_pairs_folder(tmp_path):
+    volume = np.stack([_random_hu((32, 32), seed=s) * 0.1 for s in range(2)])
+    np.save(tmp_path / "v.npy", volume)
+    folder = run(iter_simulate_dataset([tmp_path / "v.npy"], tmp_path / "sim", options=SimulationOptions(n_views=24), workers=1))
+    assert isinstance(open_pairs(folder), SimulatedPairs)
+    dataset = SimulatedPairDataset(folder, train=False)
+    assert len(dataset) == 2
+    sample = dataset[1]
+    assert sample["key"] == "00001"
+    np.testing.assert_allclose(sample["full"][0].numpy(), _norm(volume[1]), atol=1e-7)
+    np.testing.assert_allclose(sample["low"][0].numpy(), _norm(np.load(folder / "low" / "00001.npy")), atol=1e-7)
+    assert not np.allclose(sample["low"].numpy(), sample["full"].numpy())
+
+
+def test_dicom_pairs_match_slices_by_position(dicom_series_dir, tmp_path):
+    from napari_langmamba.io import CTVolume, read_ct
+
+    full = read_ct(dicom_series_dir)
+    # A "low-dose" volume covering slices 5..9 of the series only, shifted along the normal.
+    positions = full.slice_positions()
+    low = CTVolume(
+        hu=full.hu[5:10] + OFFSET_HU,
+        spacing=full.spacing,
+        origin=tuple(positions[5]),
+        direction=full.direction,
+    )
+    with pytest.raises(ConfigError, match="0 low-dose and 15 normal-dose slices have no partner"):
+        DicomPairs(low, full)
+    pairs = DicomPairs(low, full, allow_unmatched=True)
+    assert len(pairs) == 5
+    for i in range(5):
+        low_hu, full_hu = pairs.pair_hu(i)
+        np.testing.assert_array_equal(low_hu - OFFSET_HU, full.hu[5 + i])
+        np.testing.assert_array_equal(full_hu, full.hu[5 + i])
+    # The real series (read from disk) against itself: every slice pairs with itself.
+    same = DicomPairs(dicom_series_dir, full)
+    assert len(same) == 20 and same.key(0) == "z-804.50mm"
+    with pytest.raises(ConfigError, match="No slice"):
+        far = CTVolume(hu=full.hu[:2], spacing=full.spacing, origin=(0.0, 0.0, 500.0), direction=full.direction)
+        DicomPairs(far, full)
+
+
+def test_open_pairs_needs_a_known_layout(tmp_path):
+    with pytest.raises(ConfigError, match="neither a simulated-pairs folder"):
+        open_pairs(tmp_path)
+    with pytest.raises(ConfigError, match="either a dataset folder"):
+        open_pairs(tmp_path, low=tmp_path, full=tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_pairs(tmp_path / "missing")
+
+
+# --- normal-dose slices for the LangAE ----------------------------------------------------------
+
+
+def test_ndct_dataset_reads_volumes_mayo_and_slice_folders(tmp_path):
+    volume = np.stack([_random_hu((32, 32), seed=s) for s in range(3)])
+    np.save(tmp_path / "volume.npy", volume)
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    for k in range(2):
+        np.save(slices / f"s{k}.npy", volume[k] + 1024)  # stored as HU + 1024
+    mayo = tmp_path / "mayo"
+    fulls = _mayo(mayo, n=2)
+
+    # npy_layout applies to plain .npy inputs (the slice folder here); Mayo roots always store HU + 1024.
+    dataset = NDCTDataset([tmp_path / "volume.npy", slices, mayo], train=False, npy_layout="mayo")
+    assert len(dataset) == 3 + 2 + 2
+    hu_dataset = NDCTDataset(tmp_path / "volume.npy", train=False)
+    np.testing.assert_allclose(hu_dataset[2]["image"][0].numpy(), _norm(volume[2]), atol=1e-7)
+    assert hu_dataset[2]["key"] == "volume.npy:2"
+    by_key = {dataset[i]["key"]: dataset[i]["image"] for i in range(len(dataset))}
+    np.testing.assert_allclose(by_key["s1"][0].numpy(), _norm(volume[1]), atol=1e-6)
+    np.testing.assert_allclose(by_key["train_full_00002"][0].numpy(), _norm(fulls[2]), atol=1e-7)
+
+    augmented = NDCTDataset(tmp_path / "volume.npy", patch_size=16, generator=torch.Generator().manual_seed(0))
+    sample = augmented[0]
+    assert sample["image"].shape == (1, 16, 16)
+    assert len(_locate(sample["image"][0].numpy(), _norm(volume[0]), 16)) == 1
+    with pytest.raises(ConfigError, match="No normal-dose CT"):
+        NDCTDataset([])
+
+
+def test_ndct_slices_of_a_dicom_series_carry_its_metadata(dicom_series_dir, tmp_path):
+    from training.datasets import NDCTSlices
+
+    np.save(tmp_path / "v.npy", np.zeros((2, 16, 16), np.float32))
+    source = NDCTSlices([dicom_series_dir, tmp_path / "v.npy"], slice_step=5)
+    assert len(source) == 4 + 1  # slices 0, 5, 10, 15 of the series and slice 0 of the 2-slice volume
+    assert [source.key(i) for i in range(4)] == [f"{dicom_series_dir.name}:{k}" for k in (0, 5, 10, 15)]
+    assert source.metadata(0)["Modality"] == "CT"
+    assert source.metadata(0)["SeriesDescription"] == "CT Body 3.0"
+    assert "Modality" not in source.metadata(4)  # a .npy volume has no DICOM fields
