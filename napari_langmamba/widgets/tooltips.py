@@ -151,3 +151,93 @@ def get_tooltip(key: str) -> str:
         logger.debug("no tooltip for %s", key)
         return ""
     return text
+
+
+# --- Train (appended by the Train widget) ----------------------------------------------
+TOOLTIPS.update({
+    "train.stage_combo": (
+        "Which step of the pipeline to run, as `python -m training <stage>`: simulate low-dose pairs, "
+        "candidate token pools (stage 0), the LangAE (stage 1), the SEED / RED-CNN denoiser (stage 2), "
+        "or evaluate a denoiser. It runs in its own process: napari stays responsive."
+    ),
+    "train.data_edit": (
+        "Input data; several paths separated by ';'. simulate / candidates / langae: normal-dose CT "
+        "(DICOM folders, NIfTI, .npy, Mayo or simulate folders); seed / evaluate: paired data (a "
+        "simulate output folder or a Mayo 2D root with quarter_1mm/ and full_1mm/)."
+    ),
+    "train.data_button": "Choose the input data folder.",
+    "train.val_edit": (
+        "Optional validation data in the same layout as the training data (ideally other patients). "
+        "Empty: the last 10% of the training slices are held out."
+    ),
+    "train.val_button": "Choose the validation data folder.",
+    "train.output_edit": (
+        "Where the stage writes. Training: a new run folder (config.json, metrics.jsonl, last/ and best/ "
+        "checkpoints); choosing an existing run fills the form with its settings so Resume can continue it. "
+        "simulate: the paired dataset folder; candidates: the pools .json file; evaluate: the results folder."
+    ),
+    "train.output_button": "Choose the output folder (or the pools file for candidates).",
+    "train.preset_combo": (
+        "Model size: tiny (tests, seconds), lite (CPU-friendly), paper (the published setting; "
+        "needs a GPU to train in reasonable time)."
+    ),
+    "train.epochs_spin": "Passes over the training data (paper: 100).",
+    "train.steps_spin": "Cap each epoch at this many optimizer steps; 'full pass' uses every slice once.",
+    "train.batch_spin": "Images per optimizer step (and per process under torchrun). Paper: 4.",
+    "train.patch_spin": (
+        "Train on random square crops of this size (a multiple of 16); 'whole slices' uses full images. "
+        "Crops make CPU training practical. Defaults: 64 (seed), 256 (langae)."
+    ),
+    "train.lr_edit": (
+        "Initial learning rate. seed: AdamW 1e-4, cosine down to 1e-6 (paper). langae: empty = the "
+        "paper's Adam 4.5e-6 x batch size (x processes)."
+    ),
+    "train.backbone_combo": (
+        "The denoiser trained in stage 2: SEED (frozen LangAE encoder + Mamba-style EMA decoder) or the "
+        "RED-CNN baseline (LangDA is plug-and-play for both)."
+    ),
+    "train.lambda_spin": (
+        "Weight of the LangDA loss (feature and token alignment with the frozen LangAE): 0.1 in "
+        "LangMamba, 0.5 in LEDA; 0 trains with MSE only (the baseline)."
+    ),
+    "train.langae_edit": (
+        "The trained LangAE checkpoint (a stage-1 run's best/ or last/ folder): SEED's frozen encoder and "
+        "the LangDA loss. Filled in automatically when a langae run finishes here."
+    ),
+    "train.langae_button": "Choose the LangAE checkpoint folder.",
+    "train.codebook_edit": (
+        "The frozen language codebook: minilm (offline, bundled), clip:<local folder or hub id> "
+        "(PubMedCLIP, the paper's), random:<n>x<d> (tests). Stage 0 and stage 1 must use the same one."
+    ),
+    "train.candidates_edit": (
+        "Candidate token pools from the candidates stage (same codebook). Without them the pyramid "
+        "semantic loss is off."
+    ),
+    "train.candidates_button": "Choose the candidate pools .json file.",
+    "train.checkpoint_edit": (
+        "The denoiser to evaluate (a checkpoint or a training run folder). Empty: only the low-dose input "
+        "is scored against the normal-dose reference."
+    ),
+    "train.checkpoint_button": "Choose the checkpoint folder to evaluate.",
+    "train.dose_spin": "Dose fraction of the simulated scan: 0.25 gives quarter-dose pairs, 1 adds no noise.",
+    "train.device_combo": (
+        "Where the process trains: auto (CUDA when present, else CPU), cpu, cuda or cuda:N. The model "
+        "lives in the training process, never in napari."
+    ),
+    "train.extra_edit": (
+        "More options of the stage, as on a command line (see `python -m training <stage> --help`), "
+        "e.g. --log-every 1 --val-fraction 0.2 --seed 3."
+    ),
+    "train.command_edit": "The exact command Start runs (copy it to run the same thing in a terminal or on a cluster).",
+    "train.start_button": "Check the choices, then start the stage in a separate process.",
+    "train.stop_button": (
+        "Stop gracefully: the trainer finishes its step, writes its last/ checkpoint and exits (killed if "
+        "it has not ended after a minute). While stopping, press again to kill it at once."
+    ),
+    "train.resume_button": "Continue the run in the run folder from its last/ checkpoint (--resume, same options).",
+    "train.use_button": "Make this run's best checkpoint (else its last) the model of the Denoise widget.",
+    "train.progress_bar": "Steps done of all steps, and the estimated time left (from the run's log).",
+    "train.tabs": "Live losses and validation metrics (read from the run's metrics.jsonl), and the process output.",
+    "train.log_box": "Everything the training process printed.",
+    "train.error_box": "The last error lines of a process that failed.",
+})

@@ -1,0 +1,622 @@
+"""The denoising engine: a CT volume in HU in, the denoised volume in HU out.
+
+:class:`Denoiser` wraps a trained denoiser (SEED or RED-CNN) loaded from a checkpoint.
+:meth:`Denoiser.iter_denoise` is the one code path: a generator that yields
+:class:`~napari_langmamba.events.Progress` after every batch (so the CLI can draw a bar and
+a GUI worker can cancel between batches) and returns the result; :meth:`Denoiser.denoise`
+just drives it.
+
+How an image reaches the network:
+
+1. HU -> ``[0, 1]`` with the checkpoint's own normalisation (``windowing.Normalization``);
+2. reflect-padded at the bottom/right to a multiple of 16 (the encoder's downsampling factor);
+3. when larger than ``tile`` pixels along an axis, cut into tiles of ``tile`` pixels that
+   overlap by ``overlap`` pixels; each tile's output is weighted by a ramp that is zero in the
+   outer quarter of the overlap and rises as a raised cosine over its middle half, so pixels
+   near a tile's cut edge (where the network lacked context) never contribute and the blend
+   has no visible seam; weights are normalised by their sum;
+4. slices (or tiles) are processed ``batch_size`` at a time under ``torch.inference_mode``
+   (and autocast to bf16/fp16 on CUDA only), then mapped back to HU and cropped.
+
+Nothing here imports Qt or napari; torch is imported when a model is loaded, so importing
+this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import threading
+import zipfile
+from collections import OrderedDict
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_langmamba.errors import CheckpointError, ConfigError
+from napari_langmamba.events import Progress, run
+from napari_langmamba.windowing import MODEL_NORMALIZATION, Normalization
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DEFAULT_WEIGHTS_DIR",
+    "DENOISER_KINDS",
+    "Denoiser",
+    "TilingPlan",
+    "available_devices",
+    "default_weights_info",
+    "resolve_device",
+    "resolve_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "default"
+"""Where the bundled default checkpoint lives inside the package."""
+
+STRIDE = 16
+"""Image sizes reaching the network are multiples of this (the encoder downsamples by 16)."""
+
+DENOISER_KINDS = ("seed", "redcnn")
+"""Checkpoint kinds that map an image to a denoised image."""
+
+RUN_CHECKPOINT_NAMES = ("best", "last")
+"""Inside a training run folder, the checkpoints tried in this order."""
+
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 128
+"""Tile overlap (px): its outer quarter (32 px) exceeds RED-CNN's receptive-field radius (20 px)."""
+_CACHE_SIZE = 3
+_HASH_CHUNK = 1 << 20
+
+
+# --- devices ----------------------------------------------------------------------------------
+def available_devices() -> list[str]:
+    """Devices this machine can run on, e.g. ``["cpu"]`` or ``["cpu", "cuda"]``."""
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA, then Apple MPS, then CPU; otherwise the named device, checked.
+
+    Raises
+    ------
+    ConfigError
+        When the device is unknown or not available on this machine.
+    """
+    import torch
+
+    name = str(device).strip().lower()
+    available = available_devices()
+    if name == "auto":
+        return torch.device("cuda" if "cuda" in available else "mps" if "mps" in available else "cpu")
+    base = name.split(":", 1)[0]
+    if base not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"Unknown device {device!r}; choose auto, cpu, cuda (or cuda:N) or mps.")
+    if base not in available:
+        raise ConfigError(
+            f"Device {device!r} is not available on this machine (available: {', '.join(available)}); "
+            "choose auto or cpu."
+        )
+    try:
+        resolved = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"Invalid device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"Device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)."
+        )
+    return resolved
+
+
+# --- weights ----------------------------------------------------------------------------------
+def _is_checkpoint_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return _is_checkpoint_folder(path) or (path.is_file() and path.suffix.lower() == ".zip")
+
+
+def resolve_weights(weights: str | Path = "default") -> Path:
+    """The checkpoint (folder or ``.zip``) that ``weights`` names.
+
+    ``"default"`` is the bundled checkpoint in :data:`DEFAULT_WEIGHTS_DIR`; a training run
+    folder resolves to its ``best`` checkpoint, else its ``last`` (each looked for as a
+    folder or ``.zip``, directly inside the run or in its ``checkpoints/`` sub-folder).
+
+    Raises
+    ------
+    CheckpointError
+        When nothing usable is there, saying what was expected and what was found.
+    """
+    if isinstance(weights, str) and weights.strip().lower() == "default":
+        if not _is_checkpoint_folder(DEFAULT_WEIGHTS_DIR):
+            raise CheckpointError(
+                f"The bundled default weights are missing: expected a checkpoint folder "
+                f"(config.json + model.safetensors) at {DEFAULT_WEIGHTS_DIR}. This copy of "
+                "napari-langmamba ships without them; choose a checkpoint or a training run "
+                "folder instead (CLI: --weights PATH)."
+            )
+        return DEFAULT_WEIGHTS_DIR
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"No checkpoint at {path}: the path does not exist. Give a checkpoint folder "
+            "(config.json + model.safetensors), its .zip, or a training run folder."
+        )
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".zip":
+            raise CheckpointError(
+                f"{path} is not a checkpoint: expected a checkpoint folder (config.json + "
+                "model.safetensors), its .zip, or a training run folder."
+            )
+        return path
+    if _is_checkpoint_folder(path):
+        return path
+    for name in RUN_CHECKPOINT_NAMES:
+        for parent in (path, path / "checkpoints"):
+            for candidate in (parent / name, parent / f"{name}.zip"):
+                if _is_checkpoint(candidate):
+                    logger.info("training run %s: using its %s checkpoint %s", path, name, candidate)
+                    return candidate.resolve()
+    found = sorted(p.name for p in path.iterdir())[:10]
+    raise CheckpointError(
+        f"{path} is neither a checkpoint folder (config.json + model.safetensors) nor a training "
+        f"run folder with a 'best' or 'last' checkpoint; it holds: {', '.join(found) or 'nothing'}."
+    )
+
+
+def _sha256_stream(stream: Any) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(path: Path) -> tuple[str, str]:
+    """``(weights_sha256, cache_key_hash)`` of a resolved checkpoint.
+
+    The first is the SHA-256 of ``model.safetensors`` (the same whether zipped or not), the
+    provenance users see; the second also covers the config, so editing either reloads.
+    """
+    try:
+        if path.is_dir():
+            with open(path / "model.safetensors", "rb") as fh:
+                weights_sha = _sha256_stream(fh)
+            config_sha = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+        else:
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "model.safetensors"]
+                if len(names) != 1:
+                    raise CheckpointError(
+                        f"{path} is not a checkpoint archive: expected exactly one model.safetensors "
+                        f"inside, found {len(names)}."
+                    )
+                with archive.open(names[0]) as fh:
+                    weights_sha = _sha256_stream(fh)
+            with open(path, "rb") as fh:
+                config_sha = _sha256_stream(fh)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"Cannot read the checkpoint at {path}: {exc}") from None
+    return weights_sha, hashlib.sha256((weights_sha + config_sha).encode()).hexdigest()
+
+
+def default_weights_info() -> dict | None:
+    """The bundled default checkpoint's ``config.json`` (its provenance), or ``None`` if absent."""
+    config = DEFAULT_WEIGHTS_DIR / "config.json"
+    if not _is_checkpoint_folder(DEFAULT_WEIGHTS_DIR):
+        return None
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"The bundled default weights' config {config} is unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"The bundled default weights' config {config} is not a JSON object.")
+    return data
+
+
+# --- tiling -----------------------------------------------------------------------------------
+def _ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets covering ``[0, size)`` with tiles of ``tile`` overlapping by >= ``overlap``."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    count = math.ceil((size - tile) / stride) + 1
+    return sorted({min(i * stride, size - tile) for i in range(count)})
+
+
+def _ramp(length: int, overlap: int, *, rise: bool, fall: bool) -> np.ndarray:
+    """1-D tile weight: zero on the outer quarter of ``overlap``, raised cosine over its middle half."""
+    weight = np.ones(length, dtype=np.float64)
+    margin = overlap // 4
+    width = max(overlap - 2 * margin, 1)
+    position = np.arange(overlap, dtype=np.float64)
+    edge = 0.5 - 0.5 * np.cos(np.pi * np.clip((position - margin + 0.5) / width, 0.0, 1.0))
+    if rise:
+        weight[:overlap] = np.minimum(weight[:overlap], edge)
+    if fall:
+        weight[length - overlap :] = np.minimum(weight[length - overlap :], edge[::-1])
+    return weight
+
+
+@dataclass(frozen=True)
+class TilingPlan:
+    """How one ``(h, w)`` slice is padded and cut into network inputs.
+
+    ``padded`` is the slice size after reflect padding to a multiple of 16; ``tile_shape`` the
+    network input size; ``starts`` the top-left corner of every tile (one tile ``(0, 0)`` when
+    the slice fits).
+    """
+
+    shape: tuple[int, int]
+    padded: tuple[int, int]
+    tile_shape: tuple[int, int]
+    starts: tuple[tuple[int, int], ...]
+    overlap: int
+
+    @classmethod
+    def for_shape(cls, shape: tuple[int, int], *, tile: int, overlap: int) -> TilingPlan:
+        h, w = (int(v) for v in shape)
+        padded = (_ceil_to(h, STRIDE), _ceil_to(w, STRIDE))
+        tile_shape = (min(tile, padded[0]), min(tile, padded[1]))
+        rows = _tile_starts(padded[0], tile, overlap)
+        cols = _tile_starts(padded[1], tile, overlap)
+        return cls((h, w), padded, tile_shape, tuple((r, c) for r in rows for c in cols), overlap)
+
+    @property
+    def tiled(self) -> bool:
+        return len(self.starts) > 1
+
+    def weight(self, start: tuple[int, int]) -> np.ndarray:
+        """Blending weight ``(th, tw)`` of the tile at ``start`` (all ones when not tiled)."""
+        (r, c), (th, tw), (ph, pw) = start, self.tile_shape, self.padded
+        wy = _ramp(th, self.overlap, rise=r > 0, fall=r + th < ph)
+        wx = _ramp(tw, self.overlap, rise=c > 0, fall=c + tw < pw)
+        return np.outer(wy, wx).astype(np.float32)
+
+
+def _pad_to(norm: np.ndarray, padded: tuple[int, int]) -> np.ndarray:
+    """Reflect-pad a ``(h, w)`` slice at the bottom/right to ``padded`` (edge mode for 1-pixel axes)."""
+    h, w = norm.shape
+    pad = ((0, padded[0] - h), (0, padded[1] - w))
+    if pad == ((0, 0), (0, 0)):
+        return norm
+    if min(h, w) < 2:
+        return np.pad(norm, pad, mode="edge")
+    return np.pad(norm, pad, mode="reflect")
+
+
+# --- the denoiser -----------------------------------------------------------------------------
+_cache: OrderedDict[tuple[str, str, str], Denoiser] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _as_slices(hu: Any) -> tuple[Any, tuple[int, ...], bool]:
+    """Validate the input's shape; return a ``(z, y, x)`` view (lazy for array-likes)."""
+    shape = tuple(int(s) for s in getattr(hu, "shape", np.shape(hu)))
+    if len(shape) not in (2, 3):
+        raise ConfigError(
+            f"Denoising needs one slice (y, x) or a volume (z, y, x); got an array of shape {shape}."
+        )
+    if any(s == 0 for s in shape):
+        raise ConfigError(f"Cannot denoise an empty image (shape {shape}).")
+    dtype = getattr(hu, "dtype", None)
+    if dtype is not None and not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise ConfigError(f"Denoising needs a real-valued image in HU; got dtype {dtype}.")
+    if len(shape) == 2:
+        return np.asarray(hu)[np.newaxis], shape, True
+    return hu, shape, False
+
+
+class Denoiser:
+    """A loaded denoising model, ready to map HU slices to denoised HU.
+
+    Use :meth:`load` (cached); the constructor wraps an already built model, e.g. in tests
+    or for validation during training.
+
+    Parameters
+    ----------
+    model
+        A module mapping ``(b, 1, h, w)`` in ``[0, 1]`` to ``(b, 1, h, w)``, h and w multiples of 16.
+    normalization
+        HU <-> model scaling the model was trained with.
+    device
+        Where the model lives; it is moved there.
+    amp
+        Autocast to bf16 (or fp16 without bf16 support) on CUDA; ignored elsewhere.
+    info
+        Provenance merged into :attr:`info`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        normalization: Normalization = MODEL_NORMALIZATION,
+        device: str | torch.device = "cpu",
+        amp: bool = True,
+        info: dict | None = None,
+    ) -> None:
+        import torch
+
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        self.normalization = normalization
+        self.model = model.to(self.device).float().eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.amp_dtype: torch.dtype | None = None
+        if amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.info: dict[str, Any] = {
+            "kind": None,
+            "preset": None,
+            "checkpoint_sha256": None,
+            "weights": None,
+            **(info or {}),
+            "normalization": normalization.to_dict(),
+            "device": str(self.device),
+            "amp": None if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
+        }
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Denoiser(kind={self.info.get('kind')!r}, preset={self.info.get('preset')!r}, device='{self.device}')"
+
+    # --- loading ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, weights: str | Path = "default", *, device: str = "auto", amp: bool = True) -> Denoiser:
+        """Load (or reuse) the denoiser a checkpoint holds.
+
+        Parameters
+        ----------
+        weights
+            ``"default"`` (the bundled weights), a checkpoint folder or ``.zip``, or a training
+            run folder (its ``best`` checkpoint, else ``last``).
+        device
+            ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+        amp
+            Use mixed precision on CUDA.
+
+        Returns
+        -------
+        Denoiser
+            Cached per (checkpoint path, content hash, device, amp): loading again is free.
+
+        Raises
+        ------
+        CheckpointError
+            Missing, unreadable or mismatched checkpoint, or one that is not a denoiser.
+        ConfigError
+            Unknown or unavailable device.
+        """
+        path = resolve_weights(weights)
+        torch_device = resolve_device(device)
+        weights_sha, content_key = _fingerprint(path)
+        key = (str(path), content_key, f"{torch_device}|amp={bool(amp)}")
+        with _cache_lock:
+            cached = _cache.get(key)
+            if cached is not None:
+                _cache.move_to_end(key)
+                return cached
+        denoiser = cls._build(path, torch_device, amp=amp, weights_sha=weights_sha, label=str(weights))
+        with _cache_lock:
+            _cache[key] = denoiser
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+        return denoiser
+
+    @classmethod
+    def _build(cls, path: Path, device: torch.device, *, amp: bool, weights_sha: str, label: str) -> Denoiser:
+        from napari_langmamba.checkpoint import build_model, load_checkpoint
+
+        checkpoint = load_checkpoint(path)
+        if checkpoint.kind not in DENOISER_KINDS:
+            raise CheckpointError(
+                f"{path} holds a {checkpoint.kind!r} model, not a denoiser: choose a SEED or RED-CNN "
+                "checkpoint (a LangAE checkpoint is stage 1 of training, not a denoiser)."
+            )
+        config = checkpoint.config if isinstance(checkpoint.config, dict) else {}
+        normalization = checkpoint.normalization  # validated by load_checkpoint
+        model = build_model(checkpoint)
+        info = {
+            "kind": checkpoint.kind,
+            "preset": _find_preset(config),
+            "checkpoint_sha256": weights_sha,
+            "weights": "default" if label.strip().lower() == "default" else str(path),
+            "path": str(path),
+            "scan_backend": _scan_backend(device) if checkpoint.kind == "seed" else None,
+            "created": checkpoint.meta.get("created"),
+            "trained_with_package": checkpoint.meta.get("package_version"),
+        }
+        logger.info("loaded %s %s from %s on %s", info["kind"], info["preset"], path, device)
+        return cls(model, normalization=normalization, device=device, amp=amp, info=info)
+
+    @staticmethod
+    def clear_cache() -> None:
+        """Forget every cached denoiser (frees their memory once no one else holds them)."""
+        with _cache_lock:
+            _cache.clear()
+
+    # --- denoising ----------------------------------------------------------------------
+    def default_batch_size(self) -> int:
+        """Slices per batch when none is given: 4 on CUDA, 1 elsewhere (CPU gains nothing from more)."""
+        return 4 if self.device.type == "cuda" else 1
+
+    def denoise(
+        self,
+        hu: Any,
+        *,
+        batch_size: int | None = None,
+        tile: int = DEFAULT_TILE,
+        overlap: int | None = None,
+    ) -> np.ndarray:
+        """Denoise a slice ``(y, x)`` or a volume ``(z, y, x)`` in HU; float32 HU, same shape.
+
+        See :meth:`iter_denoise` for the parameters.
+        """
+        return run(self.iter_denoise(hu, batch_size=batch_size, tile=tile, overlap=overlap))
+
+    def iter_denoise(
+        self,
+        hu: Any,
+        *,
+        batch_size: int | None = None,
+        tile: int = DEFAULT_TILE,
+        overlap: int | None = None,
+    ) -> Generator[Progress, None, np.ndarray]:
+        """Denoise as a generator: yields :class:`Progress` per batch, returns the result.
+
+        Parameters
+        ----------
+        hu
+            ``(y, x)`` or ``(z, y, x)`` array (or lazy array-like, read one slice at a time) in HU.
+        batch_size
+            Network inputs per batch (slices, or tiles when an image is tiled).
+            ``None``: :meth:`default_batch_size`.
+        tile
+            Largest network input side in pixels (rounded down to a multiple of 16): bigger
+            slices are tiled. Bounds memory per input.
+        overlap
+            Overlap of neighbouring tiles in pixels. Pixels in its outer quarter are dropped, so
+            that quarter should exceed the network's receptive-field radius for exact blending.
+            ``None``: :data:`DEFAULT_OVERLAP`, reduced to fit small tiles.
+
+        Yields
+        ------
+        Progress
+            ``done``/``total`` count network inputs (slices, or tiles of slices when tiled):
+            first ``(0, total)``, then one event per batch. Closing the generator stops the
+            work before the next batch.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 HU with the shape of ``hu``.
+        """
+        volume, shape, was_2d = _as_slices(hu)
+        batch_size = self.default_batch_size() if batch_size is None else int(batch_size)
+        if batch_size < 1:
+            raise ConfigError(f"The batch size must be at least 1; got {batch_size}.")
+        tile = int(tile) // STRIDE * STRIDE
+        overlap = min(DEFAULT_OVERLAP, max(0, (tile - STRIDE) // 2)) if overlap is None else int(overlap)
+        if overlap < 0 or tile < max(2 * STRIDE, 2 * overlap + STRIDE):
+            raise ConfigError(
+                f"Tiles of {tile} px cannot overlap by {overlap} px: choose a tile of at least "
+                f"max(32, 2 x overlap + 16) px and an overlap >= 0."
+            )
+        n_slices = shape[0] if not was_2d else 1
+        plan = TilingPlan.for_shape(shape[-2:], tile=tile, overlap=overlap)
+        weights = {start: plan.weight(start) for start in plan.starts} if plan.tiled else {}
+        total = n_slices * len(plan.starts)
+        items = [(z, start) for z in range(n_slices) for start in plan.starts]
+        result = np.empty((n_slices, *shape[-2:]), dtype=np.float32)
+        if plan.tiled:
+            logger.debug(
+                "tiling %s slices into %d tiles of %s", shape[-2:], len(plan.starts), plan.tile_shape
+            )
+
+        pending: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # z -> (input, acc, wsum)
+        yield Progress(0, total, f"denoising {n_slices} slice(s)")
+        for first in range(0, total, batch_size):
+            batch = items[first : first + batch_size]
+            inputs = []
+            for z, (r, c) in batch:
+                if z not in pending:
+                    pending[z] = self._prepare_slice(volume[z], plan)
+                th, tw = plan.tile_shape
+                inputs.append(pending[z][0][r : r + th, c : c + tw])
+            outputs = self._run_batch(np.stack(inputs))  # (b, th, tw) in HU
+            for (z, start), out in zip(batch, outputs, strict=True):
+                norm, acc, wsum = pending[z]
+                if not plan.tiled:
+                    acc[...] = out
+                else:
+                    r, c = start
+                    th, tw = plan.tile_shape
+                    acc[r : r + th, c : c + tw] += out * weights[start]
+                    wsum[r : r + th, c : c + tw] += weights[start]
+                if start == plan.starts[-1]:  # the slice's last tile: finish it
+                    h, w = plan.shape
+                    result[z] = acc[:h, :w] if not plan.tiled else acc[:h, :w] / wsum[:h, :w]
+                    del pending[z]
+            done = first + len(batch)
+            yield Progress(done, total, f"slice {min(batch[-1][0] + 1, n_slices)} of {n_slices}")
+        return result[0] if was_2d else result
+
+    def _prepare_slice(self, hu_slice: Any, plan: TilingPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        hu_slice = np.asarray(hu_slice, dtype=np.float32)
+        if not np.isfinite(hu_slice).all():
+            raise ConfigError(
+                "The image holds NaN or infinite values, which the model cannot denoise; "
+                "replace them (e.g. with -1000 HU, air) first."
+            )
+        norm = _pad_to(self.normalization.to_model(hu_slice).astype(np.float32), plan.padded)
+        acc = np.zeros(plan.padded, dtype=np.float32)
+        wsum = np.zeros(plan.padded, dtype=np.float32) if plan.tiled else acc
+        return norm, acc, wsum
+
+    def _run_batch(self, norm: np.ndarray) -> np.ndarray:
+        """``(b, h, w)`` normalised -> ``(b, h, w)`` HU, float32."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(norm)).unsqueeze(1).to(self.device)  # (b, 1, h, w)
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        # One thread at a time per model: modules are not re-entrant across threads.
+        with self._lock, torch.inference_mode(), autocast:
+            y = self.model(x)
+        if isinstance(y, (tuple, list)):  # tolerate models returning (image, extras)
+            y = y[0]
+        if tuple(y.shape) != tuple(x.shape):
+            raise CheckpointError(
+                f"The model returned shape {tuple(y.shape)} for an input of shape {tuple(x.shape)}; "
+                "this checkpoint is not an image-to-image denoiser."
+            )
+        hu = self.normalization.to_hu(y.float()[:, 0])  # (b, h, w)
+        return hu.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _find_preset(config: dict) -> str | None:
+    """The preset a checkpoint's architecture config records (``preset`` or ``name``), if any.
+
+    SEED configs are ``{"encoder": ..., "seed": ...}``: the denoiser's own preset comes first.
+    """
+    for section in (config, config.get("seed"), config.get("redcnn"), config.get("encoder")):
+        if isinstance(section, dict):
+            for key in ("preset", "name"):
+                if isinstance(section.get(key), str):
+                    return section[key]
+    return None
+
+
+def _scan_backend(device: torch.device) -> str | None:
+    try:
+        from napari_langmamba.models.scan import scan_backend
+    except ImportError:  # the model core without a scan module cannot build SEED anyway
+        return None
+    return str(scan_backend(device))

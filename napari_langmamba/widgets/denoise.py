@@ -1,0 +1,343 @@
+"""The Denoise dock widget: an image layer in HU -> a new, linked ``<name> denoised`` layer.
+
+A thin view over :class:`napari_langmamba.inference.Denoiser`: Run validates the choices on
+the GUI thread, then runs :meth:`Denoiser.iter_denoise` (after loading the model) in a napari
+``thread_worker``; each batch moves the progress bar and Cancel stops the work at the next
+batch without touching any layer. The result never replaces anything: it is added as a new
+layer with the input's scale, translate and transforms, its contrast limits linked to the
+input's, and ``metadata["denoise"]`` recording the model, the checkpoint hash and the settings.
+
+"Current slice" on a 3-D layer denoises only the slice shown and adds a **single-slice 3-D
+layer** ``(1, y, x)`` translated to that slice's position: it overlays the input exactly at
+that z, costs one slice of memory, and its ``metadata["ct"]["origin"]`` is moved to the slice
+so exporting it gives a correctly placed one-slice series.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.layers import Image
+from napari.qt.threading import GeneratorWorker
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+
+from napari_langmamba import __version__
+from napari_langmamba.errors import CheckpointError, ConfigError
+from napari_langmamba.events import Progress
+from napari_langmamba.inference import DEFAULT_TILE, Denoiser, available_devices, resolve_weights
+from napari_langmamba.widgets._base import WidgetBase, WorkerState
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SOURCES = {
+    "default": "Bundled default",
+    "checkpoint": "Checkpoint folder",
+    "zip": "Checkpoint .zip",
+    "run": "Training run folder",
+}
+SCOPES = {"volume": "Whole volume", "slice": "Current slice"}
+
+
+@dataclass(frozen=True)
+class DenoiseSettings:
+    """What the user chose; recorded in the result layer's metadata."""
+
+    weights: str
+    device: str
+    batch_size: int
+    scope: str
+    slice_index: int | None
+    tile: int = DEFAULT_TILE
+
+
+def _denoise_job(
+    data: Any, settings: DenoiseSettings
+) -> Generator[Progress, None, tuple[np.ndarray, dict, float]]:
+    """Load the model, then denoise ``data``: the generator the worker runs."""
+    yield Progress(0, 0, "Loading the model...")
+    denoiser = Denoiser.load(settings.weights, device=settings.device)
+    start = time.perf_counter()
+    hu = yield from denoiser.iter_denoise(data, batch_size=settings.batch_size, tile=settings.tile)
+    return hu, dict(denoiser.info), time.perf_counter() - start
+
+
+class DenoiseWidget(WidgetBase):
+    """Dock widget: denoise an image layer with a LangMamba checkpoint.
+
+    Parameters
+    ----------
+    napari_viewer
+        The viewer (npe2 passes it).
+    """
+
+    TOOLTIP_SECTION = "denoise"
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(napari_viewer, parent)
+
+        self.bind("layer_combo", QComboBox(), label="Input layer")
+
+        self.bind("weights_combo", QComboBox(), label="Weights")
+        for key, text in WEIGHT_SOURCES.items():
+            self.weights_combo.addItem(text, key)
+        path_row = QHBoxLayout()
+        self.bind("weights_path", QLineEdit(), add=False)
+        self.weights_path.setPlaceholderText("path to a checkpoint or training run")
+        self.bind("browse_button", QPushButton("Browse..."), add=False)
+        path_row.addWidget(self.weights_path)
+        path_row.addWidget(self.browse_button)
+        self._form.addRow("", path_row)
+
+        self.bind("device_combo", QComboBox(), label="Device")
+        self.device_combo.addItems(["auto", *available_devices()])
+
+        self.bind("batch_spin", QSpinBox(), label="Batch size")
+        self.batch_spin.setRange(1, 64)
+        self.batch_spin.setValue(1 if "cuda" not in available_devices() else 4)
+
+        self.bind("scope_combo", QComboBox(), label="Denoise")
+        for key, text in SCOPES.items():
+            self.scope_combo.addItem(text, key)
+
+        buttons = QHBoxLayout()
+        self.bind("run_button", QPushButton("Run"), add=False)
+        self.bind("cancel_button", QPushButton("Cancel"), add=False)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self._form.addRow(buttons)
+        self.add_status_rows()
+
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.browse_button.clicked.connect(self._browse)
+        self.weights_combo.currentIndexChanged.connect(self._sync_controls)
+        self.state_changed.connect(self._sync_controls)
+        self.result_layer: Image | None = None
+
+        layers = self.viewer.layers
+        layers.events.inserted.connect(self._refresh_layers)
+        layers.events.removed.connect(self._refresh_layers)
+        layers.events.moved.connect(self._refresh_layers)
+        self._refresh_layers()
+        self._sync_controls()
+        try:
+            resolve_weights("default")
+        except CheckpointError as exc:  # say so now rather than at the first Run
+            self.set_status(str(exc))
+
+    # --- controls -----------------------------------------------------------------------
+    def _candidate_layers(self) -> list[Image]:
+        return [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, Image) and not layer.rgb and not layer.multiscale and layer.ndim in (2, 3)
+        ]
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        current = self.layer_combo.currentText()
+        active = self.viewer.layers.selection.active
+        names = [layer.name for layer in self._candidate_layers()]
+        for layer in self._candidate_layers():  # follow renames
+            layer.events.name.disconnect(self._refresh_layers)
+            layer.events.name.connect(self._refresh_layers)
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        elif active is not None and active.name in names:
+            self.layer_combo.setCurrentText(active.name)
+        self.layer_combo.blockSignals(False)
+        self._sync_controls()
+
+    def _sync_controls(self, *args: Any) -> None:
+        running = self.state is WorkerState.RUNNING
+        needs_path = self.weights_combo.currentData() != "default"
+        self.weights_path.setEnabled(needs_path and not running)
+        self.browse_button.setEnabled(needs_path and not running)
+        for control in (
+            self.layer_combo,
+            self.weights_combo,
+            self.device_combo,
+            self.batch_spin,
+            self.scope_combo,
+        ):
+            control.setEnabled(not running)
+        self.run_button.setEnabled(not running and self.layer_combo.count() > 0)
+        self.cancel_button.setEnabled(running)
+
+    def _browse(self) -> None:
+        source = self.weights_combo.currentData()
+        start = self.weights_path.text() or str(Path.home())
+        if source == "zip":
+            path, _ = QFileDialog.getOpenFileName(self, "Checkpoint archive", start, "Checkpoint (*.zip)")
+        else:
+            title = "Training run folder" if source == "run" else "Checkpoint folder"
+            path = QFileDialog.getExistingDirectory(self, title, start)
+        if path:
+            self.weights_path.setText(path)
+
+    def set_weights(self, weights: str | Path) -> None:
+        """Choose the weights: ``"default"``, a checkpoint folder or ``.zip``, or a training run folder.
+
+        Used by the Train widget to hand over a finished run's checkpoint.
+        """
+        if str(weights).strip().lower() == "default":
+            source = "default"
+        else:
+            path = Path(weights)
+            is_checkpoint = (path / "config.json").is_file()
+            source = "zip" if path.suffix.lower() == ".zip" else "checkpoint" if is_checkpoint else "run"
+            self.weights_path.setText(str(path))
+        self.weights_combo.setCurrentIndex(self.weights_combo.findData(source))
+
+    @property
+    def input_layer(self) -> Image | None:
+        """The layer chosen in the input combo box."""
+        name = self.layer_combo.currentText()
+        return next((layer for layer in self._candidate_layers() if layer.name == name), None)
+
+    def settings(self) -> DenoiseSettings:
+        """The current choices, validated (raises :class:`LangMambaError` on a bad one)."""
+        source = self.weights_combo.currentData()
+        if source == "default":
+            weights = "default"
+        else:
+            text = self.weights_path.text().strip()
+            if not text:
+                raise CheckpointError(
+                    f"Choose a {WEIGHT_SOURCES[source].lower()} (Browse...) or pick the bundled default weights."
+                )
+            weights = text
+        resolve_weights(weights)  # cheap: fails here, on the GUI thread, with a clear message
+        layer = self.input_layer
+        if layer is None:
+            raise ConfigError("Choose an image layer to denoise (load a CT first).")
+        scope = self.scope_combo.currentData()
+        slice_index = self._current_slice(layer) if scope == "slice" and layer.ndim == 3 else None
+        return DenoiseSettings(
+            weights=weights,
+            device=self.device_combo.currentText(),
+            batch_size=int(self.batch_spin.value()),
+            scope=scope,
+            slice_index=slice_index,
+        )
+
+    def _current_slice(self, layer: Image) -> int:
+        dims = self.viewer.dims
+        if dims.ndisplay != 2 or tuple(dims.displayed)[-2:] != (dims.ndim - 2, dims.ndim - 1):
+            raise ConfigError(
+                "'Current slice' needs the 2-D axial view (slices along the layer's first axis); "
+                "switch to 2-D and roll the axes back, or denoise the whole volume."
+            )
+        point = np.asarray(dims.point)[-layer.ndim :]
+        z = int(np.round(layer.world_to_data(point)[0]))
+        if not 0 <= z < layer.data.shape[0]:
+            raise ConfigError(
+                f"The viewer's current slice lies outside layer {layer.name!r} "
+                f"(slice {z} of 0..{layer.data.shape[0] - 1}); move the slider onto it."
+            )
+        return z
+
+    # --- running ------------------------------------------------------------------------
+    def run(self) -> GeneratorWorker | None:
+        """Validate the choices and start denoising in a worker (``None`` if refused)."""
+        if self.busy:
+            self.set_status("Already running: cancel first.")
+            return None
+        try:
+            settings = self.settings()
+        except Exception as exc:  # shown to the user; the widget stays usable
+            self.report_error(exc, context="Denoise")
+            return None
+        layer = self.input_layer
+        data = layer.data
+        if settings.slice_index is not None:
+            data = data[settings.slice_index : settings.slice_index + 1]  # (1, y, x): one slice, 3-D
+        self.result_layer = None
+        return self.run_generator(
+            _denoise_job(data, settings),
+            on_returned=lambda result: self._add_result(layer, settings, *result),
+            context="Denoise",
+        )
+
+    def __call__(self) -> GeneratorWorker | None:
+        return self.run()
+
+    def _unique_name(self, base: str) -> str:
+        names = {layer.name for layer in self.viewer.layers}
+        if base not in names:
+            return base
+        n = 2
+        while f"{base} [{n}]" in names:
+            n += 1
+        return f"{base} [{n}]"
+
+    def _add_result(
+        self, layer: Image, settings: DenoiseSettings, hu: np.ndarray, info: dict, seconds: float
+    ) -> None:
+        translate = np.asarray(layer.translate, dtype=float)
+        ct = copy.deepcopy(layer.metadata.get("ct")) if isinstance(layer.metadata.get("ct"), dict) else None
+        if settings.slice_index is not None:
+            z = settings.slice_index
+            # Shift in physical space by slice z of the input (its scale/rotate/shear), undoing
+            # the layer affine that data_to_world also applies.
+            step = np.asarray(layer.data_to_world([z] + [0] * (layer.ndim - 1)), dtype=float)
+            step -= np.asarray(layer.data_to_world([0] * layer.ndim), dtype=float)
+            translate = translate + np.linalg.solve(layer.affine.linear_matrix, step)
+            if ct is not None and "origin" in ct and "spacing" in ct and "direction" in ct:
+                origin = np.asarray(ct["origin"], float)
+                origin = origin + z * float(ct["spacing"][0]) * np.asarray(ct["direction"], float)[0]
+                ct["origin"] = origin.tolist()
+        if ct is not None:
+            ct["source"] = None  # derived data: no file holds it yet
+        metadata = {
+            "denoise": {
+                "model": info,
+                "checkpoint_sha256": info.get("checkpoint_sha256"),
+                "settings": asdict(settings),
+                "input_layer": layer.name,
+                "seconds": round(seconds, 3),
+                "package_version": __version__,
+            }
+        }
+        if ct is not None:
+            metadata["ct"] = ct
+        out = self.viewer.add_image(
+            hu,
+            name=self._unique_name(f"{layer.name} denoised"),
+            scale=layer.scale,
+            translate=translate,
+            rotate=layer.rotate,
+            shear=layer.shear,
+            affine=layer.affine.affine_matrix,
+            units=layer.units,
+            axis_labels=layer.axis_labels,
+            contrast_limits=layer.contrast_limits,
+            colormap=layer.colormap,
+            gamma=layer.gamma,
+            metadata=metadata,
+        )
+        if layer in self.viewer.layers:  # the input may have been closed while we worked
+            self.viewer.layers.link_layers([layer, out], ("contrast_limits",))
+        self.result_layer = out
+        where = "" if settings.slice_index is None else f" (slice {settings.slice_index})"
+        self.set_status(
+            f"Added '{out.name}'{where}: {info.get('kind')} {info.get('preset') or ''} on "
+            f"{info.get('device')} in {seconds:.1f} s."
+        )

@@ -1,0 +1,225 @@
+"""The Denoise dock widget under Xvfb: linked result layers, current slice, cancel, errors."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_langmamba.checkpoint import save_checkpoint
+from napari_langmamba.inference import Denoiser
+from napari_langmamba.widgets._base import WorkerState
+from napari_langmamba.widgets.denoise import DenoiseWidget
+
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny random-init RED-CNN checkpoint."""
+    from napari_langmamba.models.redcnn import REDCNN, REDCNNConfig
+
+    torch.manual_seed(0)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "redcnn", REDCNN(REDCNNConfig.preset("tiny")), kind="redcnn"
+    )
+
+
+def ct_layer_kwargs() -> dict:
+    rng = np.random.default_rng(0)
+    hu = np.where(np.hypot(*np.mgrid[-24:24, -32:32]) < 20, 60.0, -1000.0) + rng.normal(0, 30, (4, 48, 64))
+    ct = {
+        "spacing": [2.5, 0.7, 0.7],
+        "origin": [-100.0, -50.0, -800.0],
+        "direction": [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]],
+        "metadata": {"Modality": "CT", "SeriesDescription": "phantom"},
+        "source": "/data/phantom",
+    }
+    return dict(
+        data=hu.astype(np.float32),
+        name="ct",
+        scale=(2.5, 0.7, 0.7),
+        translate=(-800.0, -50.0, -100.0),
+        contrast_limits=(-160.0, 240.0),
+        metadata={"ct": ct},
+    )
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer, ckpt):
+    Denoiser.clear_cache()
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(**ct_layer_kwargs())
+    widget = DenoiseWidget(viewer)
+    widget.set_weights(ckpt)
+    widget.device_combo.setCurrentText("cpu")
+    widget.batch_spin.setValue(2)
+    return viewer, widget, layer
+
+
+def wait_idle(qtbot, widget: DenoiseWidget) -> None:
+    qtbot.waitUntil(
+        lambda: widget.worker is None and widget.state is not WorkerState.RUNNING, timeout=TIMEOUT_MS
+    )
+
+
+def test_run_adds_a_linked_layer(viewer_widget, qtbot, ckpt):
+    viewer, widget, layer = viewer_widget
+    assert widget.layer_combo.currentText() == "ct"
+    assert widget.weights_combo.currentData() == "checkpoint"
+    widget.run_button.click()
+    wait_idle(qtbot, widget)
+    assert widget.state is WorkerState.DONE, widget.status_label.text()
+
+    assert [lyr.name for lyr in viewer.layers] == ["ct", "ct denoised"]
+    out = viewer.layers["ct denoised"]
+    assert out.data.shape == layer.data.shape and out.data.dtype == np.float32
+    np.testing.assert_allclose(out.scale, layer.scale)
+    np.testing.assert_allclose(out.translate, layer.translate)
+    expected = Denoiser.load(ckpt, device="cpu").denoise(layer.data, batch_size=2)
+    np.testing.assert_array_equal(out.data, expected)  # the same engine, deterministic on CPU
+    assert np.abs(out.data - layer.data).mean() > 1.0
+
+    meta = out.metadata["denoise"]
+    sha = Denoiser.load(ckpt, device="cpu").info["checkpoint_sha256"]
+    assert meta["checkpoint_sha256"] == sha
+    assert meta["model"]["kind"] == "redcnn" and meta["model"]["preset"] == "tiny"
+    assert meta["settings"] == {
+        "weights": str(ckpt),
+        "device": "cpu",
+        "batch_size": 2,
+        "scope": "volume",
+        "slice_index": None,
+        "tile": 512,
+    }
+    assert meta["input_layer"] == "ct"
+    ct = out.metadata["ct"]
+    assert ct["spacing"] == [2.5, 0.7, 0.7] and ct["origin"] == [-100.0, -50.0, -800.0]
+    assert ct["metadata"]["SeriesDescription"] == "phantom"
+
+    # Contrast limits are linked both ways.
+    layer.contrast_limits = (-100.0, 100.0)
+    assert tuple(out.contrast_limits) == (-100.0, 100.0)
+    out.contrast_limits = (-50.0, 150.0)
+    assert tuple(layer.contrast_limits) == (-50.0, 150.0)
+
+    # A second run adds another layer and leaves the first as it was.
+    first = out.data.copy()
+    widget.layer_combo.setCurrentText("ct")
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert [lyr.name for lyr in viewer.layers] == ["ct", "ct denoised", "ct denoised [2]"]
+    np.testing.assert_array_equal(viewer.layers["ct denoised"].data, first)
+
+
+def test_current_slice_gives_a_placed_single_slice_layer(viewer_widget, qtbot, ckpt):
+    viewer, widget, layer = viewer_widget
+    viewer.dims.set_current_step(0, 2)
+    widget.scope_combo.setCurrentIndex(widget.scope_combo.findData("slice"))
+    widget.run()
+    wait_idle(qtbot, widget)
+    out = viewer.layers["ct denoised"]
+    assert out.data.shape == (1, 48, 64)
+    np.testing.assert_allclose(out.translate, [-800.0 + 2 * 2.5, -50.0, -100.0])
+    np.testing.assert_allclose(
+        out.data[0], Denoiser.load(ckpt, device="cpu").denoise(layer.data[2]), atol=1e-4
+    )
+    assert out.metadata["denoise"]["settings"]["slice_index"] == 2
+    # The slice's patient position: origin + 2 * dz along the slice normal (LPS z here).
+    assert out.metadata["ct"]["origin"] == pytest.approx([-100.0, -50.0, -800.0 + 5.0])
+
+
+class GatedModel(torch.nn.Module):
+    """Identity model that runs one batch per permit, so the test controls the worker's pace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.gate = threading.Semaphore(0)
+        self.calls = 0
+
+    def forward(self, x):
+        if not self.gate.acquire(timeout=30):
+            raise RuntimeError("test gate never opened")
+        self.calls += 1
+        return x * self.scale
+
+
+def test_cancel_stops_within_one_batch_and_adds_nothing(viewer_widget, qtbot, monkeypatch):
+    viewer, widget, layer = viewer_widget
+    model = GatedModel()
+    denoiser = Denoiser(model, device="cpu")
+    monkeypatch.setattr(
+        Denoiser, "load", classmethod(lambda cls, weights, *, device="auto", amp=True: denoiser)
+    )
+    before = layer.data.copy()
+    widget.batch_spin.setValue(1)
+
+    widget.run_button.click()
+    assert widget.state is WorkerState.RUNNING
+    assert not widget.run_button.isEnabled() and widget.cancel_button.isEnabled()
+    model.gate.release()  # let exactly one batch through
+    qtbot.waitUntil(lambda: widget.progress_bar.value() == 1, timeout=TIMEOUT_MS)
+    widget.cancel_button.click()
+    model.gate.release(10)  # the worker may finish the batch it is in, never more
+    wait_idle(qtbot, widget)
+
+    assert widget.state is WorkerState.CANCELLED
+    assert model.calls <= 2 < layer.data.shape[0]
+    assert [lyr.name for lyr in viewer.layers] == ["ct"]
+    np.testing.assert_array_equal(layer.data, before)
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_errors_are_reported_and_the_widget_stays_usable(viewer_widget, qtbot, tmp_path, ckpt):
+    viewer, widget, layer = viewer_widget
+    (tmp_path / "not_a_checkpoint").mkdir()
+    widget.set_weights(tmp_path / "not_a_checkpoint")
+    assert widget.run() is None  # refused on the GUI thread, before any worker
+    assert "neither a checkpoint folder" in widget.status_label.text()
+
+    widget.weights_combo.setCurrentIndex(widget.weights_combo.findData("checkpoint"))
+    widget.weights_path.setText("")
+    assert widget.run() is None
+    assert "Choose a checkpoint folder" in widget.status_label.text()
+
+    # An error inside the worker (NaN in the image) fails the run without adding a layer.
+    bad = viewer.add_image(np.full((2, 32, 32), np.nan, np.float32), name="broken")
+    widget.set_weights(ckpt)
+    widget.layer_combo.setCurrentText("broken")
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert widget.state is WorkerState.FAILED
+    assert "NaN" in widget.status_label.text()
+    assert [lyr.name for lyr in viewer.layers] == ["ct", "broken"]
+
+    viewer.layers.remove(bad)
+    assert widget.layer_combo.currentText() == "ct"
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert widget.state is WorkerState.DONE
+    assert "ct denoised" in viewer.layers
+
+
+def test_layer_choices_follow_the_viewer(viewer_widget):
+    viewer, widget, layer = viewer_widget
+    viewer.add_labels(np.zeros((4, 48, 64), np.uint8), name="mask")
+    viewer.add_image(np.zeros((8, 8, 3), np.uint8), name="photo", rgb=True)
+    viewer.add_image(np.zeros((16, 16), np.float32), name="slice")
+    names = [widget.layer_combo.itemText(i) for i in range(widget.layer_combo.count())]
+    assert names == ["ct", "slice"]
+    assert widget.layer_combo.currentText() == "ct"
+    viewer.layers["slice"].name = "renamed"
+    assert "renamed" in [widget.layer_combo.itemText(i) for i in range(widget.layer_combo.count())]
+    viewer.layers.remove("ct")
+    assert widget.input_layer is viewer.layers["renamed"]
+
+
+def test_every_control_has_a_tooltip(viewer_widget):
+    _, widget, _ = viewer_widget
+    missing = [name for name, control in widget.bound_controls.items() if not control.toolTip()]
+    assert missing == []
+    assert {"layer_combo", "weights_combo", "run_button", "cancel_button", "progress_bar"} <= set(widget.bound_controls)
