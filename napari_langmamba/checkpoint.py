@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import json
 import logging
+import lzma
 import math
 import os
 import re
 import shutil
 import struct
 import tempfile
+import threading
 import uuid
 import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -66,6 +71,14 @@ MAX_CONFIG_BYTES = 4 * 2**20
 MAX_WEIGHTS_BYTES = 8 * 2**30
 MAX_HEADER_BYTES = 64 * 2**20
 MAX_ZIP_ENTRIES = 256
+# A zip member inflating more than this many times its compressed size (above 1 MB) is a zip
+# bomb, not weights: float weights barely compress.
+MAX_ZIP_RATIO = 100
+MIN_ZIP_BOMB_BYTES = 2**20
+# Largest codebook a checkpoint may name (PubMedCLIP's is 49408 x 512, about 25 M entries).
+MAX_CODEBOOK_ENTRIES = 2**28
+_DOC_KEYS = ("format_version", "kind", "config", "normalization", "codebook", "storage_dtype", "training",
+             "metrics", "extra", "package_version", "created")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -303,10 +316,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     with _open_checkpoint(path) as source:
         doc = _validate_doc(_parse_json(source.read_config()))
         kind, config = doc["kind"], doc["config"]
-        codebook = _verified_codebook(doc)
-        expected = _expected_tensors(kind, config, codebook)
         header, weights_size = source.read_header()
         stored = _check_header(header, weights_size)
+        codebook = _verified_codebook(doc)
+        # The architecture is built on the meta device (no memory), and a config describing far
+        # more tensors than the weights file holds is stopped while it is being built.
+        expected = _expected_tensors(kind, config, codebook, max_tensors=2 * len(stored) + 256)
         _compare_names(expected, stored, what=f"the weights do not match the {kind} architecture in config.json",
                        storage=doc["storage_dtype"])
         raw = source.read_tensors()
@@ -342,6 +357,13 @@ def build_model(checkpoint: Checkpoint, *, device: str | torch.device | None = N
     return model
 
 
+# What zipfile raises on a damaged, encrypted or exotic archive: a corrupt deflate stream
+# (zlib.error), an encrypted member (RuntimeError), an unknown compression method
+# (NotImplementedError), a corrupt LZMA stream, bad header fields (ValueError, EOFError).
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError,
+                   zlib.error, lzma.LZMAError)
+
+
 class _Source:
     """Reads the two files of a checkpoint from a folder or a zip archive, with size limits."""
 
@@ -360,7 +382,7 @@ class _Source:
             try:
                 self._zip = zipfile.ZipFile(path)
                 self._names = _zip_members(self._zip, path)
-            except (zipfile.BadZipFile, OSError) as exc:
+            except _ARCHIVE_ERRORS as exc:
                 self.close()
                 raise CheckpointError(f"{path} is a damaged zip archive ({exc}).") from exc
             except CheckpointError:
@@ -398,8 +420,8 @@ class _Source:
             else:
                 with open(self.path / name, "rb") as f:
                     data = f.read(want)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise CheckpointError(f"{self.path}: could not read {name} ({exc}).") from exc
+        except _ARCHIVE_ERRORS as exc:
+            raise CheckpointError(f"{self.path}: could not read {name} ({type(exc).__name__}: {exc}).") from exc
         if n is None and len(data) != size:
             raise CheckpointError(f"{self.path}: {name} is damaged (its size does not match).")
         return data
@@ -419,7 +441,7 @@ class _Source:
         raw = self._read(WEIGHTS_NAME, MAX_WEIGHTS_BYTES, 8 + n)[8:]
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"{self.path}: {WEIGHTS_NAME} has a malformed header ({exc}).") from exc
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: {WEIGHTS_NAME} has a malformed header.")
@@ -454,6 +476,11 @@ def _zip_members(zf: zipfile.ZipFile, path: Path) -> dict[str, str]:
             raise CheckpointError(f"{path}: unsafe entry {name!r} in the archive (absolute path or '..'); refusing it.")
         if info.is_dir():
             continue
+        if info.file_size > max(MIN_ZIP_BOMB_BYTES, MAX_ZIP_RATIO * info.compress_size):
+            raise CheckpointError(
+                f"{path}: the archive entry {name!r} inflates from {info.compress_size} to {info.file_size} bytes "
+                f"(a zip bomb?); refusing it."
+            )
         if pure.name in found and len(pure.parts) <= 2:
             found[pure.name].append(name)
     for key, names in found.items():
@@ -469,7 +496,7 @@ def _zip_members(zf: zipfile.ZipFile, path: Path) -> dict[str, str]:
 def _parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{CONFIG_NAME} is not valid JSON ({exc}).") from exc
 
 
@@ -490,6 +517,9 @@ def _validate_doc(doc: Any) -> dict:
     missing = [k for k in required if k not in doc]
     if missing:
         raise fail(f"missing keys {missing}.")
+    unknown = sorted(set(doc) - set(_DOC_KEYS))
+    if unknown:
+        raise fail(f"unknown keys {unknown}; expected a subset of {list(_DOC_KEYS)}.")
     version = doc["format_version"]
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise fail(f"format_version must be a positive integer; got {version!r}.")
@@ -518,6 +548,8 @@ def _validate_doc(doc: Any) -> dict:
             value = codebook[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise fail(f"codebook {key} must be a positive integer; got {value!r}.")
+        if codebook["n"] * codebook["d"] > MAX_CODEBOOK_ENTRIES:
+            raise fail(f"codebook {codebook['n']} x {codebook['d']} is larger than any language model's table.")
     for key in ("training", "metrics", "extra"):
         if doc.get(key) is not None and not isinstance(doc[key], dict):
             raise fail(f"{key} must be an object or null.")
@@ -536,6 +568,12 @@ def _verified_codebook(doc: dict) -> Codebook | None:
     info = doc["codebook"]
     if info is None:
         raise CheckpointError(f"Invalid {CONFIG_NAME}: a {doc['kind']} checkpoint must name its codebook.")
+    size = re.match(r"^\s*random:(\d+)x(\d+)", info["source"])
+    if size is not None and (int(size.group(1)), int(size.group(2))) != (info["n"], info["d"]):
+        # Checked before generating it: the spec alone could ask for any size.
+        raise CheckpointError(
+            f"Codebook mismatch: {CONFIG_NAME} names {info['source']!r} but records a {info['n']} x {info['d']} table."
+        )
     try:
         codebook = load_codebook(info["source"])
     except LangMambaError as exc:
@@ -553,22 +591,64 @@ def _verified_codebook(doc: dict) -> Codebook | None:
     return codebook
 
 
-def _expected_tensors(kind: str, config: dict, codebook: Codebook | None) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Names, shapes and dtypes of the state dict the config describes (built on the meta device)."""
+class _TooManyTensors(Exception):
+    """Raised inside a model build that registers more tensors than allowed."""
+
+
+@contextmanager
+def _tensor_budget(limit: int | None) -> Iterator[None]:
+    """Abort a model build (in this thread) once it registers more than ``limit`` parameters/buffers.
+
+    An untrusted config can describe millions of layers; even on the meta device building them
+    would take hours and gigabytes, so the build is stopped as soon as it outgrows the weights.
+    """
+    if limit is None:
+        yield
+        return
+    from torch.nn.modules import module as torch_module
+
+    thread = threading.get_ident()
+    count = 0
+
+    def hook(module: Any, name: str, value: Any) -> None:
+        nonlocal count
+        if value is not None and threading.get_ident() == thread:
+            count += 1
+            if count > limit:
+                raise _TooManyTensors(count)
+
+    handles = [torch_module.register_module_parameter_registration_hook(hook),
+               torch_module.register_module_buffer_registration_hook(hook)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _expected_tensors(
+    kind: str, config: dict, codebook: Codebook | None, *, max_tensors: int | None = None
+) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Names, shapes and dtypes of the state dict the config describes (built on the meta device).
+
+    Never allocates real weights: an untrusted config is only ever built on the meta device.
+    """
     import torch
 
     from napari_langmamba.models import build_model_from_config
 
     try:
-        try:
-            with torch.device("meta"):
-                model = build_model_from_config(kind, config, codebook=codebook)
-        except (ConfigError, ImportError):
-            raise
-        except Exception:  # some constructors compute values eagerly; build for real instead
+        with torch.device("meta"), _tensor_budget(max_tensors):
             model = build_model_from_config(kind, config, codebook=codebook)
+    except _TooManyTensors as exc:
+        raise CheckpointError(
+            f"The {kind} config describes a model with more than {exc.args[0] - 1} tensors, far more than the "
+            f"weights file holds; the config does not belong to these weights."
+        ) from None
     except ConfigError as exc:
         raise CheckpointError(f"The {kind} config cannot build a model: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - an untrusted config can make any constructor fail
+        raise CheckpointError(f"The {kind} config cannot build a model ({type(exc).__name__}: {exc}).") from exc
     return {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
 
 
@@ -576,21 +656,39 @@ def _check_header(header: dict, data_size: int) -> dict[str, tuple[tuple[int, ..
     """Names, shapes and dtypes from a safetensors header, checking its offsets are consistent."""
     dtypes = _torch_dtypes()
     out: dict[str, tuple[tuple[int, ...], Any]] = {}
+    extents: list[tuple[int, int]] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") not in dtypes:
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{WEIGHTS_NAME}: tensor {name!r} has a malformed header entry {info!r}.")
+        if info.get("dtype") not in dtypes:
             raise CheckpointError(f"{WEIGHTS_NAME}: tensor {name!r} has an unsupported dtype {info!r}.")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
             raise CheckpointError(f"{WEIGHTS_NAME}: tensor {name!r} has an invalid shape {shape!r}.")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             raise CheckpointError(f"{WEIGHTS_NAME}: tensor {name!r} has invalid offsets {offsets!r}.")
         dtype = dtypes[info["dtype"]]
         nbytes = math.prod(shape) * dtype.itemsize
         if not (0 <= offsets[0] <= offsets[1] <= data_size and offsets[1] - offsets[0] == nbytes):
             raise CheckpointError(f"{WEIGHTS_NAME}: tensor {name!r} points outside the file; it is damaged.")
         out[name] = (tuple(shape), dtype)
+        extents.append((offsets[0], offsets[1]))
+    # The format's rule: tensors tile the data section exactly, with no gap, overlap or tail
+    # (so nothing hidden rides along, and the file is no larger than its tensors).
+    position = 0
+    for start, end in sorted(extents):
+        if start != position:
+            raise CheckpointError(
+                f"{WEIGHTS_NAME}: its tensors overlap or leave a gap at byte {position}; the file is damaged."
+            )
+        position = end
+    if position != data_size:
+        raise CheckpointError(
+            f"{WEIGHTS_NAME}: {data_size - position} bytes after the last tensor; the file is damaged or not a "
+            f"plain safetensors file."
+        )
     return out
 
 

@@ -6,6 +6,7 @@ overwriting) and removes the temporary sibling.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -30,18 +31,53 @@ def _prepare_parent(path: Path) -> None:
         raise CTWriteError(f"Cannot create the folder {path.parent} to save {path.name}: {exc}.") from exc
 
 
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in words a user acts on (a full disk is said as such)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({exc.strerror or exc}); free some space and save again"
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return f"the disk is read-only ({exc.strerror or exc}); save somewhere else"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied ({exc.strerror or exc}); save somewhere you may write"
+    if isinstance(exc, OSError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _failure(path: Path, exc: BaseException, *, existed: bool) -> CTWriteError:
+    kept = f"the previous {path.name} is unchanged" if existed else "nothing was written"
+    return CTWriteError(f"Could not save {path}: {_reason(exc)}. {kept[0].upper()}{kept[1:]}.")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or folder's) content to the disk, so a rename never exposes an empty file."""
+    fd = None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+    except OSError as exc:  # some systems cannot open or fsync a folder; the files were flushed
+        if not path.is_dir():
+            raise
+        logger.debug("fsync of folder %s: %s", path, exc)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, *, overwrite: bool, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; on success it replaces ``path``.
 
     ``suffix`` is appended to the temporary name (writers such as nibabel choose the format
     from the file name). Raises :class:`CTWriteError` when ``path`` exists and ``overwrite`` is
-    False, or when ``path`` is a folder.
+    False, when ``path`` is a folder, or when writing fails (the error of the writer, e.g. a
+    full disk, is named; the temporary file is removed and ``path`` is left as it was).
     """
     path = Path(path)
     if path.is_dir():
         raise CTWriteError(f"{path} is a folder; give a file name to save to.")
-    if path.exists() and not overwrite:
+    existed = path.exists()
+    if existed and not overwrite:
         raise CTWriteError(
             f"{path} already exists and was left untouched; choose another name or allow overwriting."
         )
@@ -49,9 +85,13 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool, suffix: str = "") -
     tmp = _sibling(path, "tmp", suffix)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
-    except OSError as exc:
-        raise CTWriteError(f"Could not save {path}: {exc}. Nothing was written.") from exc
+        _fsync(path.parent)
+    except CTWriteError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the writer leaves path as it was
+        raise _failure(path, exc, existed=existed) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -64,10 +104,12 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
 
     An existing empty folder is replaced; a non-empty one (or a file) only with ``overwrite``,
     in which case the old content is moved aside first and deleted only after the new folder
-    is in place.
+    is in place. Any failure (or interruption) removes the temporary folder and leaves
+    ``path`` as it was; failures are raised as :class:`CTWriteError`.
     """
     path = Path(path)
-    if path.exists():
+    existed = path.exists()
+    if existed:
         if path.is_file():
             if not overwrite:
                 raise CTWriteError(
@@ -84,15 +126,21 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
     try:
         tmp.mkdir()
         yield tmp
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
         if path.exists():
             old = _sibling(path, "old")
             os.replace(path, old)
         os.replace(tmp, path)
-    except OSError as exc:
+        _fsync(path.parent)
+    except BaseException as exc:
         if old is not None and old.exists() and not path.exists():
             os.replace(old, path)  # put the previous content back
             old = None
-        raise CTWriteError(f"Could not save {path}: {exc}. Nothing was written.") from exc
+        if isinstance(exc, CTWriteError) or not isinstance(exc, Exception):
+            raise  # our own message, or an interruption (Ctrl-C) that must stay one
+        raise _failure(path, exc, existed=existed) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

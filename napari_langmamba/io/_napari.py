@@ -18,6 +18,8 @@ _MAX_FILES_SNIFFED = 256
 
 
 def _has_dicom_magic(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False  # a named pipe or a device: opening it could block napari
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
+import math
 import os
 import uuid
 import warnings
 from collections.abc import Generator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,11 +159,14 @@ class _Scan:
     not_dicom: list[str]
     unreadable: list[str]
     no_image: list[str]
+    reasons: dict[str, str] = field(default_factory=dict)  # why a file is unreadable, when known
 
 
 def looks_like_dicom(path: str | os.PathLike) -> bool:
     """Cheap test: the ``DICM`` magic at byte 128, or a DICOM file-name suffix."""
     path = Path(path)
+    if not path.is_file():
+        return False  # opening a named pipe or a device would block or never end
     if path.name.lower().endswith(DICOM_SUFFIXES):
         return True
     try:
@@ -173,20 +177,41 @@ def looks_like_dicom(path: str | os.PathLike) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _drop_damaged_elements(ds: Dataset, path: str, depth: int = 0) -> None:
+    """Decode every element now and drop those that cannot be decoded.
+
+    pydicom decodes an element when it is first accessed, so a damaged one (an unknown VR, a
+    value that does not fit its VR) would otherwise fail wherever the reader happens to look
+    at it. Dropped here, it simply reads as absent. Sequence items are checked to the depth
+    the reader looks into (enhanced multi-frame functional groups).
+    """
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+            if element.VR == "SQ" and depth < 4:
+                for item in element.value:
+                    _drop_damaged_elements(item, path, depth + 1)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged values
+            logger.debug("dropped undecodable element %s of %s: %s", tag, path, exc)
+            del ds[tag]
+
+
 def _read_header(path: str) -> Dataset | None:
     """The header of ``path``, None if it is not DICOM; raises OSError/ValueError if corrupt."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
-        pass
-    if not path.lower().endswith(DICOM_SUFFIXES):
-        return None
-    # Old files without the 128-byte preamble: accept only if they parse into an image header.
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception:  # noqa: BLE001 - anything pydicom raises on garbage means "not DICOM"
-        return None
-    return ds if "Rows" in ds and ("SOPClassUID" in ds or "Modality" in ds) else None
+        if not path.lower().endswith(DICOM_SUFFIXES):
+            return None
+        # Old files without the 128-byte preamble: accept only if they parse into an image header.
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:  # noqa: BLE001 - anything pydicom raises on garbage means "not DICOM"
+            return None
+        _drop_damaged_elements(ds, path)
+        return ds if "Rows" in ds and ("SOPClassUID" in ds or "Modality" in ds) else None
+    _drop_damaged_elements(ds, path)
+    return ds
 
 
 def _is_image_storage(ds: Dataset) -> bool:
@@ -222,6 +247,17 @@ def _group_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
     return _first_item(shared[0], keyword) if shared else None
 
 
+def _optional_int(ds: Dataset | None, keyword: str) -> int | None:
+    """An integer header value; None when absent, empty, multi-valued or not a whole number."""
+    if ds is None or keyword not in ds or ds.get(keyword) in (None, ""):
+        return None
+    try:
+        value = float(ds.get(keyword))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(value) if math.isfinite(value) and value == int(value) else None
+
+
 def _optional_float(ds: Dataset | None, keyword: str) -> float | None:
     if ds is None or keyword not in ds or ds.get(keyword) in (None, ""):
         return None
@@ -238,16 +274,36 @@ def _spacing_pair(value: Any) -> tuple[float, float] | None:
 
 
 def _frames_of(path: str, ds: Dataset) -> list[_Frame]:
-    """The 2-D images of one file with their own geometry and rescale."""
-    n_frames = int(ds.get("NumberOfFrames") or 1)
-    instance = ds.get("InstanceNumber")
+    """The 2-D images of one file with their own geometry and rescale.
+
+    Raises CTReadError when the header's frame count is not a positive number, or more frames
+    than the file can hold (checked before one record per frame is made).
+    """
+    n_frames = 1 if ds.get("NumberOfFrames") in (None, "") else _optional_int(ds, "NumberOfFrames")
+    rows, columns = _optional_int(ds, "Rows") or 0, _optional_int(ds, "Columns") or 0
+    if n_frames is None or n_frames < 1:
+        raise CTReadError(f"its NumberOfFrames {ds.get('NumberOfFrames')!r} is not a positive whole number")
+    # A lying frame count is stopped here, before one record per frame is made: the pixel data
+    # must fit in the file (compressed: an 8-byte item per frame, and the compression-ratio rule
+    # of _check_file). A single frame is checked, with a more specific message, in _check_file.
+    size = os.path.getsize(path)
+    pixel_bytes = _expected_bytes_of(ds, rows, columns, n_frames)
+    if _is_native(_transfer_syntax(ds)):
+        fits = pixel_bytes <= size
+    else:
+        fits = n_frames * 8 <= size and pixel_bytes <= max(MIN_SUSPICIOUS_BYTES, MAX_COMPRESSION_RATIO * size)
+    if n_frames > 1 and not fits:
+        raise CTReadError(
+            f"its header describes {n_frames} frame(s) of {rows} x {columns} pixels, more than its {size} bytes "
+            f"can hold: the header is corrupt"
+        )
     common = {
         "path": path,
         "n_frames": n_frames,
         "header": ds,
-        "rows": int(ds.get("Rows") or 0),
-        "columns": int(ds.get("Columns") or 0),
-        "instance": int(instance) if instance not in (None, "") else None,
+        "rows": rows,
+        "columns": columns,
+        "instance": _optional_int(ds, "InstanceNumber"),
         "sop_uid": str(ds.get("SOPInstanceUID", "") or ""),
     }
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
@@ -300,7 +356,8 @@ def _candidate_files(path: Path) -> list[str]:
     files = []
     for root, dirs, names in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(os.path.join(root, n) for n in sorted(names))
+        # Regular files only: reading a named pipe blocks and a device (a link to /dev/zero) never ends.
+        files.extend(p for p in (os.path.join(root, n) for n in sorted(names)) if os.path.isfile(p))
     return files
 
 
@@ -310,6 +367,8 @@ def _check_path(path: str | os.PathLike) -> Path:
         raise CTReadError(f"{path} does not exist; check the path (and that the drive is mounted).")
     if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
         raise CTReadError(f"{path} cannot be read: permission denied. Ask for read access or copy it elsewhere.")
+    if not path.is_dir() and not path.is_file():
+        raise CTReadError(f"{path} is not a regular file (a pipe, socket or device); choose a DICOM file or folder.")
     return path
 
 
@@ -341,7 +400,12 @@ def iter_scan(path: str | os.PathLike | Sequence[str | os.PathLike]) -> Generato
                 else:
                     scan.no_image.append(file)  # DICOMDIR, structured reports, RT plans ...
             else:
-                scan.frames.extend(_frames_of(file, ds))
+                try:
+                    scan.frames.extend(_frames_of(file, ds))
+                except CTReadError as exc:
+                    logger.debug("impossible DICOM header in %s: %s", file, exc)
+                    scan.unreadable.append(file)
+                    scan.reasons[file] = str(exc)
         if n % 16 == 0 or n == len(files):
             yield Progress(n, len(files), f"Reading DICOM headers ({n} of {len(files)} files)")
     return scan
@@ -365,7 +429,11 @@ def _no_images_error(scan: _Scan, where: str) -> CTReadError:
     if scan.n_files == 1:
         name = Path(where).name
         if scan.unreadable:
-            return CTReadError(f"{name} is a corrupt or truncated DICOM file; copy it again from the archive.")
+            reason = scan.reasons.get(scan.unreadable[0])
+            return CTReadError(
+                f"{name} is a corrupt or truncated DICOM file{f' ({reason})' if reason else ''}; copy it again "
+                f"from the archive."
+            )
         if scan.no_image:
             return CTReadError(f"{name} is a DICOM file without an image (e.g. a DICOMDIR or a report).")
         return CTReadError(
@@ -378,7 +446,9 @@ def _no_images_error(scan: _Scan, where: str) -> CTReadError:
     if scan.no_image:
         details.append(f"{len(scan.no_image)} DICOM file(s) without an image")
     if scan.unreadable:
-        details.append(f"{len(scan.unreadable)} corrupt or truncated DICOM file(s)")
+        first = scan.unreadable[0]
+        reason = f", e.g. {Path(first).name}: {scan.reasons[first]}" if first in scan.reasons else ""
+        details.append(f"{len(scan.unreadable)} corrupt or truncated DICOM file(s){reason}")
     if details:
         parts.append(f" (it holds {', '.join(details)})")
     parts.append(". Choose the folder that holds the CT slices, or a NIfTI/.npy file.")
@@ -630,11 +700,23 @@ def _packages_for(syntax: UID) -> str:
     return "pylibjpeg with its plugins (pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg)"
 
 
+def _is_native(syntax: UID) -> bool:
+    """True for uncompressed pixel data (its size is known); False for compressed, deflated or unknown."""
+    if not syntax.is_transfer_syntax:  # a damaged or private UID: nothing can be assumed
+        return False
+    return not (syntax.is_compressed or syntax.is_deflated)
+
+
 def _check_decoders(syntaxes: Iterable[UID]) -> None:
     """Fail before decoding anything when a transfer syntax has no working decoder."""
     from pydicom.pixels import get_decoder
 
     for syntax in syntaxes:
+        if not syntax.is_transfer_syntax:
+            raise CTReadError(
+                f"The file meta header gives the transfer syntax {str(syntax)!r}, which is not a DICOM transfer "
+                f"syntax; the header is damaged or the file uses a private encoding. Re-export the series."
+            )
         try:
             decoder = get_decoder(syntax)
         except NotImplementedError:
@@ -650,11 +732,14 @@ def _check_decoders(syntaxes: Iterable[UID]) -> None:
             )
 
 
+def _expected_bytes_of(header: Dataset, rows: int, columns: int, n_frames: int) -> int:
+    bits = _optional_int(header, "BitsAllocated") or 16
+    samples = _optional_int(header, "SamplesPerPixel") or 1
+    return rows * columns * n_frames * max(samples, 1) * max(bits, 1) // 8
+
+
 def _expected_bytes(frame: _Frame) -> int:
-    header = frame.header
-    bits = int(header.get("BitsAllocated") or 16)
-    samples = int(header.get("SamplesPerPixel") or 1)
-    return frame.rows * frame.columns * frame.n_frames * samples * max(bits, 1) // 8
+    return _expected_bytes_of(frame.header, frame.rows, frame.columns, frame.n_frames)
 
 
 def _check_file(frame: _Frame) -> None:
@@ -662,7 +747,7 @@ def _check_file(frame: _Frame) -> None:
     path = frame.path
     header = frame.header
     name = Path(path).name
-    if int(header.get("SamplesPerPixel") or 1) != 1:
+    if (_optional_int(header, "SamplesPerPixel") or 1) != 1:
         raise CTReadError(f"{name} is a colour image ({header.get('SamplesPerPixel')} samples per pixel), not CT.")
     if frame.rows <= 0 or frame.columns <= 0:
         raise CTReadError(f"{name} has an empty image ({frame.rows} x {frame.columns} pixels); the header is damaged.")
@@ -672,13 +757,14 @@ def _check_file(frame: _Frame) -> None:
     except OSError as exc:
         raise CTReadError(f"{name} cannot be read: {exc}.") from exc
     syntax = _transfer_syntax(header)
-    if not syntax.is_compressed and size < expected:
+    packed = not _is_native(syntax)  # the file may be far smaller than its pixels
+    if not packed and size < expected:
         raise CTReadError(
             f"{name} is truncated: its header describes {frame.n_frames} frame(s) of {frame.rows} x "
             f"{frame.columns} pixels ({expected} bytes) but the file has only {size} bytes. Copy the file "
             f"again from the archive."
         )
-    if syntax.is_compressed and expected > max(MIN_SUSPICIOUS_BYTES, MAX_COMPRESSION_RATIO * size):
+    if packed and expected > max(MIN_SUSPICIOUS_BYTES, MAX_COMPRESSION_RATIO * size):
         raise CTReadError(
             f"{name} claims {frame.n_frames} frame(s) of {frame.rows} x {frame.columns} pixels "
             f"({expected / 2**20:.0f} MB) in a {size / 2**10:.0f} KB file; the header is corrupt."
@@ -816,8 +902,15 @@ def iter_read_dicom(
                 cache[frame.path] = pixels
         slope = 1.0 if frame.slope is None else frame.slope
         intercept = 0.0 if frame.intercept is None else frame.intercept
-        np.multiply(pixels[frame.frame], np.float32(slope), out=hu[k], casting="unsafe")
-        hu[k] += np.float32(intercept)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(pixels[frame.frame], np.float32(slope), out=hu[k], casting="unsafe")
+            hu[k] += np.float32(intercept)
+        if not np.all(np.isfinite(hu[k])):
+            raise CTReadError(
+                f"Slice {k + 1} of series {description!r} ({Path(frame.path).name}) has RescaleSlope {slope:g} and "
+                f"RescaleIntercept {intercept:g}, which put its values beyond any Hounsfield unit; the header is "
+                f"damaged."
+            )
         yield Progress(k + 1, n, f"Reading slice {k + 1} of {n}")
 
     metadata = _metadata(frames, geometry)

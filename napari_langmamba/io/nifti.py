@@ -9,7 +9,9 @@ inverse, so a volume survives a write/read round trip unchanged. See :mod:`napar
 from __future__ import annotations
 
 import logging
+import math
 import os
+import struct
 import zlib
 from collections.abc import Generator
 from pathlib import Path
@@ -24,6 +26,11 @@ from napari_langmamba.io.volume import CTVolume, SeriesInfo, warn
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# A compressed file whose header claims this many times more voxel data than the file's size,
+# and more than this many bytes, is taken as a corrupt header rather than allocated (the rule
+# the DICOM reader uses for compressed pixel data).
+MAX_COMPRESSION_RATIO = 1000
+MIN_SUSPICIOUS_BYTES = 64 * 2**20
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _LPS_AXCODES = ("L", "P", "S")
 
@@ -40,18 +47,59 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _load(path: Path):
-    import nibabel as nib
+def _nibabel_errors() -> tuple[type[Exception], ...]:
+    """What nibabel raises on a damaged file; its exceptions share no base class."""
     from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError, HeaderTypeError, ImageDataError
+
+    # ValueError covers numpy.linalg.LinAlgError (e.g. a quaternion nibabel cannot turn into an affine).
+    return (ImageFileError, HeaderDataError, HeaderTypeError, ImageDataError, OSError, EOFError, zlib.error,
+            ValueError, OverflowError, struct.error)
+
+
+def _load(path: Path):
+    """The nibabel image at ``path`` (header parsed, no voxel data read)."""
+    import nibabel as nib
 
     if not path.is_file():
         raise CTReadError(f"{path} does not exist or is not a file; check the path.")
     if not os.access(path, os.R_OK):
         raise CTReadError(f"{path} cannot be read: permission denied.")
     try:
-        return nib.load(str(path))
-    except (ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+        img = nib.load(str(path))
+        img.affine  # noqa: B018 - computed from the header here, so a damaged one fails as a read error
+    except _nibabel_errors() as exc:
         raise CTReadError(f"{path.name} is not a readable NIfTI file ({exc}); it may be corrupt or truncated.") from exc
+    return img
+
+
+def _check_data_size(path: Path, img, shape: tuple[int, int, int]) -> None:
+    """Refuse, before anything is allocated, a header that claims more voxel data than the file holds."""
+    dtype = img.get_data_dtype()
+    expected = math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    offset = int(getattr(img.dataobj, "offset", 0) or 0)
+    if path.name.lower().endswith(".gz"):
+        if expected > max(MIN_SUSPICIOUS_BYTES, MAX_COMPRESSION_RATIO * size):
+            raise CTReadError(
+                f"{path.name} claims {shape[0]} x {shape[1]} x {shape[2]} voxels of {dtype} "
+                f"({expected / 2**20:.0f} MB) in a {size / 2**10:.0f} KB file; the header is corrupt."
+            )
+        # nibabel zero-fills a buffer of the claimed size before reading the stream: above a
+        # modest size, make sure the stream really holds that much first (one decompression
+        # pass in 1 MB pieces, stopping as soon as enough was seen).
+        if expected > MIN_SUSPICIOUS_BYTES and not _gzip_holds(path, offset + expected):
+            raise CTReadError(
+                f"{path.name} is truncated or corrupt: its header describes {shape[0]} x {shape[1]} x {shape[2]} "
+                f"voxels of {dtype} ({expected / 2**20:.0f} MB) but the compressed data ends or breaks before "
+                f"that. Copy it again."
+            )
+        return
+    if offset + expected > size:
+        raise CTReadError(
+            f"{path.name} is truncated: its header describes {shape[0]} x {shape[1]} x {shape[2]} voxels of "
+            f"{dtype} ({expected} bytes from byte {offset}) but the file has only {size} bytes. Copy it again."
+        )
 
 
 def _shape3(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -71,11 +119,31 @@ def _shape3(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
     return tuple(squeezed)  # type: ignore[return-value]
 
 
-def _reorientation(affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _gzip_holds(path: Path, n_bytes: int) -> bool:
+    """Whether the gzip stream at ``path`` decompresses to at least ``n_bytes`` without an error."""
+    import gzip
+
+    remaining = n_bytes
+    try:
+        with gzip.open(path, "rb") as fh:
+            while remaining > 0:
+                chunk = fh.read(min(remaining, 2**20))
+                if not chunk:
+                    return False
+                remaining -= len(chunk)
+    except (OSError, EOFError, zlib.error):  # a truncated or damaged stream
+        return False
+    return True
+
+
+def _reorientation(path: Path, affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """``(transform, new_affine)``: flips/permutations taking voxel axes to L, P, S."""
     from nibabel import orientations
 
+    _geometry(path, affine)  # a NaN or singular affine has no orientation: refuse it first
     current = orientations.io_orientation(affine)
+    if np.any(np.isnan(current)):  # an axis so short next to the others that it has no direction
+        raise CTReadError(f"{path.name} has a degenerate affine (an axis of almost zero length): {affine.tolist()}.")
     transform = orientations.ornt_transform(current, orientations.axcodes2ornt(_LPS_AXCODES))
     new_affine = affine @ orientations.inv_ornt_aff(transform, shape)
     return transform, new_affine
@@ -107,11 +175,12 @@ def iter_read_nifti(path: str | os.PathLike) -> Generator[Progress, None, CTVolu
             f"{path.name} stores {dtype} values (e.g. colour or complex data); a CT volume holds one number "
             f"per voxel in HU."
         )
-    transform, affine = _reorientation(img.affine, shape)
+    transform, affine = _reorientation(path, img.affine, shape)
     spacing, origin, direction = _geometry(path, affine)
+    _check_data_size(path, img, shape)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope/scl_inter
-    except (OSError, EOFError, zlib.error, ValueError) as exc:
+    except _nibabel_errors() as exc:
         raise CTReadError(f"The image data of {path.name} could not be read ({exc}); the file may be truncated.") from exc
     except MemoryError as exc:
         raise CTReadError(f"Not enough memory to read {path.name} ({np.prod(shape) * 4 / 2**30:.1f} GB).") from exc
@@ -137,7 +206,7 @@ def nifti_series_info(path: str | os.PathLike) -> SeriesInfo:
     path = Path(path)
     img = _load(path)
     shape = _shape3(path, tuple(int(n) for n in img.shape))
-    transform, affine = _reorientation(img.affine, shape)
+    transform, affine = _reorientation(path, img.affine, shape)
     spacing, _, _ = _geometry(path, affine)
     i, j, k = (shape[int(axis)] for axis in transform[:, 0].argsort())
     return SeriesInfo(

@@ -7,6 +7,7 @@ the axial one of :mod:`napari_langmamba.io`. Files are opened with ``allow_pickl
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Generator
 from pathlib import Path
@@ -35,34 +36,78 @@ def _layout_offset(npy_layout: str) -> float:
     return NPY_LAYOUTS[key]
 
 
+def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, data offset)`` from an .npy header, parsed without unpickling or allocating."""
+    import tokenize
+
+    from numpy.lib import format as npy_format
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(6) != npy_format.MAGIC_PREFIX:
+                kind = "a NumPy .npz archive" if path.stat().st_size and _starts_with_zip(path) else "not a .npy array"
+                raise CTReadError(f"{path.name} is {kind}; save one HU array with numpy.save as .npy.")
+            fh.seek(0)
+            version = npy_format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran_order, dtype = npy_format.read_array_header_1_0(fh)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran_order, dtype = npy_format.read_array_header_2_0(fh)
+            else:
+                raise CTReadError(f"{path.name} uses .npy format version {version}, which this NumPy cannot read.")
+            offset = fh.tell()
+    except CTReadError:
+        raise
+    except (ValueError, SyntaxError, tokenize.TokenError, RecursionError, TypeError, EOFError, OSError) as exc:
+        # numpy parses the header as a Python literal: a damaged one raises any of these.
+        raise CTReadError(f"{path.name} is not a readable .npy file: its header is damaged ({exc}).") from exc
+    return tuple(shape), dtype, offset
+
+
+def _starts_with_zip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
 def _open(path: Path) -> np.ndarray:
-    """The array memory-mapped (nothing read yet), validated for rank and dtype."""
+    """The array memory-mapped (nothing read yet), validated for rank, dtype and size."""
     if not path.is_file():
         raise CTReadError(f"{path} does not exist or is not a file; check the path.")
     if not os.access(path, os.R_OK):
         raise CTReadError(f"{path} cannot be read: permission denied.")
+    shape, dtype, offset = _read_header(path)
+    # Checked on the header, before mapping: object arrays would need pickle, and a shape the
+    # file cannot hold is a damaged header, not a reason to map or allocate gigabytes.
+    if dtype.kind not in "iuf" or dtype.hasobject:
+        raise CTReadError(
+            f"{path.name} is not a plain numeric .npy array: it holds {dtype} values, and a CT array holds "
+            f"numbers in HU (integer or float), not booleans, complex numbers, text or objects."
+        )
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in shape):
+        raise CTReadError(f"{path.name} is not a readable .npy file: its header gives the shape {shape!r}.")
+    if len(shape) not in (2, 3) or 0 in shape:
+        raise CTReadError(
+            f"{path.name} holds an array of shape {shape}; expected a 2-D slice (y, x) or a 3-D "
+            f"volume (z, y, x) in HU."
+        )
+    expected = math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    if offset + expected > size:
+        raise CTReadError(
+            f"{path.name} is truncated: its header describes an array of shape {shape} ({dtype}, {expected} "
+            f"bytes) but the file holds only {max(size - offset, 0)} bytes of data. Save the array again."
+        )
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
-        # Object arrays cannot be memory-mapped and need pickle: refuse them.
         raise CTReadError(
             f"{path.name} is not a plain numeric .npy array ({exc}); save the HU values as a float or "
             f"integer array."
         ) from exc
     except (OSError, EOFError) as exc:
         raise CTReadError(f"{path.name} is not a readable .npy file ({exc}); it may be corrupt or truncated.") from exc
-    if not isinstance(array, np.ndarray):
-        raise CTReadError(f"{path.name} holds several arrays (an .npz archive?); save one HU array as .npy.")
-    if array.dtype.kind not in "iuf":
-        raise CTReadError(
-            f"{path.name} holds {array.dtype} values; a CT array holds numbers in HU (integer or float), "
-            f"not booleans, complex numbers, text or objects."
-        )
-    if array.ndim not in (2, 3) or 0 in array.shape:
-        raise CTReadError(
-            f"{path.name} holds an array of shape {array.shape}; expected a 2-D slice (y, x) or a 3-D "
-            f"volume (z, y, x) in HU."
-        )
+    if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
+        raise CTReadError(f"{path.name} changed while it was read, or is not a single .npy array.")
     return array
 
 

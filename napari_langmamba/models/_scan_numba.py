@@ -97,7 +97,7 @@ def _sigmoid(x):
     return _F32(1.0) / (_F32(1.0) + _exp(-x))
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+@njit(parallel=True, nogil=True, fastmath=True, error_model="numpy", cache=True)
 def scan_forward(u, delta, bias, softplus, At, B, C, Dv, y, h_chunks, nb, ng, seqlen, dg, n, blk, chunk):
     """y = scan(u, dt, A, B, C) + D * u; optionally store the state before every chunk.
 
@@ -158,7 +158,7 @@ def scan_forward(u, delta, bias, softplus, At, B, C, Dv, y, h_chunks, nb, ng, se
             y[o : o + w] = acc
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+@njit(parallel=True, nogil=True, fastmath=True, error_model="numpy", cache=True)
 def scan_backward(
     u,
     delta,
@@ -320,7 +320,7 @@ def scan_backward(
         dD_part[bi * d + c0 : bi * d + c0 + w] = dD_acc
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+@njit(parallel=True, nogil=True, fastmath=True, error_model="numpy", cache=True)
 def es2d_forward(x, order, xdbl, WdtT, bias, At, Dv, y, nb, nk, seqlen, dg, npix, r, n, blk):
     """Fused ES2D scan for inference: image order in and out, step computed in place.
 
@@ -387,7 +387,7 @@ def es2d_forward(x, order, xdbl, WdtT, bias, At, Dv, y, nb, nk, seqlen, dg, npix
                 y[o + j] = acc[j]
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+@njit(parallel=True, nogil=True, fastmath=True, error_model="numpy", cache=True)
 def norm_gate(y, z, weight, bias, eps, rows, d):
     """In place, per row of d channels: y = LayerNorm(y) * silu(z) (ESSM's output gate).
 
