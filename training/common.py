@@ -1,0 +1,354 @@
+"""Options and set-up shared by the model-training stages (``langae``, ``seed``).
+
+Each stage's options dataclass extends :class:`TrainOptions`; :func:`add_train_arguments`
+declares the shared flags (through :func:`training.config.add_option`, so a config file can set
+them too) and :func:`start` does the common set-up: process group, device, seeds, logging on
+non-zero ranks, and the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from napari_langmamba.errors import ConfigError
+from training.config import add_config_argument, add_option
+from training.distributed import AMP_CHOICES, DistContext, init_distributed
+from training.runs import RunFolder, seed_everything
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SubsetSource",
+    "TrainOptions",
+    "add_train_arguments",
+    "command_line",
+    "crop_to_multiple",
+    "default_of",
+    "file_sha256",
+    "parse_window",
+    "sharded_means",
+    "split_source",
+    "start",
+]
+
+PRESET_CHOICES = ("tiny", "lite", "paper")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions:
+    """Options every model-training stage has (defaults are the documented defaults)."""
+
+    data: tuple[Path, ...] = ()
+    output: Path | None = None
+    val_data: tuple[Path, ...] = ()
+    val_fraction: float = 0.1
+    val_max_images: int = 32
+    preset: str = "paper"
+    epochs: int = 100
+    steps_per_epoch: int = 0
+    batch_size: int = 4
+    patch_size: int = 256
+    repeat: int = 1
+    workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    deterministic: bool = False
+    window: str = "abdomen"
+    log_every: int = 10
+    checkpoint_every: int = 500
+    resume: bool = False
+    progress: bool = True
+    stop_at_step: int | None = None
+    debug_nan_at_step: int | None = None
+
+    def __post_init__(self) -> None:
+        data = (self.data,) if isinstance(self.data, (str, os.PathLike)) else tuple(self.data or ())
+        object.__setattr__(self, "data", tuple(Path(os.fspath(p)).expanduser() for p in data))
+        val = (self.val_data,) if isinstance(self.val_data, (str, os.PathLike)) else tuple(self.val_data or ())
+        object.__setattr__(self, "val_data", tuple(Path(os.fspath(p)).expanduser() for p in val))
+        if self.output is not None and not isinstance(self.output, Path):
+            object.__setattr__(self, "output", Path(os.fspath(self.output)).expanduser())
+        if self.output is None:
+            raise ConfigError("--output is required: the run folder to write (config, metrics.jsonl, checkpoints).")
+        if self.preset not in PRESET_CHOICES:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESET_CHOICES)}; got {self.preset!r}.")
+        if self.amp not in AMP_CHOICES:
+            raise ConfigError(f"--amp must be one of {', '.join(AMP_CHOICES)}; got {self.amp!r}.")
+        positive = ("epochs", "batch_size", "log_every", "val_max_images", "repeat")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}.")
+        for name in ("steps_per_epoch", "workers", "checkpoint_every", "patch_size"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}.")
+        if self.patch_size and self.patch_size % 16:
+            raise ConfigError(
+                f"--patch-size must be a multiple of 16 (the encoder downsamples by 16); got {self.patch_size}."
+            )
+        if not 0.0 <= float(self.val_fraction) < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1); got {self.val_fraction}.")
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of option ``name`` in options dataclass ``cls`` (for help texts)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default
+    raise KeyError(name)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, cls: type[TrainOptions]) -> None:
+    """Declare the shared flags of :class:`TrainOptions` (with ``cls``'s defaults in the help)."""
+
+    def d(name: str) -> Any:
+        return default_of(cls, name)
+
+    add_config_argument(parser)
+    data = parser.add_argument_group("data")
+    add_option(data, "--val-data", type=Path, nargs="+", metavar="PATH",
+               help="validation data in the same layout as --data (default: split off --val-fraction of --data)")
+    add_option(data, "--val-fraction", type=float, metavar="F",
+               help=f"fraction of the --data slices held out for validation when --val-data is not given "
+                    f"(the last ones, in --data order); 0 disables validation (default {d('val_fraction')})")
+    add_option(data, "--val-max-images", type=int, metavar="N",
+               help=f"validate on at most N slices per epoch (default {d('val_max_images')})")
+    add_option(data, "--patch-size", type=int, metavar="PX",
+               help=f"train on random PX x PX crops (multiple of 16; 0 = whole slices). Crops make CPU "
+                    f"training practical (default {d('patch_size')})")
+    add_option(data, "--repeat", type=int, metavar="N",
+               help=f"random crops per slice per epoch (default {d('repeat')})")
+    add_option(data, "--workers", type=int, metavar="N",
+               help=f"data-loading worker processes per training process (default {d('workers')})")
+
+    loop = parser.add_argument_group("training loop")
+    add_option(loop, "--output", type=Path, metavar="DIR",
+               help="run folder: config.json, metrics.jsonl, last/ and best/ checkpoints, summary.json (required)")
+    add_option(loop, "--preset", choices=PRESET_CHOICES,
+               help=f"model size: tiny (tests), lite (CPU-friendly), paper (published setting) (default {d('preset')})")
+    add_option(loop, "--epochs", type=int, metavar="N", help=f"passes over the training data (default {d('epochs')})")
+    add_option(loop, "--steps-per-epoch", type=int, metavar="N",
+               help=f"cap each epoch at N optimizer steps (0 = a full pass) (default {d('steps_per_epoch')})")
+    add_option(loop, "--batch-size", type=int, metavar="N",
+               help=f"images per step and process (default {d('batch_size')})")
+    add_option(loop, "--seed", type=int, metavar="N",
+               help=f"random seed of initialisation, data order and crops (default {d('seed')})")
+    add_option(loop, "--device", metavar="DEV",
+               help=f"auto, cpu, cuda or cuda:N; under torchrun each process uses cuda:LOCAL_RANK "
+                    f"(default {d('device')})")
+    add_option(loop, "--amp", choices=AMP_CHOICES,
+               help=f"mixed precision on CUDA: auto (bf16 if supported, else fp16 with loss scaling), off, "
+                    f"bf16, fp16; CPU always trains in float32 (default {d('amp')})")
+    add_option(loop, "--deterministic", action=argparse.BooleanOptionalAction,
+               help="use deterministic algorithms only (slower on CUDA; CPU runs are deterministic anyway) "
+                    f"(default {d('deterministic')})")
+    add_option(loop, "--window", metavar="NAME",
+               help=f"HU window of the validation metrics: a preset name or LOWER,UPPER (default {d('window')})")
+    add_option(loop, "--log-every", type=int, metavar="N",
+               help=f"write a metrics.jsonl record every N steps (default {d('log_every')})")
+    add_option(loop, "--checkpoint-every", type=int, metavar="N",
+               help=f"write the last/ checkpoint every N steps, besides every epoch end and on stop "
+                    f"(0 = epoch ends only) (default {d('checkpoint_every')})")
+    add_option(loop, "--resume", action="store_true",
+               help="continue the run in --output exactly where its last/ checkpoint left it (model, "
+                    "optimizer, schedule, RNG, position in the epoch); give the same options as the first time")
+    add_option(loop, "--progress", action=argparse.BooleanOptionalAction,
+               help="show a progress bar on the console (rank 0, terminals only) (default on)")
+
+    debug = parser.add_argument_group("testing hooks")
+    add_option(debug, "--stop-at-step", type=int, metavar="N",
+               help="stop after step N exactly as SIGTERM would (checkpoint, exit 0); for tests and "
+                    "scripted schedules")
+    add_option(debug, "--debug-nan-at-step", type=int, metavar="N",
+               help="pretend the loss of step N is NaN, to exercise the non-finite-loss guard")
+
+
+_RUN_CONTROL = ("resume", "stop_at_step", "debug_nan_at_step", "progress")
+
+
+def command_line(stage: str, options: Any, *, flags: dict[str, str] | None = None) -> str:
+    """A command that repeats this training run (recorded in checkpoints).
+
+    Built from the *resolved* options (defaults < config file < flags), so it is complete even
+    when a config file or the Python API started the run; options at their default and the
+    run-control flags (``--resume``, test hooks) are left out.
+    """
+    flags = flags or {}
+    words = ["python", "-m", "training", stage]
+    for f in dataclasses.fields(options):
+        if f.name in _RUN_CONTROL:
+            continue
+        value = getattr(options, f.name)
+        if value == f.default or value is None or value == ():
+            continue
+        flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (tuple, list)):
+            words += [flag, *(os.fspath(v) if isinstance(v, os.PathLike) else str(v) for v in value)]
+        else:
+            words += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of a checkpoint folder's ``model.safetensors`` + ``config.json``."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path / "model.safetensors", path / "config.json"] if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _warn_changed_options(before: dict, now: dict) -> None:
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if k not in _RUN_CONTROL and before.get(k) != now.get(k)]
+    if changed:
+        logger.warning("resuming with options that differ from the run's config.json (%s); the model, optimizer "
+                       "and schedule continue from the checkpoint as they were", "; ".join(changed))
+
+
+def start(options: TrainOptions, *, stage: str, config: dict) -> tuple[DistContext, RunFolder]:
+    """Common set-up of a training stage; call at the top of ``main`` and ``shutdown`` at the end.
+
+    Joins torchrun's process group (if any), quiets non-zero ranks, seeds every RNG with
+    ``seed + rank``, and prepares the run folder (``config.json``, or checks ``--resume``).
+    """
+    ctx = init_distributed(options.device)
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    if options.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(options.seed + ctx.rank)
+    run = RunFolder(options.output, stage=stage, is_main=ctx.is_main)
+    if ctx.is_main:
+        run.prepare(config, resume=options.resume)
+        if options.resume:
+            _warn_changed_options(run.stored_config().get("options") or {}, config.get("options") or {})
+    from training.distributed import barrier
+
+    barrier(ctx)  # other ranks wait until the folder exists (and see errors as a broken group)
+    if not ctx.is_main and options.resume and not (run.last_dir / "training_state.json").is_file():
+        raise ConfigError(f"--resume: {run.path} holds no resumable checkpoint.")
+    logger.info("%s: %s, %d process(es), device %s, run folder %s", stage, "resuming" if options.resume else
+                "starting", ctx.world_size, ctx.device, run.path)
+    return ctx, run
+
+
+def parse_window(text: str) -> str | tuple[float, float]:
+    """A ``--window`` value: a preset name, or ``LOWER,UPPER`` in HU."""
+    if "," in text:
+        lower, _, upper = text.partition(",")
+        try:
+            return float(lower), float(upper)
+        except ValueError as exc:
+            raise ConfigError(f"--window {text!r}: use a preset name or LOWER,UPPER in HU.") from exc
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# data helpers
+
+
+class SubsetSource:
+    """The slices ``indices`` of a pair or slice source of :mod:`training.datasets`."""
+
+    def __init__(self, source: Any, indices: Sequence[int]) -> None:
+        self.source = source
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def key(self, index: int) -> str:
+        return self.source.key(self.indices[index])
+
+    def pair_hu(self, index: int) -> Any:
+        return self.source.pair_hu(self.indices[index])
+
+    def slice_hu(self, index: int) -> Any:
+        return self.source.slice_hu(self.indices[index])
+
+
+def split_source(source: Any, fraction: float) -> tuple[Any, Any | None]:
+    """``(train, val)``: the last ``ceil(fraction * n)`` slices are held out (None when 0).
+
+    Holding out the *last* slices (rather than random ones) keeps neighbouring, nearly identical
+    slices mostly on one side; a separate ``--val-data`` from other patients is still better.
+    """
+    n = len(source)
+    n_val = math.ceil(fraction * n) if fraction > 0 else 0
+    if n_val == 0:
+        return source, None
+    if n - n_val < 1:
+        raise ConfigError(
+            f"The data holds {n} slice(s): too few to hold out {fraction:.0%} for validation; give "
+            "--val-data or --val-fraction 0."
+        )
+    return SubsetSource(source, range(n - n_val)), SubsetSource(source, range(n - n_val, n))
+
+
+def crop_to_multiple(x: torch.Tensor, factor: int = 16) -> torch.Tensor:
+    """Central crop of a (..., h, w) tensor to multiples of ``factor``."""
+    h, w = x.shape[-2:]
+    h2, w2 = h - h % factor, w - w % factor
+    if h2 < factor or w2 < factor:
+        raise ConfigError(f"A {h} x {w} image is smaller than {factor} x {factor}; it cannot go through the model.")
+    top, left = (h - h2) // 2, (w - w2) // 2
+    return x[..., top:top + h2, left:left + w2]
+
+
+def sharded_means(
+    dataset: Any,
+    measure: Callable[[dict], dict[str, float]],
+    *,
+    keys: Sequence[str],
+    ctx: DistContext,
+    max_items: int,
+) -> dict[str, float]:
+    """Mean of ``measure(item)`` over the first ``max_items`` items, split across ranks.
+
+    Every rank measures its share and the sums are all-reduced, so all ranks return the same
+    dict (``keys`` fixes the order; non-finite values are left out of their mean and counted
+    in ``<key>_n_nonfinite``).
+    """
+    from training.distributed import all_reduce_sum, shard_indices
+
+    n = min(len(dataset), max_items)
+    sums = torch.zeros(2 * len(keys) + 1, dtype=torch.float64)  # per key: sum, count; then items
+    for i in shard_indices(n, ctx):
+        values = measure(dataset[i])
+        for k, key in enumerate(keys):
+            v = float(values[key])
+            if math.isfinite(v):
+                sums[2 * k] += v
+                sums[2 * k + 1] += 1
+        sums[-1] += 1
+    total = all_reduce_sum(sums, ctx)
+    out: dict[str, float] = {}
+    for k, key in enumerate(keys):
+        count = float(total[2 * k + 1])
+        out[key] = float(total[2 * k]) / count if count else float("nan")
+        if count < float(total[-1]):
+            out[f"{key}_n_nonfinite"] = float(total[-1]) - count
+    out["n_images"] = float(total[-1])
+    return out

@@ -1,0 +1,359 @@
+"""Stage 1, ``langae``: train the LangAE (VQGAN autoencoder with a frozen language codebook).
+
+Loss (LangMamba, Eq. 3-5; taming-transformers' VQGAN recipe)::
+
+    L_VQGAN = L2(x, x_hat) + beta * L_commit + gamma * lambda_adapt * L_GAN + eta * L_perceptual
+    L       = L_VQGAN + alpha * omega * L_semantic,     omega = L_VQGAN / L_semantic (no gradient)
+
+- ``L2``: mean squared error in the model's [0, 1] scale;
+- ``L_commit``: the quantizer's commitment loss (``beta`` is the LangAE config's
+  ``commitment_beta``, so it is stored with the checkpoint);
+- ``L_GAN``: PatchGAN hinge loss (:mod:`training.gan`), on from step ``--disc-start``, scaled
+  by taming's adaptive weight ``lambda_adapt`` (gradient norms at the decoder's last layer);
+  the discriminator is trained with the hinge loss on the same steps;
+- ``L_perceptual``: LPIPS-style VGG16 distance, only with ``--perceptual-weights`` (local
+  safetensors; nothing is downloaded); without them the term is off and the log says so;
+- ``L_semantic``: the pyramid semantic loss against the candidate pools of ``--candidates``
+  (stage 0); without a pools file the term is off and the log says so.
+
+Defaults are the paper's: alpha 0.3, beta 0.3, gamma 0.1, eta 0.1, Adam with betas (0.5, 0.9)
+and learning rate 4.5e-6 x (batch size x processes), taming's scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from napari_langmamba.errors import ConfigError
+from training.common import (
+    TrainOptions,
+    add_train_arguments,
+    command_line,
+    crop_to_multiple,
+    default_of,
+    file_sha256,
+    parse_window,
+    sharded_means,
+    split_source,
+    start,
+)
+from training.config import add_option, options_to_dict, resolve_options
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LangAEOptions", "add_arguments", "main"]
+
+STAGE = "langae"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LangAEOptions(TrainOptions):
+    """Options of ``python -m training langae`` (defaults are the documented defaults)."""
+
+    codebook: str = "minilm"
+    candidates: Path | None = None
+    alpha: float = 0.3
+    beta: float = 0.3
+    gamma: float = 0.1
+    eta: float = 0.1
+    disc_start: int = 10000
+    disc_channels: int = 64
+    disc_layers: int = 3
+    perceptual_weights: Path | None = None
+    base_lr: float = 4.5e-6
+    lr: float | None = None
+    npy_layout: str = "hu"
+    slice_step: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.data:
+            raise ConfigError("--data is required: normal-dose CT (DICOM folders, NIfTI, .npy, Mayo or simulate folders).")
+        for name in ("candidates", "perceptual_weights"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(str(value)).expanduser())
+        for name in ("alpha", "beta", "gamma", "eta", "base_lr"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0; got {value}.")
+        if self.lr is not None and not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
+            raise ConfigError(f"--lr must be positive; got {self.lr}.")
+        if self.disc_start < 0 or self.disc_channels < 1 or self.disc_layers < 1:
+            raise ConfigError("--disc-start must be >= 0, --disc-channels and --disc-layers >= 1.")
+        if self.npy_layout not in ("hu", "mayo"):
+            raise ConfigError(f"--npy-layout must be 'hu' or 'mayo'; got {self.npy_layout!r}.")
+        if self.slice_step < 1:
+            raise ConfigError(f"--slice-step must be >= 1; got {self.slice_step}.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options of the ``langae`` stage."""
+    parser.description = (
+        "Stage 1: train the LangAE, a VQGAN autoencoder whose codebook is a frozen language-model "
+        "vocabulary: L = L2 + beta*commitment + gamma*adaptive*PatchGAN + eta*perceptual + "
+        "alpha*omega*semantic (omega = L_VQGAN / L_semantic, no gradient). Runs under torchrun unchanged."
+    )
+
+    def d(name: str) -> Any:
+        return default_of(LangAEOptions, name)
+
+    add_option(parser, "--data", type=Path, nargs="+", metavar="PATH",
+               help="normal-dose CT (required): DICOM folders or files, NIfTI, .npy volumes, folders of 2-D .npy "
+                    "slices, Mayo 2D roots (their full_1mm/) or simulate output folders (their full/)")
+    add_train_arguments(parser, LangAEOptions)
+    data = parser.add_argument_group("normal-dose CT")
+    add_option(data, "--npy-layout", choices=("hu", "mayo"),
+               help=f"values stored in plain .npy files: HU or Mayo's HU+1024 (default {d('npy_layout')})")
+    add_option(data, "--slice-step", type=int, metavar="N",
+               help=f"use every N-th slice of volumes (default {d('slice_step')})")
+    model = parser.add_argument_group("LangAE")
+    add_option(model, "--codebook", metavar="SPEC",
+               help=f"frozen language codebook: minilm (offline), clip:<local dir or hub id> (PubMedCLIP), "
+                    f"random:<n>x<d> (default {d('codebook')})")
+    add_option(model, "--candidates", type=Path, metavar="FILE",
+               help="candidate token pools from `python -m training candidates` (made with the same --codebook); "
+                    "without it the semantic loss is off")
+    loss = parser.add_argument_group("loss and optimizer")
+    add_option(loss, "--alpha", type=float, help=f"weight of the semantic loss (default {d('alpha')})")
+    add_option(loss, "--beta", type=float, help=f"weight of the commitment loss (default {d('beta')})")
+    add_option(loss, "--gamma", type=float, help=f"weight of the PatchGAN loss (default {d('gamma')})")
+    add_option(loss, "--eta", type=float,
+               help=f"weight of the perceptual loss, used only with --perceptual-weights (default {d('eta')})")
+    add_option(loss, "--disc-start", type=int, metavar="STEP",
+               help=f"switch the GAN loss on from this step (default {d('disc_start')})")
+    add_option(loss, "--disc-channels", type=int, metavar="N",
+               help=f"channels of the PatchGAN's first layer (default {d('disc_channels')})")
+    add_option(loss, "--disc-layers", type=int, metavar="N",
+               help=f"stride-2 stages of the PatchGAN (default {d('disc_layers')})")
+    add_option(loss, "--perceptual-weights", type=Path, metavar="FILE",
+               help="VGG16 'features.*' weights (+ optional LPIPS 'lin*' heads) as a local .safetensors file; "
+                    "enables the perceptual loss (off by default: nothing is downloaded)")
+    add_option(loss, "--base-lr", type=float, metavar="LR",
+               help=f"Adam learning rate per image: lr = base_lr x batch size x processes (default {d('base_lr')})")
+    add_option(loss, "--lr", type=float, metavar="LR", help="absolute Adam learning rate (overrides --base-lr)")
+
+
+def _ndct_sources(options: LangAEOptions) -> tuple[Any, Any | None]:
+    from training.datasets import NDCTSlices
+
+    source = NDCTSlices(list(options.data), npy_layout=options.npy_layout, slice_step=options.slice_step)
+    if options.val_data:
+        return source, NDCTSlices(list(options.val_data), npy_layout=options.npy_layout, slice_step=options.slice_step)
+    return split_source(source, options.val_fraction)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the ``langae`` stage; returns the exit code (errors raise :class:`LangMambaError`)."""
+    options = resolve_options(LangAEOptions, args, stage=STAGE)
+    config = {"stage": STAGE, "options": options_to_dict(options), "command_line": command_line(STAGE, options)}
+    ctx, run = start(options, stage=STAGE, config=config)
+    try:
+        return _train(options, ctx, run)
+    finally:
+        from training.distributed import shutdown
+
+        shutdown(ctx)
+
+
+def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
+    from napari_langmamba import metrics as quality
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.langae import LangAE, LangAEConfig
+    from napari_langmamba.models.quantizer import pyramid_semantic_loss
+    from napari_langmamba.windowing import MODEL_NORMALIZATION
+    from training.candidates import load_candidate_pools
+    from training.datasets import NDCTDataset
+    from training.distributed import make_amp, make_train_loader, wrap_ddp
+    from training.gan import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+    from training.runs import CheckpointSpec, StepOutput, Trainer
+
+    device = ctx.device
+    window = parse_window(options.window)
+
+    # -- data
+    train_source, val_source = _ndct_sources(options)
+    patch = options.patch_size or None
+    train_set = NDCTDataset(train_source, patch_size=patch, train=True, repeat=options.repeat)
+    val_set = NDCTDataset(val_source, patch_size=None, train=False) if val_source is not None else None
+    loader, batch_sampler = make_train_loader(train_set, batch_size=options.batch_size, ctx=ctx, seed=options.seed,
+                                              num_workers=options.workers)
+    full = batch_sampler.batches_per_epoch()
+    steps_per_epoch = min(full, options.steps_per_epoch) if options.steps_per_epoch else full
+    data_summary = {
+        "source": [str(p) for p in options.data],
+        "n_slices": len(train_source),
+        "n_val_slices": len(val_source) if val_source is not None else 0,
+        "val_source": [str(p) for p in options.val_data] or (f"last {options.val_fraction:.0%} of --data"
+                                                            if val_source is not None else None),
+        "patch_size": patch,
+        "repeat": options.repeat,
+    }
+
+    # -- model, losses
+    codebook = load_codebook(options.codebook)
+    model_config = dataclasses.replace(LangAEConfig.preset(options.preset, codebook_dim=codebook.d),
+                                       commitment_beta=float(options.beta))
+    model = LangAE(model_config, codebook=codebook).to(device)
+    pools = None
+    if options.candidates is not None:
+        pools = load_candidate_pools(options.candidates, codebook=codebook)
+        have, total = pools.coverage(train_source.key(i) for i in range(len(train_source)))
+        logger.info("candidate pools for %d of %d training slices", have, total)
+        if have == 0:
+            raise ConfigError(
+                f"--candidates {options.candidates} has pools for none of the {total} training slices (ids such as "
+                f"{train_source.key(0)!r}); make it with `python -m training candidates` on the same --data."
+            )
+    elif options.alpha > 0:
+        logger.warning("semantic loss off: no --candidates pools file given (alpha ignored)")
+    perceptual = None
+    if options.perceptual_weights is not None and options.eta > 0:
+        from training.perceptual import load_perceptual_loss
+
+        perceptual = load_perceptual_loss(options.perceptual_weights).to(device)
+    elif options.eta > 0:
+        logger.warning("perceptual loss off: no --perceptual-weights given (no feature network is downloaded; "
+                       "eta ignored)")
+    use_gan = options.gamma > 0
+    disc = PatchDiscriminator(in_channels=1, ndf=options.disc_channels, n_layers=options.disc_layers).to(device) \
+        if use_gan else None
+
+    lr = float(options.lr) if options.lr is not None else options.base_lr * options.batch_size * ctx.world_size
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if disc is not None else None
+    amp = make_amp(options.amp, device)
+    ddp_model = wrap_ddp(model, ctx)
+    ddp_disc = wrap_ddp(disc, ctx) if disc is not None else None
+    last_layer = model.decoder.conv_out.weight
+
+    def step_fn(batch: dict, state: Any) -> StepOutput:
+        x = batch["image"].to(device, non_blocking=True)  # (b, 1, h, w) in [0, 1]
+        keys = list(batch["key"])
+        gan_on = disc is not None and state.step >= options.disc_start
+        ddp_model.train()
+        zero = x.new_zeros(())
+        with amp.autocast():
+            recon, pyramid = ddp_model(x)
+            rec = F.mse_loss(recon.float(), x)
+            p_loss = perceptual(recon.float(), x) if perceptual is not None else zero
+            nll = rec + options.eta * p_loss
+            g_loss, d_weight = zero, zero
+            if gan_on:
+                disc.requires_grad_(False)  # the generator's GAN term must not reach D's weights
+                g_loss = hinge_g_loss(disc(recon.float()))
+                disc.requires_grad_(True)
+                d_weight = adaptive_gan_weight(nll, g_loss, last_layer)
+            commit = pyramid.commitment_loss.float()
+            vq = nll + commit + options.gamma * d_weight * g_loss
+            sem = zero
+            total = vq
+            if pools is not None and options.alpha > 0:
+                masks = pools.layer_masks(keys, codebook.n, device=device)
+                sem = pyramid_semantic_loss([e.float() for e in pyramid.layer_embeddings],
+                                            model.quantizer.codebook, masks)
+                if float(sem.detach()) > 0:
+                    omega = (vq / sem).detach()
+                    total = vq + options.alpha * omega * sem
+            d_loss = zero
+            if gan_on:
+                logits = ddp_disc(torch.cat([x, recon.detach().float()]))  # real and fake in one pass
+                n = x.shape[0]
+                d_loss = hinge_d_loss(logits[:n], logits[n:])
+        losses = {"loss": total, "recon": rec, "commit": commit, "semantic": sem, "perceptual": p_loss,
+                  "gan_g": g_loss, "gan_weight": d_weight, "gan_d": d_loss}
+
+        def apply() -> None:
+            scaler = amp.scaler
+            optimizer.zero_grad(set_to_none=True)
+            if gan_on:
+                opt_d.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                if gan_on:
+                    scaler.scale(d_loss).backward()
+                    scaler.step(opt_d)
+                scaler.update()
+            else:
+                total.backward()
+                optimizer.step()
+                if gan_on:
+                    d_loss.backward()
+                    opt_d.step()
+
+        return StepOutput(losses=losses, apply=apply, images=x.shape[0])
+
+    @torch.no_grad()
+    def measure(item: dict) -> dict[str, float]:
+        x = crop_to_multiple(item["image"][None].to(device))  # (1, 1, h, w)
+        with amp.autocast():
+            recon, _ = model(x)
+        recon = recon.float().clamp(0.0, 1.0)
+        ref_hu = MODEL_NORMALIZATION.to_hu(x[0, 0].cpu().numpy())
+        out_hu = MODEL_NORMALIZATION.to_hu(recon[0, 0].cpu().numpy())
+        return {"recon_mse": float(F.mse_loss(recon, x)),
+                "psnr": quality.psnr(out_hu, ref_hu, window),
+                "ssim": quality.ssim(out_hu, ref_hu, window)}
+
+    def validate(state: Any) -> dict:
+        if val_set is None:
+            return {}
+        model.eval()
+        try:
+            return sharded_means(val_set, measure, keys=("recon_mse", "psnr", "ssim"), ctx=ctx,
+                                 max_items=options.val_max_images)
+        finally:
+            model.train()
+
+    objects: dict[str, Any] = {"optimizer": optimizer}
+    if disc is not None:
+        objects.update(discriminator=disc, optimizer_d=opt_d)
+    if amp.scaler is not None:
+        objects["grad_scaler"] = amp.scaler
+    candidates_info = None
+    if options.candidates is not None:
+        candidates_info = {"path": str(options.candidates), "sha256": file_sha256(options.candidates)}
+
+    def extra(state: Any) -> dict:
+        return {"training": {
+            "command_line": command_line(STAGE, options),
+            "data": data_summary,
+            "codebook": codebook.info(),
+            "candidates": candidates_info,
+            "loss": {"alpha": options.alpha, "beta": options.beta, "gamma": options.gamma,
+                     "eta": options.eta if perceptual is not None else 0.0, "disc_start": options.disc_start,
+                     "semantic": pools is not None and options.alpha > 0, "perceptual": perceptual is not None},
+            "optimizer": {"name": "Adam", "lr": lr, "betas": [0.5, 0.9]},
+            "world_size": ctx.world_size,
+            "amp": amp.name,
+        }}
+
+    trainer = Trainer(
+        run=run, ctx=ctx, loader=loader, batch_sampler=batch_sampler, epochs=options.epochs,
+        steps_per_epoch=steps_per_epoch, step_fn=step_fn, validate_fn=validate if val_set is not None else None,
+        objects=objects,
+        checkpoint=CheckpointSpec(model=model, kind="langae", config=model_config.to_dict, extra=extra),
+        lr_fn=lambda: float(optimizer.param_groups[0]["lr"]), best_key="psnr", best_mode="max",
+        log_every=options.log_every, checkpoint_every=options.checkpoint_every,
+        stop_at_step=options.stop_at_step, nan_at_step=options.debug_nan_at_step, progress=options.progress,
+    )
+    summary = trainer.fit(resume=options.resume, start_event={
+        "lr": lr, "codebook": codebook.source, "preset": options.preset, "semantic": pools is not None,
+        "perceptual": perceptual is not None, "gan": use_gan, "disc_start": options.disc_start,
+        "n_slices": len(train_source), "amp": amp.name,
+    })
+    best = summary["best"]
+    logger.info("langae %s at step %d of %d%s; checkpoints in %s (summary.json)", summary["status"], summary["step"],
+                summary["total_steps"], f"; best validation {best['key']} {best['value']:.4g} at step {best['step']}"
+                if best["value"] is not None else "", run.path)
+    return 0

@@ -1,0 +1,347 @@
+"""Stage 2, ``seed``: train the SEED denoiser (or RED-CNN) with MSE + lambda * LangDA.
+
+- ``--backbone seed`` (default): SEED's frozen encoder is initialised from the LangAE
+  checkpoint's encoder (``--langae``, required); the decoder is trained.
+- ``--backbone redcnn``: RED-CNN (Chen et al. 2017), the CNN baseline; LangDA is plug-and-play.
+
+Loss: ``MSE(denoised, full) + lambda * (MSE(z, z_hat) + MSE(z_q, z_q_hat))`` with the whole frozen
+LangAE (:class:`~napari_langmamba.models.losses.LangDALoss`); ``--lambda 0`` gives the MSE-only
+baseline (and RED-CNN then needs no LangAE). AdamW (betas 0.9, 0.99, weight decay 1e-9), cosine
+learning rate 1e-4 -> 1e-6 over all steps. Validation after every epoch: PSNR and SSIM on the
+abdomen window (``napari_langmamba.metrics``) of the denoised and of the unprocessed low-dose
+slices against the normal-dose ones; ``best/`` keeps the best PSNR, ``last/`` the newest state.
+
+The checkpoint is one model checkpoint of kind ``seed`` (config ``{"encoder": LangAEConfig,
+"seed": SEEDConfig}``, weights including the frozen encoder) or ``redcnn``; its ``training``
+record holds the command line, the data summary, the LangAE checkpoint's SHA-256 and its
+codebook source and hash, and ``metrics`` the validation results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from napari_langmamba.errors import ConfigError
+from training.common import (
+    TrainOptions,
+    add_train_arguments,
+    command_line,
+    crop_to_multiple,
+    default_of,
+    file_sha256,
+    parse_window,
+    sharded_means,
+    split_source,
+    start,
+)
+from training.config import add_option, options_to_dict, resolve_options
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SeedOptions", "add_arguments", "main"]
+
+STAGE = "seed"
+BACKBONES = ("seed", "redcnn")
+FLAGS = {"langda_weight": "--lambda"}  # options whose flag is not --<name>
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeedOptions(TrainOptions):
+    """Options of ``python -m training seed`` (defaults are the documented defaults)."""
+
+    low: Path | None = None
+    full: Path | None = None
+    split: str | None = None
+    backbone: str = "seed"
+    langae: Path | None = None
+    langda_weight: float = 0.1
+    lr: float = 1e-4
+    lr_min: float = 1e-6
+    weight_decay: float = 1e-9
+    patch_size: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("low", "full", "langae"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(str(value)).expanduser())
+        if not self.data and (self.low is None or self.full is None):
+            raise ConfigError(
+                "Training pairs are required: --data FOLDER (from `python -m training simulate`, or a Mayo 2D "
+                "root) or --low CT --full CT (two series paired by slice position)."
+            )
+        if self.data and (self.low is not None or self.full is not None):
+            raise ConfigError("Give either --data or --low/--full, not both.")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"--backbone must be one of {', '.join(BACKBONES)}; got {self.backbone!r}.")
+        weight = float(self.langda_weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"--lambda must be a finite number >= 0; got {self.langda_weight}.")
+        if self.langae is None and (self.backbone == "seed" or weight > 0):
+            why = "SEED's frozen encoder comes from it" if self.backbone == "seed" else "the LangDA loss uses it"
+            raise ConfigError(
+                f"--langae CHECKPOINT is required ({why}); train one with `python -m training langae`, "
+                "or use --backbone redcnn --lambda 0 for the MSE-only RED-CNN baseline."
+            )
+        for name in ("lr", "lr_min"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {value}.")
+        if self.lr_min > self.lr:
+            raise ConfigError(f"--lr-min ({self.lr_min}) must not exceed --lr ({self.lr}).")
+        if not float(self.weight_decay) >= 0:
+            raise ConfigError(f"--weight-decay must be >= 0; got {self.weight_decay}.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options of the ``seed`` stage."""
+    parser.description = (
+        "Stage 2: train SEED (frozen LangAE encoder + EMA decoder) or RED-CNN with MSE + lambda * LangDA "
+        "(lambda 0 = MSE-only baseline); AdamW, cosine lr, validation (PSNR/SSIM, abdomen window) each epoch, "
+        "best and last checkpoints. Runs under torchrun unchanged."
+    )
+
+    def d(name: str) -> Any:
+        return default_of(SeedOptions, name)
+
+    add_option(parser, "--data", type=Path, nargs="+", metavar="DIR",
+               help="paired training data: simulate output folders or Mayo 2D roots (quarter_1mm/, full_1mm/)")
+    add_option(parser, "--low", type=Path, metavar="CT",
+               help="low-dose CT (DICOM folder, NIfTI, .npy) paired by slice position with --full (instead of --data)")
+    add_option(parser, "--full", type=Path, metavar="CT", help="normal-dose CT matching --low")
+    add_option(parser, "--split", metavar="NAME", help="sub-folder of a Mayo root, e.g. train")
+    add_train_arguments(parser, SeedOptions)
+    model = parser.add_argument_group("denoiser and loss")
+    add_option(model, "--backbone", choices=BACKBONES, help=f"denoiser (default {d('backbone')})")
+    add_option(model, "--langae", type=Path, metavar="CHECKPOINT",
+               help="trained LangAE checkpoint (folder or .zip): SEED's frozen encoder and the LangDA loss")
+    add_option(model, "--lambda", "--langda-weight", dest="langda_weight", type=float, metavar="W",
+               help=f"LangDA weight lambda; 0 = MSE only (LangMamba 0.1, LEDA 0.5) (default {d('langda_weight')})")
+    add_option(model, "--lr", type=float, metavar="LR", help=f"initial AdamW learning rate (default {d('lr')})")
+    add_option(model, "--lr-min", type=float, metavar="LR",
+               help=f"final learning rate of the cosine schedule (default {d('lr_min')})")
+    add_option(model, "--weight-decay", type=float, metavar="W", help=f"AdamW weight decay (default {d('weight_decay')})")
+
+
+def _pair_sources(options: SeedOptions) -> tuple[Any, Any | None, list[str]]:
+    from training.datasets import DicomPairs, open_pairs
+
+    class _Concat:
+        def __init__(self, sources: list[Any]) -> None:
+            self.sources = sources
+            self.index = [(s, i) for s in sources for i in range(len(s))]
+
+        def __len__(self) -> int:
+            return len(self.index)
+
+        def key(self, index: int) -> str:
+            source, i = self.index[index]
+            return source.key(i)
+
+        def pair_hu(self, index: int) -> Any:
+            source, i = self.index[index]
+            return source.pair_hu(i)
+
+    def open_all(paths: tuple[Path, ...]) -> Any:
+        sources = [open_pairs(p, split=options.split) for p in paths]
+        return sources[0] if len(sources) == 1 else _Concat(sources)
+
+    if options.data:
+        source = open_all(options.data)
+        names = [str(p) for p in options.data]
+    else:
+        source = DicomPairs(options.low, options.full)
+        names = [f"low={options.low}", f"full={options.full}"]
+    if options.val_data:
+        return source, open_all(options.val_data), names
+    train, val = split_source(source, options.val_fraction)
+    return train, val, names
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the ``seed`` stage; returns the exit code (errors raise :class:`LangMambaError`)."""
+    options = resolve_options(SeedOptions, args, stage=STAGE)
+    config = {"stage": STAGE, "options": options_to_dict(options),
+              "command_line": command_line(STAGE, options, flags=FLAGS)}
+    ctx, run = start(options, stage=STAGE, config=config)
+    try:
+        return _train(options, ctx, run)
+    finally:
+        from training.distributed import shutdown
+
+        shutdown(ctx)
+
+
+def _build(options: SeedOptions, device: torch.device) -> tuple[torch.nn.Module, str, Any, dict | None]:
+    """(denoiser, kind, frozen LangAE or None, LangAE provenance or None)."""
+    from napari_langmamba.checkpoint import build_model, load_checkpoint
+    from napari_langmamba.models import model_config
+    from napari_langmamba.models.redcnn import REDCNN, REDCNNConfig
+    from napari_langmamba.models.seed import SEED, SEEDConfig
+
+    langae, provenance = None, None
+    if options.langae is not None:
+        ckpt = load_checkpoint(options.langae)
+        if ckpt.kind != "langae":
+            raise ConfigError(f"--langae {options.langae} is a {ckpt.kind!r} checkpoint; give a LangAE checkpoint.")
+        langae = build_model(ckpt)  # eval mode, strict load, codebook verified
+        provenance = {"path": str(options.langae), "sha256": file_sha256(options.langae),
+                      "codebook": ckpt.meta.get("codebook"), "config": ckpt.config}
+    if options.backbone == "seed":
+        assert langae is not None
+        encoder = copy.deepcopy(langae.encoder)  # SEED freezes its own copy; LangDA keeps the full LangAE
+        config = SEEDConfig.preset(options.preset, feature_channels=langae.config.feature_channels)
+        model: torch.nn.Module = SEED(config, encoder=encoder)
+        kind = "seed"
+    else:
+        model = REDCNN(REDCNNConfig.preset(options.preset))
+        kind = "redcnn"
+    model_config(kind, model)  # fails early if the model cannot be described in a checkpoint
+    if langae is not None:
+        langae.to(device)
+    return model.to(device), kind, langae, provenance
+
+
+def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
+    from napari_langmamba import metrics as quality
+    from napari_langmamba.models import model_config
+    from napari_langmamba.models.losses import LangDALoss
+    from napari_langmamba.windowing import MODEL_NORMALIZATION
+    from training.datasets import PairedSliceDataset
+    from training.distributed import make_amp, make_train_loader, wrap_ddp
+    from training.runs import CheckpointSpec, StepOutput, Trainer
+
+    device = ctx.device
+    window = parse_window(options.window)
+
+    # -- data
+    train_source, val_source, source_names = _pair_sources(options)
+    patch = options.patch_size or None
+    train_set = PairedSliceDataset(train_source, patch_size=patch, train=True, repeat=options.repeat)
+    val_set = PairedSliceDataset(val_source, patch_size=None, train=False) if val_source is not None else None
+    loader, batch_sampler = make_train_loader(train_set, batch_size=options.batch_size, ctx=ctx, seed=options.seed,
+                                              num_workers=options.workers)
+    full_pass = batch_sampler.batches_per_epoch()
+    steps_per_epoch = min(full_pass, options.steps_per_epoch) if options.steps_per_epoch else full_pass
+    data_summary = {
+        "source": source_names,
+        "layout": type(getattr(train_source, "source", train_source)).__name__,
+        "n_slices": len(train_source),
+        "n_val_slices": len(val_source) if val_source is not None else 0,
+        "val_source": [str(p) for p in options.val_data] or (f"last {options.val_fraction:.0%} of the training data"
+                                                            if val_source is not None else None),
+        "patch_size": patch,
+        "repeat": options.repeat,
+    }
+
+    # -- model, loss, optimizer
+    model, kind, langae, langae_info = _build(options, device)
+    langda = LangDALoss(langae, weight=options.langda_weight).to(device) \
+        if langae is not None and options.langda_weight > 0 else None
+    if langda is None:
+        logger.info("loss: MSE only (lambda = %g)", options.langda_weight)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.lr, betas=(0.9, 0.99), weight_decay=options.weight_decay)
+    total_steps = options.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps),
+                                                           eta_min=options.lr_min)
+    amp = make_amp(options.amp, device)
+    ddp_model = wrap_ddp(model, ctx)
+    n_trainable = sum(p.numel() for p in params)
+    logger.info("%s (%s preset): %.2fM trainable parameters; %d steps", kind, options.preset, n_trainable / 1e6,
+                total_steps)
+
+    def step_fn(batch: dict, state: Any) -> StepOutput:
+        low = batch["low"].to(device, non_blocking=True)  # (b, 1, h, w) in [0, 1]
+        full = batch["full"].to(device, non_blocking=True)
+        ddp_model.train()
+        with amp.autocast():
+            denoised = ddp_model(low).float()
+            if langda is not None:
+                loss, parts = langda(denoised, full)
+                losses = {"loss": loss, "mse": parts["mse"], "langda_feature": parts["feature"],
+                          "langda_token": parts["token"]}
+            else:
+                loss = F.mse_loss(denoised, full)
+                losses = {"loss": loss, "mse": loss.detach()}
+
+        def apply() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            if amp.scaler is not None:
+                amp.scaler.scale(loss).backward()
+                amp.scaler.step(optimizer)
+                amp.scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+
+        return StepOutput(losses=losses, apply=apply, images=low.shape[0])
+
+    @torch.no_grad()
+    def measure(item: dict) -> dict[str, float]:
+        low = crop_to_multiple(item["low"][None].to(device))  # (1, 1, h, w)
+        full = crop_to_multiple(item["full"][None].to(device))
+        with amp.autocast():
+            denoised = model(low).float()
+        low_hu, full_hu = (MODEL_NORMALIZATION.to_hu(t[0, 0].cpu().numpy()) for t in (low, full))
+        out_hu = MODEL_NORMALIZATION.to_hu(denoised[0, 0].cpu().numpy())
+        return {"psnr": quality.psnr(out_hu, full_hu, window), "ssim": quality.ssim(out_hu, full_hu, window),
+                "input_psnr": quality.psnr(low_hu, full_hu, window), "input_ssim": quality.ssim(low_hu, full_hu, window),
+                "mse": float(F.mse_loss(denoised, full))}
+
+    def validate(state: Any) -> dict:
+        model.eval()
+        try:
+            return sharded_means(val_set, measure, keys=("psnr", "ssim", "input_psnr", "input_ssim", "mse"), ctx=ctx,
+                                 max_items=options.val_max_images)
+        finally:
+            model.train()
+
+    objects: dict[str, Any] = {"optimizer": optimizer, "scheduler": scheduler}
+    if amp.scaler is not None:
+        objects["grad_scaler"] = amp.scaler
+
+    def extra(state: Any) -> dict:
+        return {"training": {
+            "command_line": command_line(STAGE, options, flags=FLAGS),
+            "data": data_summary,
+            "backbone": options.backbone,
+            "langda_weight": options.langda_weight,
+            "langae": langae_info,
+            "codebook": (langae_info or {}).get("codebook"),
+            "optimizer": {"name": "AdamW", "lr": options.lr, "lr_min": options.lr_min, "betas": [0.9, 0.99],
+                          "weight_decay": options.weight_decay, "schedule": "cosine"},
+            "window": options.window,
+            "world_size": ctx.world_size,
+            "amp": amp.name,
+        }}
+
+    trainer = Trainer(
+        run=run, ctx=ctx, loader=loader, batch_sampler=batch_sampler, epochs=options.epochs,
+        steps_per_epoch=steps_per_epoch, step_fn=step_fn, validate_fn=validate if val_set is not None else None,
+        objects=objects,
+        checkpoint=CheckpointSpec(model=model, kind=kind, config=lambda: model_config(kind, model), extra=extra),
+        lr_fn=lambda: float(optimizer.param_groups[0]["lr"]), best_key="psnr", best_mode="max",
+        log_every=options.log_every, checkpoint_every=options.checkpoint_every,
+        stop_at_step=options.stop_at_step, nan_at_step=options.debug_nan_at_step, progress=options.progress,
+    )
+    summary = trainer.fit(resume=options.resume, start_event={
+        "backbone": options.backbone, "model_kind": kind, "preset": options.preset, "lambda": options.langda_weight,
+        "n_slices": len(train_source), "trainable_parameters": n_trainable, "amp": amp.name,
+    })
+    best = summary["best"]
+    logger.info("seed %s at step %d of %d%s; checkpoints in %s (summary.json)", summary["status"], summary["step"],
+                summary["total_steps"], f"; best validation {best['key']} {best['value']:.4g} at step {best['step']}"
+                if best["value"] is not None else "", run.path)
+    return 0
