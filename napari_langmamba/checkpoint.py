@@ -268,7 +268,11 @@ def _write_folder_atomically(path: Path, text: str, weights: bytes, *, overwrite
             # A directory cannot be replaced in one rename: move the old one aside first.
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the new one could not be put in place: keep the old one
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

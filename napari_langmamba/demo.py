@@ -18,8 +18,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PLUGIN = "napari-langmamba"
-DOCK_WIDGETS: tuple[str, ...] = ("Load CT", "Compare")
+DOCK_WIDGETS: tuple[str, ...] = ("Load CT", "Denoise", "Compare", "Tokens", "Train")
 """Display names (napari.yaml) of the dock widgets opened, in order; the first is the loader."""
+STACKED_WIDGETS = 2
+"""The first widgets are stacked one above the other; the rest share tabs beside them."""
 
 _SHARED_DATA = Path(os.environ.get("LANGMAMBA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SAMPLE_SERIES = _SHARED_DATA / "ct" / "abdomen_dicom_series"
@@ -29,8 +31,9 @@ SAMPLE_KEY = "abdomen"
 def dock_widgets(viewer: Any, names: Sequence[str] = DOCK_WIDGETS) -> dict[str, Any]:
     """Dock the plugin's widgets named ``names`` and return them by name."""
     docked = {}
-    for name in names:
-        _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=False)
+    for index, name in enumerate(names):
+        tabify = index >= STACKED_WIDGETS
+        _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=tabify)
         docked[name] = widget
     return docked
 

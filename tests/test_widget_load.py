@@ -112,12 +112,17 @@ def test_every_control_has_a_tooltip(viewer_widget):
 def test_demo_docks_its_widgets_and_opens_the_bundled_sample(make_napari_viewer, qtbot):
     from napari_langmamba import demo
     from napari_langmamba.widgets.compare import CompareWidget
+    from napari_langmamba.widgets.denoise import DenoiseWidget
     from napari_langmamba.widgets.load import LoadWidget
+    from napari_langmamba.widgets.tokens import TokensWidget
+    from napari_langmamba.widgets.train import TrainWidget
 
     viewer = make_napari_viewer()
     widgets = demo.dock_widgets(viewer)
-    assert list(widgets) == ["Load CT", "Compare"] == list(demo.DOCK_WIDGETS)
-    assert isinstance(widgets["Load CT"], LoadWidget) and isinstance(widgets["Compare"], CompareWidget)
+    assert list(widgets) == ["Load CT", "Denoise", "Compare", "Tokens", "Train"] == list(demo.DOCK_WIDGETS)
+    expected = {"Load CT": LoadWidget, "Denoise": DenoiseWidget, "Compare": CompareWidget,
+                "Tokens": TokensWidget, "Train": TrainWidget}
+    assert all(isinstance(widgets[name], cls) for name, cls in expected.items())
     # no shared data folder: the plugin's own real sample slice (pydicom-data) is opened
     assert demo.load_sample(viewer, widgets["Load CT"], series=None) is None
     assert len(viewer.layers) == 1

@@ -286,17 +286,22 @@ def _frames_of(path: str, ds: Dataset) -> list[_Frame]:
     # A lying frame count is stopped here, before one record per frame is made: the pixel data
     # must fit in the file (compressed: an 8-byte item per frame, and the compression-ratio rule
     # of _check_file). A single frame is checked, with a more specific message, in _check_file.
-    size = os.path.getsize(path)
-    pixel_bytes = _expected_bytes_of(ds, rows, columns, n_frames)
-    if _is_native(_transfer_syntax(ds)):
-        fits = pixel_bytes <= size
-    else:
-        fits = n_frames * 8 <= size and pixel_bytes <= max(MIN_SUSPICIOUS_BYTES, MAX_COMPRESSION_RATIO * size)
-    if n_frames > 1 and not fits:
-        raise CTReadError(
-            f"its header describes {n_frames} frame(s) of {rows} x {columns} pixels, more than its {size} bytes "
-            f"can hold: the header is corrupt"
-        )
+    if n_frames > 1:
+        size = os.path.getsize(path)
+        bits = _optional_int(ds, "BitsAllocated") or 16
+        samples = _optional_int(ds, "SamplesPerPixel") or 1
+        frame_bits = rows * columns * max(samples, 1) * max(bits, 1)
+        if _is_native(_transfer_syntax(ds)):
+            fits = n_frames * frame_bits <= 8 * size
+        else:
+            limit = max(MIN_SUSPICIOUS_BYTES, MAX_COMPRESSION_RATIO * size)
+            fits = n_frames * 8 <= size and n_frames * frame_bits <= 8 * limit
+        if frame_bits == 0 or not fits:
+            raise CTReadError(
+                f"its header describes {n_frames} frame(s) of {rows} x {columns} pixels, "
+                + ("which are empty" if frame_bits == 0 else f"more than its {size} bytes can hold")
+                + ": the header is corrupt"
+            )
     common = {
         "path": path,
         "n_frames": n_frames,
