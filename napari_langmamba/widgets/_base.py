@@ -12,16 +12,20 @@ It gives each widget the same habits:
   its message, anything else is logged with its traceback and reported as an unexpected
   error; the widget stays usable either way;
 - the widget's state (idle, running, done, cancelled, failed) is evented
-  (``state_changed``), and buttons follow it.
+  (``state_changed``), and buttons follow it;
+- a worker never outlives its widget's attention: when the widget is destroyed (closing the
+  viewer deletes its dock widgets) the worker is asked to quit and its remaining signals no
+  longer reach the widget; when a layer the work reads is removed from the viewer while it
+  runs, the work stops, its result is dropped and the widget says why.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from napari.qt.threading import GeneratorWorker, thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -31,6 +35,9 @@ from qtpy.QtWidgets import QFormLayout, QLabel, QProgressBar, QVBoxLayout, QWidg
 from napari_langmamba.errors import LangMambaError
 from napari_langmamba.events import Progress
 from napari_langmamba.widgets.tooltips import get_tooltip
+
+if TYPE_CHECKING:
+    from napari.layers import Layer
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +79,24 @@ def _call(func: Callable[[], T]) -> Generator[Progress, None, T]:
     yield  # unreachable; makes this a generator function
 
 
+class _Lifeline:
+    """Whether a widget still exists, and the worker to stop when it goes away.
+
+    Not a QObject, so its connection to the widget's ``destroyed`` signal survives the widget
+    (the same habit as the Train widget's process guard). Worker signal handlers check
+    :attr:`alive` first: after the viewer closes they must not touch the deleted widget.
+    """
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.worker: GeneratorWorker | None = None
+
+    def on_widget_destroyed(self, *_: object) -> None:
+        self.alive = False
+        if self.worker is not None:
+            self.worker.quit()  # stop at the next progress event: nobody waits for the result
+
+
 def error_message(exc: BaseException) -> str:
     """What to tell the user about ``exc``: our own errors verbatim, others as unexpected."""
     if isinstance(exc, LangMambaError):
@@ -99,6 +124,8 @@ class WidgetBase(QWidget):
         self._state = WorkerState.IDLE
         self._worker: GeneratorWorker | None = None
         self._bound: dict[str, QWidget] = {}
+        self._lifeline = _Lifeline()
+        self.destroyed.connect(self._lifeline.on_widget_destroyed)
 
         self._layout = QVBoxLayout(self)
         self._form = QFormLayout()
@@ -220,6 +247,7 @@ class WidgetBase(QWidget):
         on_finished: Callable[[], None] | None = None,
         show_progress: bool = True,
         context: str = "",
+        inputs: Sequence[Layer] = (),
     ) -> GeneratorWorker:
         """Run ``generator`` in a napari thread worker and return the (started) worker.
 
@@ -228,6 +256,12 @@ class WidgetBase(QWidget):
         :meth:`report_error` (prefixed with ``context``) and then passed to ``on_failed``.
         ``on_finished`` runs last in every case, once the widget is free for the next task.
         Only one worker runs per widget: starting another while one runs is refused.
+
+        ``inputs`` are the layers the work reads: when one of them is removed from the viewer
+        before the result is handled, the work is stopped at its next progress event, its
+        result (if it still arrives) is dropped, and the widget ends cancelled with a warning
+        naming the layer. When the widget itself is destroyed (the viewer closed), the work is
+        stopped the same way and nothing is reported.
         """
         if self._worker is not None:
             raise RuntimeError("this widget is already running a task; cancel it first")
@@ -237,12 +271,30 @@ class WidgetBase(QWidget):
 
         worker = thread_worker(_work, start_thread=False)()
         self._worker = worker
+        lifeline = self._lifeline
+        lifeline.worker = worker
+        removed: list[str] = []  # names of input layers removed while the work ran
+        watched = [layer for layer in inputs if layer is not None]
+        layer_events = self.viewer.layers.events
+
+        def _on_layer_removed(event: Any) -> None:
+            layer = getattr(event, "value", None)
+            if not removed and any(layer is input_layer for input_layer in watched):
+                removed.append(layer.name)
+                worker.quit()
+
+        watching = bool(watched)
+        if watching:
+            layer_events.removed.connect(_on_layer_removed)
 
         def _yielded(event: object) -> None:
-            if show_progress and isinstance(event, Progress):
+            if lifeline.alive and show_progress and isinstance(event, Progress):
                 self.update_progress(event)
 
         def _returned(result: object) -> None:
+            if not lifeline.alive or removed:  # nobody to show it to, or its input is gone
+                return
+            watched.clear()  # handled: removing an input from now on is the user's own business
             if isinstance(result, _Failure):
                 self._set_state(WorkerState.FAILED)
                 self.report_error(result.error, context=context)
@@ -259,14 +311,29 @@ class WidgetBase(QWidget):
                     on_failed(exc)
 
         def _aborted() -> None:
+            if not lifeline.alive or removed:  # reported once finished
+                return
             self._set_state(WorkerState.CANCELLED)
             self.set_status("Cancelled.")
 
         def _finished() -> None:
+            if watching:
+                layer_events.removed.disconnect(_on_layer_removed)
+            if lifeline.worker is worker:
+                lifeline.worker = None
+            if not lifeline.alive:
+                return
             self._worker = None
             if show_progress:
                 self.finish_progress()
-            if self._state is WorkerState.RUNNING:  # neither returned nor aborted
+            if removed:
+                self._set_state(WorkerState.CANCELLED)
+                what = f"{context}: stopped" if context else "Stopped"
+                self.report_warning(
+                    f"{what}, because the input layer {removed[0]!r} was removed from the viewer while it "
+                    "ran; nothing was added. Load the layer again to redo it."
+                )
+            elif self._state is WorkerState.RUNNING:  # neither returned nor aborted
                 self._set_state(WorkerState.IDLE)
             if on_finished is not None:
                 on_finished()
@@ -290,6 +357,7 @@ class WidgetBase(QWidget):
         on_finished: Callable[[], None] | None = None,
         show_progress: bool = False,
         context: str = "",
+        inputs: Sequence[Layer] = (),
     ) -> GeneratorWorker:
         """Run ``func()`` (bind arguments with :func:`functools.partial`) in a worker.
 
@@ -302,6 +370,7 @@ class WidgetBase(QWidget):
             on_finished=on_finished,
             show_progress=show_progress,
             context=context,
+            inputs=inputs,
         )
 
     def cancel(self) -> None:

@@ -3,9 +3,11 @@
 A thin view over :class:`napari_langmamba.inference.Denoiser`: Run validates the choices on
 the GUI thread, then runs :meth:`Denoiser.iter_denoise` (after loading the model) in a napari
 ``thread_worker``; each batch moves the progress bar and Cancel stops the work at the next
-batch without touching any layer. The result never replaces anything: it is added as a new
-layer with the input's scale, translate and transforms, its contrast limits linked to the
-input's, and ``metadata["denoise"]`` recording the model, the checkpoint hash and the settings.
+batch without touching any layer; removing the input layer while it runs stops it the same
+way and says so (no orphan result is added for a layer that is gone). The result never
+replaces anything: it is added as a new layer with the input's scale, translate and
+transforms, its contrast limits linked to the input's, and ``metadata["denoise"]`` recording
+the model, the checkpoint hash and the settings.
 
 "Current slice" on a 3-D layer denoises only the slice shown and adds a **single-slice 3-D
 layer** ``(1, y, x)`` translated to that slice's position: it overlays the input exactly at
@@ -274,6 +276,7 @@ class DenoiseWidget(WidgetBase):
             _denoise_job(data, settings),
             on_returned=lambda result: self._add_result(layer, settings, *result),
             context="Denoise",
+            inputs=(layer,),  # closing the input layer mid-run stops the run and adds nothing
         )
 
     def __call__(self) -> GeneratorWorker | None:

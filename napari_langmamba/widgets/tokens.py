@@ -540,6 +540,9 @@ class TokensWidget(WidgetBase):
         self._computed_top_k, self._computed_spec = top_k, spec
         layer = layer_ref()
         if layer is None or layer not in self.viewer.layers:
+            # closed while the worker ran: draw nothing (the choice moves to another layer)
+            name = "The image layer" if layer is None else f"The layer {layer.name!r}"
+            self.set_status(f"{name} was removed before its tokens were ready; nothing was drawn.")
             return
         self.pyramid = pyramid
         self.pyramid_index = index
