@@ -153,9 +153,14 @@ def read_json_object(path: str | os.PathLike) -> dict:
 
 
 def holds_run(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` already holds a training run (what a new run must not overwrite)."""
+    """Whether ``folder`` already holds a training run (what a new run must not overwrite).
+
+    The same rule as ``training.runs.RunFolder.holds_run``: a run has trained once it logged
+    metrics or wrote ``last/``; a ``config.json`` alone (a run that failed while loading its
+    data) does not count, and the trainer simply rewrites it.
+    """
     folder = Path(folder)
-    return (folder / CONFIG_FILE).exists() or (folder / METRICS_FILE).exists() or (folder / LAST).exists()
+    return (folder / METRICS_FILE).exists() or (folder / LAST).exists()
 
 
 def best_checkpoint(folder: str | os.PathLike) -> Path | None:

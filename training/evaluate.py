@@ -313,6 +313,7 @@ class EvaluateOptions:
     window: Any = DEFAULT_WINDOW
     metrics: tuple[str, ...] = METRIC_NAMES
     max_slices: int | None = None
+    held_out: float = 0.0
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -327,6 +328,8 @@ class EvaluateOptions:
         object.__setattr__(self, "metrics", tuple(m.strip().lower() for m in metrics))
         if self.data is None and (self.low is None or self.full is None):
             raise ConfigError("evaluate needs --data FOLDER, or --low and --full CT series.")
+        if not 0.0 <= float(self.held_out) < 1.0:
+            raise ConfigError(f"--held-out is a fraction in [0, 1); got {self.held_out!r}.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -343,6 +346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--window", help="metric window: preset name or 'lower,upper' HU, e.g. --window=-160,240 (default abdomen)")
     add_option(parser, "--metrics", nargs="+", choices=METRIC_NAMES, help="metrics to compute (default all)")
     add_option(parser, "--max-slices", dest="max_slices", type=int, help="evaluate only the first N pairs")
+    add_option(parser, "--held-out", dest="held_out", type=float, metavar="F",
+               help="evaluate only the slices a training run with --val-fraction F held out "
+                    "(the last ceil(F * n) pairs); 0 = all pairs (default 0)")
     add_option(parser, "--out", "-o", metavar="DIR", help=f"folder for {CSV_NAME} and {JSON_NAME}")
 
 
@@ -352,6 +358,10 @@ def main(args: argparse.Namespace) -> int:
 
     options = resolve_options(EvaluateOptions, args, stage="evaluate")
     pairs = open_pairs(options.data, low=options.low, full=options.full, split=options.split)
+    if options.held_out > 0:
+        from training.common import split_source
+
+        _train, pairs = split_source(pairs, options.held_out)
     denoise = None
     if options.checkpoint is not None:
         denoise = load_checkpoint_denoiser(options.checkpoint, device=options.device)

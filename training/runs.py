@@ -22,7 +22,10 @@ A line is written with one ``write`` call and flushed; a reader (:func:`read_met
 trusts a last line without its newline, which is what a kill in the middle of a write leaves.
 
 Checkpoints are built in a hidden staging folder and moved into place with renames, so ``last``
-is always either the previous complete checkpoint or the new complete one. The resume state is
+is always either the previous complete checkpoint or the new complete one; a save that fails
+(disk full) removes its staging folder, and ``--resume`` drops any a kill left behind. At an
+epoch end ``best`` is written before ``last``, so a ``last`` never refers to a missing ``best``.
+The resume state is
 safetensors + JSON (never pickle): optimizer, scheduler, scaler and auxiliary-module states,
 the python/numpy/torch(/CUDA) RNG states of every rank, and the step, epoch and position in the
 epoch's (seeded, reproducible) data order. On CPU with ``--workers 0`` (the default) a resumed
@@ -35,6 +38,7 @@ logged again as training repeats those steps.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -185,17 +189,21 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 class MetricsWriter:
-    """Append-only ``metrics.jsonl`` writer; one ``os.write`` per record.
+    """Append-only ``metrics.jsonl`` writer; one ``os.write`` per record (more only if the
+    kernel accepts part of it).
 
     Opening repairs the file: a torn last line is cut off, and with ``keep_through_step`` the
     records of steps after that step (logged after the checkpoint a resumed run starts from,
-    and about to be logged again) are dropped.
+    and about to be logged again) are dropped. A write that fails half-way (disk full) leaves a
+    fragment; the next record starts on a new line, so the fragment is skipped by the readers
+    and never glued onto a good record.
     """
 
     def __init__(self, path: str | os.PathLike, *, keep_through_step: int | None = None) -> None:
         self.path = Path(path)
         self._repair(keep_through_step)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._mid_line = False
 
     def _repair(self, keep_through_step: int | None) -> None:
         if not self.path.exists():
@@ -213,7 +221,14 @@ class MetricsWriter:
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record (non-finite numbers are written as null)."""
         line = (json.dumps(_json_safe(dict(record)), allow_nan=False) + "\n").encode("utf-8")
-        os.write(self._fd, line)
+        view = memoryview(b"\n" + line if self._mid_line else line)
+        self._mid_line = True  # until the newline is out
+        while view:
+            written = os.write(self._fd, view)
+            if written <= 0:
+                raise OSError(errno.EIO, f"could not append to {self.path}")
+            view = view[written:]
+        self._mid_line = False
 
     def sync(self) -> None:
         os.fsync(self._fd)
@@ -475,7 +490,12 @@ def _swap_into_place(staging: Path, final: Path) -> None:
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
-    os.replace(staging, final)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)  # put the previous checkpoint back
+        raise
     _fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -815,16 +835,21 @@ class Trainer:
             else:
                 metrics, at_step = self.state.last_val, self.state.step
             extra["metrics"] = {"validation": dict(metrics), "step": at_step} if metrics else None
-            save_checkpoint(staging, self.checkpoint.model, kind=self.checkpoint.kind,
-                            config=self.checkpoint.config(), extra=_json_safe(extra))
-            if with_state:
-                save_training_state(staging, stage=self.run.stage, state=self.state, objects=self.objects,
-                                    rng=rngs, world_size=self.ctx.world_size)
-            for file in staging.iterdir():
-                if file.is_file():
-                    with open(file, "rb") as fh:
-                        os.fsync(fh.fileno())
-            _swap_into_place(staging, self.run.path / name)
+            try:
+                save_checkpoint(staging, self.checkpoint.model, kind=self.checkpoint.kind,
+                                config=self.checkpoint.config(), extra=_json_safe(extra))
+                if with_state:
+                    save_training_state(staging, stage=self.run.stage, state=self.state, objects=self.objects,
+                                        rng=rngs, world_size=self.ctx.world_size)
+                for file in staging.iterdir():
+                    if file.is_file():
+                        with open(file, "rb") as fh:
+                            os.fsync(fh.fileno())
+                _swap_into_place(staging, self.run.path / name)
+            except BaseException:
+                # The previous checkpoint is still in place; a half-built one is only litter.
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             self._event("checkpoint", name=name, path=str(self.run.path / name))
         if with_state:
             self.last_saved_step = self.state.step
@@ -960,7 +985,10 @@ class Trainer:
                         if self._stop_now:
                             status = "stopped"
                             break
-                        if self.checkpoint_every and self.state.step % self.checkpoint_every == 0:
+                        # (at an epoch end last/ is written after validation instead: saving it
+                        # before as well would let a crash in between log that epoch twice)
+                        if (self.checkpoint_every and self.state.step % self.checkpoint_every == 0
+                                and not end_of_epoch):
                             self.save(LAST)
                         if end_of_epoch:
                             break
@@ -1011,9 +1039,11 @@ class Trainer:
                 self.state.best_value, self.state.best_step = value, self.state.step
                 self.state.best_metrics = dict(val)
                 improved = True
-        self.save(LAST)
+        # best/ first: a crash between the two saves must not leave a last/ whose state names a
+        # best/ that was never written (the resumed run repeats this epoch end and writes both).
         if improved:
             self.save(BEST)
+        self.save(LAST)
 
     def _summary(self, status: str, error: str | None) -> dict:
         return {
