@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_mse_only_evaluation": read_json(args.baseline_evaluation),
     }
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bundle-", dir=args.out.parent) as tmp:
         staging = Path(tmp) / "default"
         save_checkpoint(
