@@ -578,7 +578,7 @@ def _model_info(model: Any) -> dict:
         info["codebook_sha256"] = str(getattr(codebook, "sha256", ""))
         info["vocabulary_size"] = len(getattr(codebook, "words", ()))
     if config is not None:
-        info["preset"] = str(getattr(config, "preset", "custom"))
+        info["preset"] = str(getattr(config, "name", "custom"))  # LangAEConfig.name: the preset it came from
     return info
 
 

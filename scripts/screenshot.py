@@ -2,14 +2,21 @@
 
     xvfb-run -a .venv/bin/python scripts/screenshot.py [--out docs/images]
 
-1. ``load_ct.png``: napari with the dock widgets of the main job (``napari_langmamba.demo``)
-   and the real abdominal series of ``../shared/data`` loaded through the Load CT widget.
+1. ``load_ct.png``: napari with the dock widgets of the main job (``napari_langmamba.demo``,
+   Denoise in front) and the real abdominal series of ``../shared/data`` loaded through the
+   Load CT widget.
 2. ``compare.png`` and ``compare_figure.png``: the Compare widget on one real slice: the
    normal-dose slice (reference), a low-dose version simulated by the project's projection-
    domain simulator (``training.simulate``) and its denoised result (the bundled default
    model; with ``--stand-in`` when no weights are available, a Gaussian filter clearly named
    as a stand-in), side by side with the ROI crops and metrics; the second file is the
    widget's PNG export.
+3. ``tokens.png``: the Tokens widget on the same real slice, in a fresh viewer: the token
+   pyramid of the bundled default LangAE, the words of pyramid layer 2 drawn over the image
+   and a click on the liver, so the list shows the words of the three layers there.
+
+PNGs larger than ``--max-kb`` are saved with a 256-colour palette (and downscaled if that is
+not enough), so the README stays light.
 """
 
 from __future__ import annotations
@@ -20,11 +27,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("screenshot")
+
+LIVER_PIXEL = (250, 150)  # (row, column) of a liver pixel on the 512 x 512 slices
+TOKENS_TEXT_SIZE = 11  # points; the widget's default for layer 2 (10) is small in a README image
+TOKENS_LEFT_WIDTH, TOKENS_RIGHT_WIDTH = 250, 400  # dock columns (px) narrowed: room for the words
 
 
 def wait(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
@@ -41,6 +53,34 @@ def wait(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
     for _ in range(20):  # let the canvas and the docks repaint
         app.processEvents()
         time.sleep(0.01)
+
+
+def save_png(image: np.ndarray, path: Path, *, max_kb: int) -> Path:
+    """Write an (h, w, 3|4) uint8 screenshot; palette, then downscale, while over ``max_kb``."""
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    img.save(path, optimize=True)
+    if path.stat().st_size <= max_kb * 1024:
+        return path
+    # 256 colours keep UI text and a windowed CT slice visually unchanged at a third of the size
+    for factor in (1.0, 0.9, 0.8, 0.7, 0.6):
+        scaled = img if factor == 1.0 else img.resize(
+            (round(img.width * factor), round(img.height * factor)), Image.Resampling.LANCZOS
+        )
+        scaled.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+            path, optimize=True
+        )
+        if path.stat().st_size <= max_kb * 1024:
+            break
+    logger.info("%s: %d KB (%d x %d)", path.name, path.stat().st_size // 1024, *scaled.size)
+    return path
+
+
+def screenshot(viewer: Any, path: Path, *, max_kb: int) -> None:
+    """The whole napari window (canvas and docks) as a PNG."""
+    save_png(viewer.screenshot(canvas_only=False, flash=False), path, max_kb=max_kb)
+    logger.info("wrote %s", path)
 
 
 def denoised(low_hu: np.ndarray, *, weights: str, stand_in: bool) -> tuple[np.ndarray, str]:
@@ -60,36 +100,72 @@ def denoised(low_hu: np.ndarray, *, weights: str, stand_in: bool) -> tuple[np.nd
     return model.denoise(low_hu), f"denoised ({weights})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
-    parser.add_argument("--slice", type=int, default=10, help="slice shown (index along z)")
-    parser.add_argument("--dose", type=float, default=0.25, help="simulated dose fraction")
-    parser.add_argument("--weights", default="default", help="denoiser checkpoint")
-    parser.add_argument("--stand-in", action="store_true", help="Gaussian filter when no weights exist")
-    parser.add_argument("--size", type=int, nargs=2, default=(1700, 1050), metavar=("W", "H"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
-
+def open_viewer(size: tuple[int, int]) -> tuple[Any, dict[str, Any], Any]:
+    """The demo viewer with the real series loaded: (viewer, widgets by name, CT layer)."""
     from napari_langmamba import demo
+
+    viewer, widgets = demo.build_viewer(show=True)
+    viewer.window._qt_window.resize(*size)
+    load = widgets["Load CT"]
+    wait(lambda: not load.busy and len(viewer.layers) > 0, timeout=300, what="the series to load")
+    return viewer, widgets, viewer.layers[0]
+
+
+def dock_of(widget: Any) -> Any:
+    """The ``QDockWidget`` holding ``widget``."""
+    from qtpy.QtWidgets import QDockWidget
+
+    parent = widget.parentWidget()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    if parent is None:
+        raise RuntimeError(f"{type(widget).__name__} is not in a dock")
+    return parent
+
+
+def raise_dock(widget: Any) -> Any:
+    """Bring the dock holding ``widget`` to the front of its tab group; return the dock."""
+    dock = dock_of(widget)
+    dock.show()
+    dock.raise_()
+    return dock
+
+
+def widen_canvas(viewer: Any, *, left: int, right: int) -> None:
+    """Narrow the left and right dock columns to ``left`` / ``right`` pixels (as far as they go)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QDockWidget
+
+    window = viewer.window._qt_window
+    for area, width in ((Qt.DockWidgetArea.LeftDockWidgetArea, left), (Qt.DockWidgetArea.RightDockWidgetArea, right)):
+        docks = [d for d in window.findChildren(QDockWidget) if d.isVisible() and window.dockWidgetArea(d) == area]
+        if docks:
+            window.resizeDocks(docks, [width] * len(docks), Qt.Orientation.Horizontal)
+
+
+def fit_tree(tree: Any) -> None:
+    """Make an expanded ``QTreeWidget`` tall enough to show all its rows without scrolling."""
+    rows, item = 0, tree.topLevelItem(0)
+    while item is not None:
+        rows += 1
+        item = tree.itemBelow(item)
+    # one spare row: the hint can be a pixel or two short of the drawn rows
+    height = tree.header().height() + (rows + 1) * tree.sizeHintForRow(0) + 2 * tree.frameWidth()
+    tree.setMinimumHeight(height)
+
+
+def shoot_load_and_compare(args: argparse.Namespace) -> None:
+    """``load_ct.png``, ``compare.png``, ``compare_figure.png`` and ``compare_metrics.csv``."""
     from napari_langmamba.compare import Roi
 
-    if not demo.SAMPLE_SERIES.is_dir():
-        print(f"The real series is missing ({demo.SAMPLE_SERIES}); screenshots need it.", file=sys.stderr)
-        return 1
-    viewer, widgets = demo.build_viewer(show=True)
-    viewer.window._qt_window.resize(*args.size)
+    viewer, widgets, ct = open_viewer(args.size)
     load = widgets["Load CT"]
-    wait(lambda: not load.busy and len(viewer.layers) > 0, timeout=180, what="the series to load")
-    ct = viewer.layers[0]
+    raise_dock(widgets["Denoise"])  # the next step of the main job, rather than the last tab added
     viewer.dims.set_current_step(0, args.slice)
     centre = np.array([args.slice, 256, 182]) * np.asarray(ct.scale)  # a point in the liver
     load.show_value_at(tuple(centre))
     wait(lambda: True, timeout=5, what="repaint")
-    path = args.out / "load_ct.png"
-    viewer.screenshot(str(path), canvas_only=False, flash=False)
-    logger.info("wrote %s", path)
+    screenshot(viewer, args.out / "load_ct.png", max_kb=args.max_kb)
 
     # --- comparison on one real slice ----------------------------------------------------
     sys.path.insert(0, str(REPO))
@@ -105,21 +181,77 @@ def main(argv: list[str] | None = None) -> int:
     viewer.add_image(after, name=after_name, scale=scale, contrast_limits=(-160, 240))
     viewer.add_image(reference, name="normal dose", scale=scale, contrast_limits=(-160, 240))
     compare = widgets["Compare"]
+    raise_dock(compare)
     compare.set_layers(low_name, after_name, "normal dose")
     compare.set_window("abdomen")
     compare.set_roi(Roi(224, 150, 288, 214), background=Roi(270, 330, 310, 370))  # liver; spleen
-    wait(lambda: compare.idle and compare.comparison is not None, timeout=120, what="the comparison")
+    wait(lambda: compare.idle and compare.comparison is not None, timeout=300, what="the comparison")
     compare.set_side_by_side(True)
-    wait(lambda: compare.idle, timeout=120, what="the comparison")
-    path = args.out / "compare.png"
-    viewer.screenshot(str(path), canvas_only=False, flash=False)
-    logger.info("wrote %s", path)
+    wait(lambda: compare.idle, timeout=300, what="the comparison")
+    screenshot(viewer, args.out / "compare.png", max_kb=args.max_kb)
     png, csv = compare.export(args.out / "compare_figure.png", args.out / "compare_metrics.csv")
     logger.info("wrote %s and %s", png, csv)
     for m in compare.comparison.metrics:
         logger.info("%s: mean %.1f SD %.1f HU, PSNR %.2f SSIM %.4f FSIM %.4f", m.image, m.mean_hu, m.sd_hu,
                     m.psnr, m.ssim, m.fsim)
     viewer.close()
+
+
+def shoot_tokens(args: argparse.Namespace) -> None:
+    """``tokens.png``: the Tokens widget on the slice, layer-2 words, a click on the liver."""
+    viewer, widgets, ct = open_viewer(args.tokens_size)
+    tokens = widgets["Tokens"]
+    raise_dock(tokens)
+    # the Tokens dock gets the whole column: its list of three layers with alternatives is tall
+    dock_of(widgets["Load CT"]).hide()
+    viewer.dims.set_current_step(0, args.slice)
+    tokens.set_image_layer(ct)
+    tokens.use_weights("default")
+    tokens.pyramid_layer = 2
+    tokens.show_tokens()
+    wait(lambda: not tokens.busy and tokens.pyramid is not None and tokens.pyramid_index == (args.slice,),
+         timeout=600, what="the token pyramid")
+    viewer.layers.selection.active = ct
+    click = ct.data_to_world((args.slice, *LIVER_PIXEL))  # the viewer gives world positions
+    regions = tokens.select_at(click)
+    tokens.hover_at(click)
+    if len(regions) != 3:
+        raise RuntimeError(f"expected the regions of 3 pyramid layers at the liver pixel, got {len(regions)}")
+    tokens.overlay.text.size = TOKENS_TEXT_SIZE
+    fit_tree(tokens.hits_tree)
+    widen_canvas(viewer, left=TOKENS_LEFT_WIDTH, right=TOKENS_RIGHT_WIDTH)
+    viewer.window._qt_window.resize(*args.tokens_size)  # raising the tall dock may have grown it
+    viewer.reset_view()
+    wait(lambda: True, timeout=5, what="repaint")
+    for region in regions:
+        logger.info("layer %d at %s: %s (alternatives %s)", region.layer, LIVER_PIXEL, region.word,
+                    ", ".join(a.word for a in region.alternatives))
+    screenshot(viewer, args.out / "tokens.png", max_kb=args.max_kb)
+    viewer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
+    parser.add_argument("--slice", type=int, default=10, help="slice shown (index along z)")
+    parser.add_argument("--dose", type=float, default=0.25, help="simulated dose fraction")
+    parser.add_argument("--weights", default="default", help="denoiser checkpoint")
+    parser.add_argument("--stand-in", action="store_true", help="Gaussian filter when no weights exist")
+    parser.add_argument("--size", type=int, nargs=2, default=(1700, 1050), metavar=("W", "H"))
+    parser.add_argument("--tokens-size", type=int, nargs=2, default=(1700, 1150), metavar=("W", "H"),
+                        help="window of tokens.png (taller: the words need large regions)")
+    parser.add_argument("--max-kb", type=int, default=480, help="largest PNG written, in KB")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from napari_langmamba import demo
+
+    if not demo.SAMPLE_SERIES.is_dir():
+        print(f"The real series is missing ({demo.SAMPLE_SERIES}); screenshots need it.", file=sys.stderr)
+        return 1
+    shoot_load_and_compare(args)
+    shoot_tokens(args)
     return 0
 
 

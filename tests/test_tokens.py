@@ -172,6 +172,7 @@ def test_json_and_csv_exports_round_trip(model, tmp_path):
     assert back.to_records() == records
     assert back.padding == pyramid.padding and back.image_shape == pyramid.image_shape
     assert back.model_info == pyramid.model_info and back.model_info["codebook_source"] == CODEBOOK
+    assert back.model_info["preset"] == model.config.name
     assert json.loads((tmp_path / "tokens.json").read_text())["format"] == "napari-langmamba.tokens"
 
     pyramid.to_csv(tmp_path / "tokens.csv")
