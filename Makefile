@@ -14,8 +14,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: 2.13.0 is the CPU build on this machine's disk; a looser
-	# request would pull a multi-GB CUDA build from PyPI.
+	@# torch first and pinned: 2.13.0 is the CPU build on this machine's disk; a looser
+	@# request would pull a multi-GB CUDA build from PyPI.
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)

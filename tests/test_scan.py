@@ -94,6 +94,56 @@ def test_softplus_threshold_region(backend):
     _check_backend(backend, inputs, softplus=True)
 
 
+def _numba_output_and_grads(inputs, gy):
+    x = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y = selective_scan(**x, delta_softplus=True, backend="numba")
+    return [y.detach(), *torch.autograd.grad(y, [x[k] for k in NAMES], gy)]
+
+
+def test_numba_results_are_the_same_bits_for_any_thread_count_and_call():
+    """A resumed CPU training run must match an uninterrupted one bit for bit.
+
+    The kernels cut the channels into work items of a width that follows the thread count
+    (2 groups of 136 channels: 128 + 8 wide with one thread, narrower with more), so any sum
+    over a work item's channels (the B and C gradients) would change in the last bits.
+    """
+    inputs = _inputs(1, 272, 40, 4, 2, seed=11)
+    gy = torch.randn(1, 272, 40, generator=torch.Generator().manual_seed(12))
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for count in (1, 3, 8):
+            torch.set_num_threads(count)
+            runs[count] = [_numba_output_and_grads(inputs, gy) for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    reference = runs[1][0]
+    for count, results in runs.items():
+        for result in results:
+            for name, value, expected in zip(("y", *NAMES), result, reference, strict=True):
+                assert torch.equal(value, expected), f"{name} differs with {count} threads"
+
+
+def test_numba_gradients_have_the_strides_of_their_inputs():
+    """DDP copies gradients into bucket views laid out like the parameters: no transposed ones."""
+    b, g, L, dg, n = 2, 3, 37, 4, 5
+    gen = torch.Generator().manual_seed(4)
+    inputs = {
+        "u": torch.randn(b, g, L, dg, generator=gen),
+        "delta": torch.randn(b, g, L, dg, generator=gen),
+        "A": -torch.rand(g * dg, n, generator=gen) - 0.5,
+        "B": torch.randn(b, g, L, n, generator=gen),
+        "C": torch.randn(b, g, L, n, generator=gen),
+        "D": torch.randn(g * dg, generator=gen),
+        "delta_bias": torch.randn(g * dg, generator=gen),
+    }
+    x = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y = selective_scan_channels_last(**x, delta_softplus=True, backend="numba")
+    grads = torch.autograd.grad(y, [x[k] for k in NAMES], torch.ones_like(y))  # as the Function returns them
+    for name, grad in zip(NAMES, grads, strict=True):
+        assert grad.shape == inputs[name].shape and grad.stride() == inputs[name].stride(), name
+
+
 def test_channels_last_layout_matches_mamba_layout():
     inputs = _inputs(2, 12, 50, 4, 3, seed=7)
     b, d, L = inputs["u"].shape

@@ -206,6 +206,24 @@ def test_essm_and_ema_block_inference_equals_training_path(h, w):
     assert _rel(y_cl.detach(), y_train.detach()) < 1e-5
 
 
+@pytest.mark.parametrize("case", ["essm", "ema", "ema_channels_last"])
+def test_parameter_gradients_have_their_parameters_strides(case):
+    """DDP copies each gradient into a bucket view with its parameter's strides, size-1
+    dimensions included, and warns "Grad strides do not match bucket view strides" when they
+    differ: dt_projs_weight with dt_rank 1 (widths <= 16), the depthwise conv's (d, 1, 3, 3)."""
+    torch.manual_seed(0)
+    if case == "essm":
+        module, x = ESSM(16, d_state=4), torch.randn(2, 6, 6, 16)
+        assert module.scan.dt_rank == 1
+    else:
+        module, x = EMABlock(8, 4, d_state=4), torch.randn(2, 8, 6, 6)
+        if case == "ema_channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    module(x).square().mean().backward()
+    for name, p in module.named_parameters():
+        assert p.grad.stride() == p.stride(), name
+
+
 def test_ema_block_keeps_channels_without_a_shortcut_conv():
     block = EMABlock(6, 6, d_state=4)
     assert isinstance(block.ffn.shortcut, nn.Identity)
@@ -284,6 +302,17 @@ def test_frozen_encoder_gets_no_grad_stays_in_eval_and_is_bit_identical():
         assert not torch.equal(seed(x), x)
 
 
+def test_seed_parameter_gradients_have_their_parameters_strides():
+    """The DDP bucket-view condition on the whole denoiser (tiny widths: dt_rank 1)."""
+    seed, _ = _stand_in_seed()
+    with torch.no_grad():
+        seed.head.weight.normal_(std=0.1)
+    seed(torch.rand(2, 1, 32, 32)).mean().backward()
+    for name, p in seed.named_parameters():
+        if p.requires_grad:
+            assert p.grad.stride() == p.stride(), name
+
+
 def test_weight_init_never_touches_the_encoder():
     encoder = StandInEncoder()
     before = _snapshot(encoder)
@@ -353,6 +382,27 @@ def test_seed_on_the_langae_encoder(preset, size):
     y_grad.mean().backward()
     assert all(p.grad is None for p in seed.encoder.parameters())
     assert seed.head.weight.grad is not None and seed.head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("preset", ["tiny", "lite"])
+def test_seed_runs_on_a_1x1_bottleneck_with_batch_1(preset):
+    """16 x 16 input: the bottleneck and the 1/8 scale are 1 x 1 and 2 x 2. Nothing in SEED
+    normalises over the batch or over single pixels, so train and eval, any batch, work."""
+    seed = _real_seed(preset)
+    with torch.no_grad():
+        seed.head.weight.normal_(std=0.1)
+    for batch in (1, 3):
+        x = torch.rand(batch, 1, 16, 16)
+        seed.train()
+        y = seed(x)
+        y.square().mean().backward()
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        assert all(torch.isfinite(p.grad).all() for p in seed.parameters() if p.requires_grad)
+        seed.eval()
+        with torch.no_grad():
+            y_eval = seed(x)
+        assert _rel(y_eval - x, y.detach() - x) < 1e-4
+        seed.zero_grad(set_to_none=True)
 
 
 def test_lite_is_small_enough_for_cpu_training():

@@ -20,6 +20,14 @@ like ``a[o + j]`` makes numba emit negative-index handling that blocks vectorisa
 inner loops that store to one or two arrays only (each extra pair of arrays that might
 alias costs LLVM a runtime check, and past a handful it gives up). The state is float32.
 
+Results are bit-reproducible whatever the thread count: a work item computes each of its
+channels exactly as any other split would (no value depends on the block width; checked
+by tests/test_scan.py), and every sum across work items (over channels or the batch) is
+left to the caller as partial results in separate slots, added up in a fixed order. The
+block width follows the thread count, so a sum over a work item's channels would not be
+reproducible: the B and C gradients are summed per fixed sub-block of ``SUM_BLOCK``
+channels instead.
+
 :func:`es2d_forward` is the inference-only fusion used by ES2D: it reads its input and
 writes its output in image order through the scan order, and computes the step from the
 low-rank projection itself, so no (b, 4, L, d) tensor is ever materialised.
@@ -35,6 +43,12 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 _F32 = np.float32
+
+# Channels per partial sum of the B and C gradients, which are sums over channels. Fixed, so
+# that the backward's results do not depend on how the channels are cut into work items (that
+# follows the thread count). 64 is four AVX-512 vectors: measured as fast as one sum over a
+# 128-channel block, where 16 or 32 made the whole backward ~25 % slower.
+SUM_BLOCK = 64
 
 
 @intrinsic
@@ -174,6 +188,7 @@ def scan_backward(
     ddelta,
     dA_part,
     dD_part,
+    dbias_part,
     dB_part,
     dC_part,
     nb,
@@ -191,12 +206,17 @@ def scan_backward(
     from ``h_chunks`` into a small per-item buffer, then walked backwards.
 
     Outputs (all fully overwritten): ``du`` and ``ddelta`` (b, g, L, dg), the latter with
-    respect to ``delta`` before bias and softplus (its sum over b and L is the bias
-    gradient); ``dA_part`` (b, n, g*dg) and ``dD_part`` (b, g*dg), summed over the batch by
-    the caller; ``dB_part``, ``dC_part`` (b, g, nblk, L, n), summed over channel blocks.
+    respect to ``delta`` before bias and softplus; per batch element, summed over time in
+    time order: ``dA_part`` (b, g*dg, n), ``dD_part`` and ``dbias_part`` (b, g*dg); per
+    sub-block of ``SUM_BLOCK`` channels: ``dB_part`` and ``dC_part``
+    (b, g, L, ceil(dg / SUM_BLOCK), n). The caller sums the partials in a fixed order.
+    ``blk`` must be a multiple of ``SUM_BLOCK`` or at least ``dg``, so that every work item
+    holds whole sub-blocks: then no value written depends on ``blk``, and the gradients are
+    the same bits for any thread count.
     """
     d = ng * dg
     nblk = (dg + blk - 1) // blk
+    nsub = (dg + SUM_BLOCK - 1) // SUM_BLOCK
     nchunks = (seqlen + chunk - 1) // chunk
     for item in prange(nb * ng * nblk):
         bi = item // (ng * nblk)
@@ -206,6 +226,8 @@ def scan_backward(
         w = min(dg - j0, blk)
         c0 = gi * dg + j0
         seq = bi * ng + gi
+        s0 = j0 // SUM_BLOCK  # first sub-block of this item
+        nsub_w = (w + SUM_BLOCK - 1) // SUM_BLOCK
         a_loc = np.empty((n, w), np.float32)
         for k in range(n):
             a_loc[k, :] = At[k * d + c0 : k * d + c0 + w]
@@ -216,6 +238,7 @@ def scan_backward(
         carry = np.zeros((n, w), np.float32)  # a_{t+1} * dh_{t+1}
         dA_acc = np.zeros((n, w), np.float32)
         dD_acc = np.zeros(w, np.float32)
+        dbias_acc = np.zeros(w, np.float32)
         ul = np.empty(w, np.float32)
         dtl = np.empty(w, np.float32)
         dtu = np.empty(w, np.float32)
@@ -224,7 +247,6 @@ def scan_backward(
         ddt_l = np.empty(w, np.float32)
         dh = np.empty(w, np.float32)
         sv = np.empty(w, np.float32)
-        part = (seq * nblk + ib) * seqlen
         for c in range(nchunks - 1, -1, -1):
             t0 = c * chunk
             t1 = min(seqlen, t0 + chunk)
@@ -281,8 +303,7 @@ def scan_backward(
                     ddt_l[j] = _F32(0.0)
                 for j in range(w):
                     dD_acc[j] += gr[j] * ur[j]
-                dbr = dB_part[(part + t) * n : (part + t + 1) * n]
-                dcr = dC_part[(part + t) * n : (part + t + 1) * n]
+                pr = ((seq * seqlen + t) * nsub + s0) * n  # this item's first partial of step t
                 for k in range(n):
                     bk = bc[k]
                     ck = cc[k]
@@ -294,13 +315,28 @@ def scan_backward(
                     dak = dA_acc[k]
                     for j in range(w):  # the state adjoint at step t
                         dh[j] = ck * gr[j] + cy[j]
-                    dc = _F32(0.0)
-                    db = _F32(0.0)
-                    for j in range(w):
-                        dc += gr[j] * hn[j]
-                        db += dh[j] * dtu[j]
-                    dbr[k] = db
-                    dcr[k] = dc
+                    for s in range(nsub_w):  # dC = sum dy h, dB = sum dh dt u, per sub-block
+                        lo = s * SUM_BLOCK
+                        dc = _F32(0.0)
+                        db = _F32(0.0)
+                        if lo + SUM_BLOCK <= w:
+                            gs = gr[lo : lo + SUM_BLOCK]
+                            hs = hn[lo : lo + SUM_BLOCK]
+                            es = dh[lo : lo + SUM_BLOCK]
+                            vs = dtu[lo : lo + SUM_BLOCK]
+                            for j in range(SUM_BLOCK):
+                                dc += gs[j] * hs[j]
+                                db += es[j] * vs[j]
+                        else:  # the ragged end of a group
+                            gs = gr[lo:w]
+                            hs = hn[lo:w]
+                            es = dh[lo:w]
+                            vs = dtu[lo:w]
+                            for j in range(w - lo):
+                                dc += gs[j] * hs[j]
+                                db += es[j] * vs[j]
+                        dB_part[pr + s * n + k] = db
+                        dC_part[pr + s * n + k] = dc
                     for j in range(w):
                         du_l[j] += dh[j] * dtl[j] * bk
                     for j in range(w):  # adjoint of the exponent dt * A
@@ -315,9 +351,13 @@ def scan_backward(
                 ddr = ddelta[o : o + w]
                 for j in range(w):
                     ddr[j] = ddt_l[j] * slope[j]
-        for k in range(n):
-            dA_part[(bi * n + k) * d + c0 : (bi * n + k) * d + c0 + w] = dA_acc[k]
+                for j in range(w):
+                    dbias_acc[j] += ddr[j]
+        for j in range(w):  # (b, d, n): the layout of A, so the caller's sum needs no transpose
+            for k in range(n):
+                dA_part[(bi * d + c0 + j) * n + k] = dA_acc[k, j]
         dD_part[bi * d + c0 : bi * d + c0 + w] = dD_acc
+        dbias_part[bi * d + c0 : bi * d + c0 + w] = dbias_acc
 
 
 @njit(parallel=True, nogil=True, fastmath=True, error_model="numpy", cache=True)

@@ -255,9 +255,13 @@ class ES2D(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (b, h + pad_h, w + pad_w, d)
         hp, wp = h + pad_h, w + pad_w
         xs = es2d_split(x, step=self.step)  # (b, K, L, d)
-        x_dbl = torch.matmul(xs, self.x_proj_weight.transpose(1, 2))  # (b, K, L, r + 2n)
-        dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=-1)  # (b, K, L, r), (b, K, L, n) x 2
-        dts = torch.matmul(dts, self.dt_projs_weight.transpose(1, 2))  # (b, K, L, d)
+        # Both projections take their weight as the left operand: autograd then returns each
+        # weight's gradient in the weight's own strides. With a transposed weight on the right
+        # it returns a transposed gradient, which DDP's bucket views reject (dt_rank 1).
+        x_dbl = torch.matmul(self.x_proj_weight, xs.transpose(2, 3))  # (b, K, r + 2n, L)
+        dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)  # (b, K, r, L), (b, K, n, L) x 2
+        dts = torch.matmul(self.dt_projs_weight, dts).transpose(2, 3)  # (b, K, d, L) -> (b, K, L, d)
+        Bs, Cs = Bs.transpose(2, 3), Cs.transpose(2, 3)  # (b, K, L, n)
         A = -torch.exp(self.A_logs.float())  # (K * d, n)
         if pad_h or pad_w:
             order, _ = _orders(hp, wp, self.step, x.device)  # (K, L)
@@ -298,6 +302,10 @@ class ESSM(nn.Module):
         self.d_inner = d_inner
         self.in_proj = nn.Linear(channels, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner, bias=True)
+        # Its input is always a channels-last view of (b, h, w, d_inner), so its weight
+        # gradient comes out channels-last: keep the weight in that layout too (same values),
+        # or the two layouts of this (d_inner, 1, 3, 3) tensor differ and DDP complains.
+        self.conv2d.to(memory_format=torch.channels_last)
         self.scan = ES2D(d_inner, d_state=d_state, dt_rank=math.ceil(channels / 16), step=step)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, channels, bias=False)
@@ -453,6 +461,10 @@ class EMABlock(nn.Module):
         self.conv_attention = ConvAttention(in_channels, compress=compress, squeeze=squeeze)
         self.spatial_gate = SpatialGate(in_channels, squeeze=squeeze)
         self.ffn = ConvFFN(in_channels, out_channels)
+        # Channels-last weights (oneDNN's fast CPU layout; values unchanged) make every
+        # convolution's output and weight gradient channels-last whatever the input's layout,
+        # so each gradient has its weight's strides (which DDP's bucket views require).
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(b, c_in, h, w) -> (b, c_out, h, w)."""

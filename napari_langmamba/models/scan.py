@@ -13,10 +13,13 @@ Backends (see :func:`scan_backend`):
 - ``"numba"``: CPU tensors; a compiled kernel (``prange`` over batch x groups x channel
   blocks, the time loop inside, float32 state) with a hand-written backward (the
   reverse-time recurrence of the state adjoint) in a :class:`torch.autograd.Function`;
-  bias and softplus happen inside the kernels. Without gradients nothing is allocated but
-  the output (no (b, d, L, n) tensor ever); with gradients the state at the start of
-  every 32 steps is kept and the rest recomputed. numba is imported and the kernels
-  compiled (then cached on disk) on first use, never at import.
+  bias and softplus happen inside the kernels. Output and gradients are the same bits
+  from call to call and for any thread count (sums across work items are taken in a
+  fixed order), so a resumed CPU training run matches an uninterrupted one exactly.
+  Without gradients nothing is allocated but the output (no (b, d, L, n) tensor ever);
+  with gradients the state at the start of every 32 steps is kept and the rest
+  recomputed. numba is imported and the kernels compiled (then cached on disk) on first
+  use, never at import.
 - ``"torch"``: pure PyTorch, chunked (a stable segment-sum form inside chunks of a few
   dozen steps, the state carried across chunks); any device, e.g. MPS.
 
@@ -332,13 +335,29 @@ def _flat(t: torch.Tensor):
     return t.view(-1).numpy()
 
 
-def _numba_block(n_seq: int, dg: int, *, max_block: int = 128) -> int:
-    """Channels per work item: wide for vectorisation, narrow enough to feed every thread."""
+def _numba_block(n_seq: int, dg: int, *, min_block: int = 16, max_block: int = 128) -> int:
+    """Channels per work item: wide for vectorisation, narrow enough to feed every thread.
+
+    A power of two from ``min_block`` (a power of two) to ``max_block``, or ``dg`` when that
+    is smaller.
+    """
     threads = torch.get_num_threads()
     blk = max_block
-    while blk > 16 and n_seq * math.ceil(dg / blk) < 2 * threads:
+    while blk > min_block and n_seq * math.ceil(dg / blk) < 2 * threads:
         blk //= 2
     return max(1, min(blk, dg))
+
+
+def _sum_in_order(parts: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum ``parts`` over ``dim`` by adding its slices one after the other, in index order.
+
+    Unlike ``Tensor.sum``, whose order of additions may follow the thread count, this is
+    elementwise work only, so the result is the same bits on any machine setting.
+    """
+    out = parts.select(dim, 0).clone(memory_format=torch.contiguous_format)
+    for i in range(1, parts.shape[dim]):
+        out += parts.select(dim, i)
+    return out
 
 
 def _run_numba(kernel, *args) -> None:
@@ -419,31 +438,37 @@ class _NumbaScan(torch.autograd.Function):
         u32, delta32, A32, B32, C32, D32, bias32, h_chunks = ctx.saved_tensors
         b, g, seqlen, dg = u32.shape
         d, n = A32.shape
-        blk = _numba_block(b * g, dg)
-        nblk = math.ceil(dg / blk)
+        # Whole sub-blocks of the B and C sums per work item: the kernel's condition for
+        # gradients that do not depend on the thread count.
+        blk = _numba_block(b * g, dg, min_block=kernels.SUM_BLOCK)
+        nsub = math.ceil(dg / kernels.SUM_BLOCK)
         du = torch.empty_like(u32)
         ddelta = torch.empty_like(u32)  # with respect to delta before bias and softplus
-        dA_part = torch.empty(b, n, d)  # summed over the batch below
+        # Partial sums in separate slots, added up below in a fixed order (reproducible bits).
+        dA_part = torch.empty(b, d, n)  # per batch element
         dD_part = torch.empty(b, d)
-        dB_part = torch.empty(b, g, nblk, seqlen, n)  # summed over channel blocks below
-        dC_part = torch.empty(b, g, nblk, seqlen, n)
+        dbias_part = torch.empty(b, d)
+        dB_part = torch.empty(b, g, seqlen, nsub, n)  # per sub-block of channels
+        dC_part = torch.empty(b, g, seqlen, nsub, n)
         _run_numba(
             kernels.scan_backward,
             _flat(u32), _flat(delta32), _flat(bias32), bool(ctx.delta_softplus), _flat(A32.t().contiguous()),
             _flat(B32), _flat(C32), _flat(D32), _flat(_f32(dy)), _flat(h_chunks),
-            _flat(du), _flat(ddelta), _flat(dA_part), _flat(dD_part), _flat(dB_part), _flat(dC_part),
+            _flat(du), _flat(ddelta), _flat(dA_part), _flat(dD_part), _flat(dbias_part), _flat(dB_part),
+            _flat(dC_part),
             b, g, seqlen, dg, n, blk, _NUMBA_CHUNK,
         )  # fmt: skip
         u_t, delta_t, A_t, B_t, C_t, D_t, bias_t = ctx.dtypes
-        dbias = ddelta.sum(dim=(0, 2)).reshape(d).to(bias_t) if ctx.has_bias else None  # (g, dg) -> (d,)
+        # Every gradient is a fresh contiguous tensor in its input's own shape: DDP's bucket
+        # views and AccumulateGrad's layout contract take it as it is.
         return (
             du.to(u_t),
             ddelta.to(delta_t),
-            dA_part.sum(0).t().to(A_t),  # (n, d) -> (d, n)
-            dB_part.sum(2).to(B_t),  # (b, g, L, n)
-            dC_part.sum(2).to(C_t),
-            dD_part.sum(0).to(D_t) if ctx.has_D else None,
-            dbias,
+            _sum_in_order(dA_part, 0).to(A_t),  # (d, n)
+            _sum_in_order(dB_part, 3).to(B_t),  # (b, g, L, n)
+            _sum_in_order(dC_part, 3).to(C_t),
+            _sum_in_order(dD_part, 0).to(D_t) if ctx.has_D else None,
+            _sum_in_order(dbias_part, 0).to(bias_t) if ctx.has_bias else None,
             None,
         )
 
