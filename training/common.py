@@ -3,7 +3,9 @@
 Each stage's options dataclass extends :class:`TrainOptions`; :func:`add_train_arguments`
 declares the shared flags (through :func:`training.config.add_option`, so a config file can set
 them too) and :func:`start` does the common set-up: process group, device, seeds, logging on
-non-zero ranks, and the run folder.
+non-zero ranks, and the run folder. :func:`run_stage` wraps a stage's ``main``;
+:func:`make_stage_data`, :func:`validation` and :func:`fit_stage` are the parts of a stage's
+training function that do not depend on its model.
 """
 
 from __future__ import annotations
@@ -18,18 +20,19 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from napari_langmamba.errors import ConfigError
-from training.config import add_config_argument, add_option
+from training.config import add_config_argument, add_option, options_to_dict, resolve_options
 from training.distributed import AMP_CHOICES, DistContext, init_distributed
 from training.runs import RunFolder, seed_everything
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "StageData",
     "SubsetSource",
     "TrainOptions",
     "add_train_arguments",
@@ -37,10 +40,14 @@ __all__ = [
     "crop_to_multiple",
     "default_of",
     "file_sha256",
+    "fit_stage",
+    "make_stage_data",
     "parse_window",
+    "run_stage",
     "sharded_means",
     "split_source",
     "start",
+    "validation",
 ]
 
 PRESET_CHOICES = ("tiny", "lite", "paper")
@@ -75,10 +82,10 @@ class TrainOptions:
     debug_nan_at_step: int | None = None
 
     def __post_init__(self) -> None:
-        data = (self.data,) if isinstance(self.data, (str, os.PathLike)) else tuple(self.data or ())
-        object.__setattr__(self, "data", tuple(Path(os.fspath(p)).expanduser() for p in data))
-        val = (self.val_data,) if isinstance(self.val_data, (str, os.PathLike)) else tuple(self.val_data or ())
-        object.__setattr__(self, "val_data", tuple(Path(os.fspath(p)).expanduser() for p in val))
+        for name in ("data", "val_data"):  # one path or several
+            value = getattr(self, name)
+            paths = (value,) if isinstance(value, (str, os.PathLike)) else tuple(value or ())
+            object.__setattr__(self, name, tuple(Path(os.fspath(p)).expanduser() for p in paths))
         if self.output is not None and not isinstance(self.output, Path):
             object.__setattr__(self, "output", Path(os.fspath(self.output)).expanduser())
         if self.output is None:
@@ -100,6 +107,13 @@ class TrainOptions:
             )
         if not 0.0 <= float(self.val_fraction) < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1); got {self.val_fraction}.")
+
+    def _optional_paths(self, *names: str) -> None:
+        """Make the options ``names`` (a path or None) expanded :class:`~pathlib.Path` objects."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(str(value)).expanduser())
 
 
 def default_of(cls: type, name: str) -> Any:
@@ -254,6 +268,30 @@ def start(options: TrainOptions, *, stage: str, config: dict) -> tuple[DistConte
     return ctx, run
 
 
+def run_stage(
+    cls: type[TrainOptions],
+    args: argparse.Namespace,
+    *,
+    stage: str,
+    train: Callable[[Any, DistContext, RunFolder], int],
+    flags: dict[str, str] | None = None,
+) -> int:
+    """A stage's ``main``: resolve its options, :func:`start`, run ``train(options, ctx, run)``, shut down.
+
+    ``flags`` maps options whose flag is not ``--<name>`` (as for :func:`command_line`).
+    """
+    options = resolve_options(cls, args, stage=stage)
+    config = {"stage": stage, "options": options_to_dict(options),
+              "command_line": command_line(stage, options, flags=flags)}
+    ctx, run = start(options, stage=stage, config=config)
+    try:
+        return train(options, ctx, run)
+    finally:
+        from training.distributed import shutdown
+
+        shutdown(ctx)
+
+
 def parse_window(text: str) -> str | tuple[float, float]:
     """A ``--window`` value: a preset name, or ``LOWER,UPPER`` in HU."""
     if "," in text:
@@ -352,3 +390,121 @@ def sharded_means(
             out[f"{key}_n_nonfinite"] = float(total[-1]) - count
     out["n_images"] = float(total[-1])
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the parts of a stage's training function that do not depend on its model
+
+
+class StageData(NamedTuple):
+    """The datasets and loader of a training stage (see :func:`make_stage_data`)."""
+
+    val_set: Any | None
+    loader: Any
+    batch_sampler: Any
+    steps_per_epoch: int
+    summary: dict[str, Any]
+
+
+def make_stage_data(
+    dataset_cls: Callable[..., Any],
+    train_source: Any,
+    val_source: Any | None,
+    options: TrainOptions,
+    ctx: DistContext,
+    *,
+    source_summary: dict[str, Any],
+    val_label: str,
+) -> StageData:
+    """Training and validation datasets, the resumable loader and the data summary of a stage.
+
+    ``dataset_cls`` is a dataset of :mod:`training.datasets` over a source (random crops of
+    ``--patch-size`` for training, whole slices for validation); ``source_summary`` opens the
+    summary recorded in checkpoints, and ``val_label`` names the data the validation slices were
+    split off when there is no ``--val-data``.
+    """
+    from training.distributed import make_train_loader
+
+    patch = options.patch_size or None
+    train_set = dataset_cls(train_source, patch_size=patch, train=True, repeat=options.repeat)
+    val_set = dataset_cls(val_source, patch_size=None, train=False) if val_source is not None else None
+    loader, batch_sampler = make_train_loader(train_set, batch_size=options.batch_size, ctx=ctx, seed=options.seed,
+                                              num_workers=options.workers)
+    full_pass = batch_sampler.batches_per_epoch()
+    steps_per_epoch = min(full_pass, options.steps_per_epoch) if options.steps_per_epoch else full_pass
+    summary = {
+        **source_summary,
+        "n_slices": len(train_source),
+        "n_val_slices": len(val_source) if val_source is not None else 0,
+        "val_source": [str(p) for p in options.val_data] or (f"last {options.val_fraction:.0%} of {val_label}"
+                                                            if val_source is not None else None),
+        "patch_size": patch,
+        "repeat": options.repeat,
+    }
+    return StageData(val_set, loader, batch_sampler, steps_per_epoch, summary)
+
+
+def validation(
+    model: torch.nn.Module,
+    dataset: Any | None,
+    measure: Callable[[dict], dict[str, float]],
+    *,
+    keys: Sequence[str],
+    ctx: DistContext,
+    max_items: int,
+) -> Callable[[Any], dict] | None:
+    """The ``validate_fn`` of a :class:`training.runs.Trainer`: :func:`sharded_means` in eval mode.
+
+    None when there is no validation ``dataset``.
+    """
+    if dataset is None:
+        return None
+
+    def validate(state: Any) -> dict:
+        model.eval()
+        try:
+            return sharded_means(dataset, measure, keys=keys, ctx=ctx, max_items=max_items)
+        finally:
+            model.train()
+
+    return validate
+
+
+def fit_stage(
+    options: TrainOptions,
+    *,
+    stage: str,
+    ctx: DistContext,
+    run: RunFolder,
+    data: StageData,
+    step_fn: Callable[..., Any],
+    validate_fn: Callable[[Any], dict] | None,
+    objects: dict[str, Any],
+    amp: Any,
+    optimizer: torch.optim.Optimizer,
+    checkpoint: Any,
+    start_event: dict[str, Any],
+    log: logging.Logger,
+) -> int:
+    """Train with a :class:`training.runs.Trainer` (best checkpoint by validation PSNR) and log the outcome.
+
+    ``objects`` are the stage's resumable state besides the model (the AMP gradient scaler is
+    added); returns the exit code 0.
+    """
+    from training.runs import Trainer
+
+    if amp.scaler is not None:
+        objects = {**objects, "grad_scaler": amp.scaler}
+    trainer = Trainer(
+        run=run, ctx=ctx, loader=data.loader, batch_sampler=data.batch_sampler, epochs=options.epochs,
+        steps_per_epoch=data.steps_per_epoch, step_fn=step_fn, validate_fn=validate_fn, objects=objects,
+        checkpoint=checkpoint, lr_fn=lambda: float(optimizer.param_groups[0]["lr"]), best_key="psnr",
+        best_mode="max", log_every=options.log_every, checkpoint_every=options.checkpoint_every,
+        stop_at_step=options.stop_at_step, nan_at_step=options.debug_nan_at_step, progress=options.progress,
+    )
+    summary = trainer.fit(resume=options.resume, start_event=start_event)
+    best = summary["best"]
+    log.info("%s %s at step %d of %d%s; checkpoints in %s (summary.json)", stage, summary["status"], summary["step"],
+             summary["total_steps"], f"; best validation {best['key']} {best['value']:.4g} at step {best['step']}"
+             if best["value"] is not None else "", run.path)
+    return 0

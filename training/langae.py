@@ -41,12 +41,14 @@ from training.common import (
     crop_to_multiple,
     default_of,
     file_sha256,
+    fit_stage,
+    make_stage_data,
     parse_window,
-    sharded_means,
+    run_stage,
     split_source,
-    start,
+    validation,
 )
-from training.config import add_option, options_to_dict, resolve_options
+from training.config import add_option
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +80,7 @@ class LangAEOptions(TrainOptions):
         super().__post_init__()
         if not self.data:
             raise ConfigError("--data is required: normal-dose CT (DICOM folders, NIfTI, .npy, Mayo or simulate folders).")
-        for name in ("candidates", "perceptual_weights"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(str(value)).expanduser())
+        self._optional_paths("candidates", "perceptual_weights")
         for name in ("alpha", "beta", "gamma", "eta", "base_lr"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value >= 0.0):
@@ -154,15 +153,7 @@ def _ndct_sources(options: LangAEOptions) -> tuple[Any, Any | None]:
 
 def main(args: argparse.Namespace) -> int:
     """Run the ``langae`` stage; returns the exit code (errors raise :class:`LangMambaError`)."""
-    options = resolve_options(LangAEOptions, args, stage=STAGE)
-    config = {"stage": STAGE, "options": options_to_dict(options), "command_line": command_line(STAGE, options)}
-    ctx, run = start(options, stage=STAGE, config=config)
-    try:
-        return _train(options, ctx, run)
-    finally:
-        from training.distributed import shutdown
-
-        shutdown(ctx)
+    return run_stage(LangAEOptions, args, stage=STAGE, train=_train)
 
 
 def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
@@ -173,31 +164,17 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     from napari_langmamba.windowing import MODEL_NORMALIZATION
     from training.candidates import load_candidate_pools
     from training.datasets import NDCTDataset
-    from training.distributed import make_amp, make_train_loader, wrap_ddp
+    from training.distributed import make_amp, wrap_ddp
     from training.gan import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
-    from training.runs import CheckpointSpec, StepOutput, Trainer
+    from training.runs import CheckpointSpec, StepOutput
 
     device = ctx.device
     window = parse_window(options.window)
 
     # -- data
     train_source, val_source = _ndct_sources(options)
-    patch = options.patch_size or None
-    train_set = NDCTDataset(train_source, patch_size=patch, train=True, repeat=options.repeat)
-    val_set = NDCTDataset(val_source, patch_size=None, train=False) if val_source is not None else None
-    loader, batch_sampler = make_train_loader(train_set, batch_size=options.batch_size, ctx=ctx, seed=options.seed,
-                                              num_workers=options.workers)
-    full = batch_sampler.batches_per_epoch()
-    steps_per_epoch = min(full, options.steps_per_epoch) if options.steps_per_epoch else full
-    data_summary = {
-        "source": [str(p) for p in options.data],
-        "n_slices": len(train_source),
-        "n_val_slices": len(val_source) if val_source is not None else 0,
-        "val_source": [str(p) for p in options.val_data] or (f"last {options.val_fraction:.0%} of --data"
-                                                            if val_source is not None else None),
-        "patch_size": patch,
-        "repeat": options.repeat,
-    }
+    data = make_stage_data(NDCTDataset, train_source, val_source, options, ctx,
+                           source_summary={"source": [str(p) for p in options.data]}, val_label="--data")
 
     # -- model, losses
     codebook = load_codebook(options.codebook)
@@ -305,21 +282,9 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
                 "psnr": quality.psnr(out_hu, ref_hu, window),
                 "ssim": quality.ssim(out_hu, ref_hu, window)}
 
-    def validate(state: Any) -> dict:
-        if val_set is None:
-            return {}
-        model.eval()
-        try:
-            return sharded_means(val_set, measure, keys=("recon_mse", "psnr", "ssim"), ctx=ctx,
-                                 max_items=options.val_max_images)
-        finally:
-            model.train()
-
     objects: dict[str, Any] = {"optimizer": optimizer}
     if disc is not None:
         objects.update(discriminator=disc, optimizer_d=opt_d)
-    if amp.scaler is not None:
-        objects["grad_scaler"] = amp.scaler
     candidates_info = None
     if options.candidates is not None:
         candidates_info = {"path": str(options.candidates), "sha256": file_sha256(options.candidates)}
@@ -327,7 +292,7 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     def extra(state: Any) -> dict:
         return {"training": {
             "command_line": command_line(STAGE, options),
-            "data": data_summary,
+            "data": data.summary,
             "codebook": codebook.info(),
             "candidates": candidates_info,
             "loss": {"alpha": options.alpha, "beta": options.beta, "gamma": options.gamma,
@@ -338,22 +303,16 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
             "amp": amp.name,
         }}
 
-    trainer = Trainer(
-        run=run, ctx=ctx, loader=loader, batch_sampler=batch_sampler, epochs=options.epochs,
-        steps_per_epoch=steps_per_epoch, step_fn=step_fn, validate_fn=validate if val_set is not None else None,
-        objects=objects,
+    validate = validation(model, data.val_set, measure, keys=("recon_mse", "psnr", "ssim"), ctx=ctx,
+                          max_items=options.val_max_images)
+    return fit_stage(
+        options, stage=STAGE, ctx=ctx, run=run, data=data, step_fn=step_fn, validate_fn=validate, objects=objects,
+        amp=amp, optimizer=optimizer,
         checkpoint=CheckpointSpec(model=model, kind="langae", config=model_config.to_dict, extra=extra),
-        lr_fn=lambda: float(optimizer.param_groups[0]["lr"]), best_key="psnr", best_mode="max",
-        log_every=options.log_every, checkpoint_every=options.checkpoint_every,
-        stop_at_step=options.stop_at_step, nan_at_step=options.debug_nan_at_step, progress=options.progress,
+        start_event={
+            "lr": lr, "codebook": codebook.source, "preset": options.preset, "semantic": pools is not None,
+            "perceptual": perceptual is not None, "gan": use_gan, "disc_start": options.disc_start,
+            "n_slices": len(train_source), "amp": amp.name,
+        },
+        log=logger,
     )
-    summary = trainer.fit(resume=options.resume, start_event={
-        "lr": lr, "codebook": codebook.source, "preset": options.preset, "semantic": pools is not None,
-        "perceptual": perceptual is not None, "gan": use_gan, "disc_start": options.disc_start,
-        "n_slices": len(train_source), "amp": amp.name,
-    })
-    best = summary["best"]
-    logger.info("langae %s at step %d of %d%s; checkpoints in %s (summary.json)", summary["status"], summary["step"],
-                summary["total_steps"], f"; best validation {best['key']} {best['value']:.4g} at step {best['step']}"
-                if best["value"] is not None else "", run.path)
-    return 0

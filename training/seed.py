@@ -38,12 +38,14 @@ from training.common import (
     crop_to_multiple,
     default_of,
     file_sha256,
+    fit_stage,
+    make_stage_data,
     parse_window,
-    sharded_means,
+    run_stage,
     split_source,
-    start,
+    validation,
 )
-from training.config import add_option, options_to_dict, resolve_options
+from training.config import add_option
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +73,7 @@ class SeedOptions(TrainOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("low", "full", "langae"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(str(value)).expanduser())
+        self._optional_paths("low", "full", "langae")
         if not self.data and (self.low is None or self.full is None):
             raise ConfigError(
                 "Training pairs are required: --data FOLDER (from `python -m training simulate`, or a Mayo 2D "
@@ -170,16 +169,7 @@ def _pair_sources(options: SeedOptions) -> tuple[Any, Any | None, list[str]]:
 
 def main(args: argparse.Namespace) -> int:
     """Run the ``seed`` stage; returns the exit code (errors raise :class:`LangMambaError`)."""
-    options = resolve_options(SeedOptions, args, stage=STAGE)
-    config = {"stage": STAGE, "options": options_to_dict(options),
-              "command_line": command_line(STAGE, options, flags=FLAGS)}
-    ctx, run = start(options, stage=STAGE, config=config)
-    try:
-        return _train(options, ctx, run)
-    finally:
-        from training.distributed import shutdown
-
-        shutdown(ctx)
+    return run_stage(SeedOptions, args, stage=STAGE, train=_train, flags=FLAGS)
 
 
 def _build(options: SeedOptions, device: torch.device) -> tuple[torch.nn.Module, str, Any, dict | None]:
@@ -218,31 +208,19 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
     from napari_langmamba.models.losses import LangDALoss
     from napari_langmamba.windowing import MODEL_NORMALIZATION
     from training.datasets import PairedSliceDataset
-    from training.distributed import make_amp, make_train_loader, wrap_ddp
-    from training.runs import CheckpointSpec, StepOutput, Trainer
+    from training.distributed import make_amp, wrap_ddp
+    from training.runs import CheckpointSpec, StepOutput
 
     device = ctx.device
     window = parse_window(options.window)
 
     # -- data
     train_source, val_source, source_names = _pair_sources(options)
-    patch = options.patch_size or None
-    train_set = PairedSliceDataset(train_source, patch_size=patch, train=True, repeat=options.repeat)
-    val_set = PairedSliceDataset(val_source, patch_size=None, train=False) if val_source is not None else None
-    loader, batch_sampler = make_train_loader(train_set, batch_size=options.batch_size, ctx=ctx, seed=options.seed,
-                                              num_workers=options.workers)
-    full_pass = batch_sampler.batches_per_epoch()
-    steps_per_epoch = min(full_pass, options.steps_per_epoch) if options.steps_per_epoch else full_pass
-    data_summary = {
-        "source": source_names,
-        "layout": type(getattr(train_source, "source", train_source)).__name__,
-        "n_slices": len(train_source),
-        "n_val_slices": len(val_source) if val_source is not None else 0,
-        "val_source": [str(p) for p in options.val_data] or (f"last {options.val_fraction:.0%} of the training data"
-                                                            if val_source is not None else None),
-        "patch_size": patch,
-        "repeat": options.repeat,
-    }
+    data = make_stage_data(
+        PairedSliceDataset, train_source, val_source, options, ctx,
+        source_summary={"source": source_names, "layout": type(getattr(train_source, "source", train_source)).__name__},
+        val_label="the training data",
+    )
 
     # -- model, loss, optimizer
     model, kind, langae, langae_info = _build(options, device)
@@ -252,7 +230,7 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
         logger.info("loss: MSE only (lambda = %g)", options.langda_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, betas=(0.9, 0.99), weight_decay=options.weight_decay)
-    total_steps = options.epochs * steps_per_epoch
+    total_steps = options.epochs * data.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps),
                                                            eta_min=options.lr_min)
     amp = make_amp(options.amp, device)
@@ -300,22 +278,10 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
                 "input_psnr": quality.psnr(low_hu, full_hu, window), "input_ssim": quality.ssim(low_hu, full_hu, window),
                 "mse": float(F.mse_loss(denoised, full))}
 
-    def validate(state: Any) -> dict:
-        model.eval()
-        try:
-            return sharded_means(val_set, measure, keys=("psnr", "ssim", "input_psnr", "input_ssim", "mse"), ctx=ctx,
-                                 max_items=options.val_max_images)
-        finally:
-            model.train()
-
-    objects: dict[str, Any] = {"optimizer": optimizer, "scheduler": scheduler}
-    if amp.scaler is not None:
-        objects["grad_scaler"] = amp.scaler
-
     def extra(state: Any) -> dict:
         return {"training": {
             "command_line": command_line(STAGE, options, flags=FLAGS),
-            "data": data_summary,
+            "data": data.summary,
             "backbone": options.backbone,
             "langda_weight": options.langda_weight,
             "langae": langae_info,
@@ -327,21 +293,16 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
             "amp": amp.name,
         }}
 
-    trainer = Trainer(
-        run=run, ctx=ctx, loader=loader, batch_sampler=batch_sampler, epochs=options.epochs,
-        steps_per_epoch=steps_per_epoch, step_fn=step_fn, validate_fn=validate if val_set is not None else None,
-        objects=objects,
+    validate = validation(model, data.val_set, measure, keys=("psnr", "ssim", "input_psnr", "input_ssim", "mse"),
+                          ctx=ctx, max_items=options.val_max_images)
+    return fit_stage(
+        options, stage=STAGE, ctx=ctx, run=run, data=data, step_fn=step_fn, validate_fn=validate,
+        objects={"optimizer": optimizer, "scheduler": scheduler}, amp=amp, optimizer=optimizer,
         checkpoint=CheckpointSpec(model=model, kind=kind, config=lambda: model_config(kind, model), extra=extra),
-        lr_fn=lambda: float(optimizer.param_groups[0]["lr"]), best_key="psnr", best_mode="max",
-        log_every=options.log_every, checkpoint_every=options.checkpoint_every,
-        stop_at_step=options.stop_at_step, nan_at_step=options.debug_nan_at_step, progress=options.progress,
+        start_event={
+            "backbone": options.backbone, "model_kind": kind, "preset": options.preset,
+            "lambda": options.langda_weight, "n_slices": len(train_source), "trainable_parameters": n_trainable,
+            "amp": amp.name,
+        },
+        log=logger,
     )
-    summary = trainer.fit(resume=options.resume, start_event={
-        "backbone": options.backbone, "model_kind": kind, "preset": options.preset, "lambda": options.langda_weight,
-        "n_slices": len(train_source), "trainable_parameters": n_trainable, "amp": amp.name,
-    })
-    best = summary["best"]
-    logger.info("seed %s at step %d of %d%s; checkpoints in %s (summary.json)", summary["status"], summary["step"],
-                summary["total_steps"], f"; best validation {best['key']} {best['value']:.4g} at step {best['step']}"
-                if best["value"] is not None else "", run.path)
-    return 0

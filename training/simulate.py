@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import json
 import logging
@@ -110,17 +111,21 @@ class SimulationOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_physics(
-            dose=self.dose,
-            i0=self.i0,
-            electronic_noise=self.electronic_noise,
-            filter=self.filter,
-            n_views=self.n_views,
-            mu_water=self.mu_water,
-        )
+        _check_physics(**self.physics())
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"The seed is a non-negative integer; got {self.seed!r}.")
         object.__setattr__(self, "filter", self.filter.strip().lower())
+
+    def physics(self) -> dict[str, Any]:
+        """The scan parameters (all but ``seed``), as keywords of :func:`simulate_low_dose`."""
+        return {
+            "dose": self.dose,
+            "i0": self.i0,
+            "electronic_noise": self.electronic_noise,
+            "filter": self.filter,
+            "n_views": self.n_views,
+            "mu_water": self.mu_water,
+        }
 
 
 def _check_physics(
@@ -333,15 +338,7 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 def _simulate_job(job: _SliceJob, options: SimulationOptions) -> dict[str, float]:
     """Worker: simulate one slice, write both files, return its noise statistics."""
     low = simulate_low_dose(
-        job.hu,
-        pixel_mm=job.pixel_mm,
-        dose=options.dose,
-        i0=options.i0,
-        electronic_noise=options.electronic_noise,
-        filter=options.filter,
-        n_views=options.n_views,
-        mu_water=options.mu_water,
-        seed=_slice_seed(options.seed, job.index),
+        job.hu, pixel_mm=job.pixel_mm, **options.physics(), seed=_slice_seed(options.seed, job.index)
     )
     full = np.asarray(job.hu, dtype=np.float32)
     _save_npy_atomic(Path(job.full_path), full)
@@ -660,15 +657,8 @@ class SimulateStageOptions(SimulationOptions):
             raise ConfigError("simulate needs an output folder (--out).")
 
     def simulation(self) -> SimulationOptions:
-        return SimulationOptions(
-            dose=self.dose,
-            i0=self.i0,
-            electronic_noise=self.electronic_noise,
-            filter=self.filter,
-            n_views=self.n_views,
-            mu_water=self.mu_water,
-            seed=self.seed,
-        )
+        """The :class:`SimulationOptions` part of these options (every field it declares)."""
+        return SimulationOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SimulationOptions)})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

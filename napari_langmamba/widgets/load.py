@@ -218,17 +218,24 @@ class LoadWidget(WidgetBase):
         self.set_path(path, scan=False)
         self.scan(then_load=True)
 
+    def _ready_path(self) -> str | None:
+        """The path to work on, or None (after saying why) when it is empty or a task is running."""
+        path = self.path
+        if not path:
+            self.report_warning("Choose a DICOM folder or a CT file first.")
+            return None
+        if self.busy:
+            self.set_status("Busy: wait for the current task or cancel it.")
+            return None
+        return path
+
     def scan(self, *, then_load: bool = False) -> None:
         """List the series at the current path in a worker; the table shows them.
 
         ``then_load`` loads the series right after, when exactly one was found.
         """
-        path = self.path
-        if not path:
-            self.report_warning("Choose a DICOM folder or a CT file first.")
-            return
-        if self.busy:
-            self.set_status("Busy: wait for the current task or cancel it.")
+        path = self._ready_path()
+        if path is None:
             return
         self._set_series([], path=None)
         self.set_status(f"Looking for CT series in {path} ...")
@@ -284,12 +291,8 @@ class LoadWidget(WidgetBase):
     # --- loading ----------------------------------------------------------------------
     def load(self) -> None:
         """Read the chosen series in a worker and add it as an Image layer."""
-        path = self.path
-        if not path:
-            self.report_warning("Choose a DICOM folder or a CT file first.")
-            return
-        if self.busy:
-            self.set_status("Busy: wait for the current task or cancel it.")
+        path = self._ready_path()
+        if path is None:
             return
         series = self._chosen_series()
         try:
