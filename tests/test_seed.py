@@ -427,3 +427,23 @@ def test_es2d_on_cuda_matches_its_definition():
     x64 = x.double().requires_grad_()
     (grad_ref,) = torch.autograd.grad(_es2d_reference(m.cpu(), x64), [x64], gy.double().cpu())
     assert _rel(grad.cpu(), grad_ref) < 1e-4
+
+
+def test_training_works_after_the_same_shapes_ran_under_inference_mode():
+    """Cached scan-order and codebook tables first built while denoising must not poison training."""
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.ema import ESSM, _build_fused_order, _build_orders
+
+    _build_orders.cache_clear()
+    _build_fused_order.cache_clear()
+    torch.manual_seed(0)
+    block = ESSM(8, d_state=4)
+    x = torch.randn(1, 6, 10, 8)
+    with torch.inference_mode():
+        block(x)
+        table = load_codebook("random:50x8:3").embeddings
+    assert not table.is_inference()
+    out = block(x.clone().requires_grad_(True))
+    out.square().mean().backward()
+    grads = [p.grad for p in block.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

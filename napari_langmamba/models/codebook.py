@@ -136,7 +136,10 @@ def parse_codebook_spec(spec: str) -> tuple[str, str]:
 def load_codebook(spec: str) -> Codebook:
     """Load (once per spec, then from a cache) the frozen codebook a spec names."""
     kind, arg = parse_codebook_spec(spec)
-    return _load_cached(kind, arg.strip())
+    # Cached for the whole process: never let a caller's inference_mode make the shared table an
+    # inference tensor, which training could then not use in autograd.
+    with torch.inference_mode(False):
+        return _load_cached(kind, arg.strip())
 
 
 @lru_cache(maxsize=8)

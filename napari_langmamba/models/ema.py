@@ -73,8 +73,15 @@ def _lean(module: nn.Module, x: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------- scan orders
 
 
-@functools.lru_cache(maxsize=64)
 def _orders_cpu(height: int, width: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # The tables are cached across calls: build them outside any inference_mode a caller is in,
+    # or a table first made while denoising could not be saved for backward when training.
+    with torch.inference_mode(False):
+        return _build_orders(height, width, step)
+
+
+@functools.lru_cache(maxsize=64)
+def _build_orders(height: int, width: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     idx = torch.arange(height * width).view(height, width)  # flat index of each pixel
     if step == 2:
         seqs = [
@@ -121,9 +128,14 @@ def _orders(height, width, step, device):
     return order.to(device), (inverse.to(device) if inverse is not None else None)
 
 
-@functools.lru_cache(maxsize=64)
 def _fused_order_cpu(height: int, width: int) -> torch.Tensor:
     """The step-2 order of the even-padded map, as indices into the unpadded map (-1: padding)."""
+    with torch.inference_mode(False):  # cached: see _orders_cpu
+        return _build_fused_order(height, width)
+
+
+@functools.lru_cache(maxsize=64)
+def _build_fused_order(height: int, width: int) -> torch.Tensor:
     hp, wp = height + height % 2, width + width % 2
     order = _orders_cpu(hp, wp, 2)[0]  # (K, L) indices into (hp, wp)
     rows, cols = order // wp, order % wp
