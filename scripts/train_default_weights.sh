@@ -19,14 +19,14 @@ $PY -m training langae --data "$RUNS/pairs" --val-fraction 0.15 --output "$RUNS/
     --preset lite --codebook minilm --candidates "$RUNS/pools.json" --patch-size 128 --batch-size 4 \
     --repeat 16 --epochs "${LANGAE_EPOCHS:-3}" --lr 2e-4 --disc-start 100000 --checkpoint-every 25
 # Stage 2: SEED lite + LangDA, and the MSE-only baseline trained the same way.
-for lambda in "${LANGDA_WEIGHT:-0.01}" 0; do
+for lambda in "${LANGDA_WEIGHT:-0.001}" 0; do
   $PY -m training seed --data "$RUNS/pairs" --val-fraction 0.15 --val-max-images 3 \
       --langae "$RUNS/langae-lite/best" --output "$RUNS/seed-lite-lambda$lambda" --preset lite \
       --backbone seed --lambda "$lambda" --lr 5e-4 --patch-size 64 --batch-size 8 --repeat 8 \
-      --epochs "${SEED_EPOCHS:-20}" --checkpoint-every 20
+      --epochs "${SEED_EPOCHS:-30}" --checkpoint-every 20
   $PY -m training evaluate --data "$RUNS/pairs" --held-out 0.15 --checkpoint "$RUNS/seed-lite-lambda$lambda/best" \
       --out "$RUNS/eval-lambda$lambda"
 done
-$PY scripts/bundle_weights.py --seed-run "$RUNS/seed-lite-lambda${LANGDA_WEIGHT:-0.01}" \
-    --langae-run "$RUNS/langae-lite" --evaluation "$RUNS/eval-lambda${LANGDA_WEIGHT:-0.01}/evaluation.json" \
+$PY scripts/bundle_weights.py --seed-run "$RUNS/seed-lite-lambda${LANGDA_WEIGHT:-0.001}" \
+    --langae-run "$RUNS/langae-lite" --evaluation "$RUNS/eval-lambda${LANGDA_WEIGHT:-0.001}/evaluation.json" \
     --baseline-evaluation "$RUNS/eval-lambda0/evaluation.json" --overwrite
