@@ -560,6 +560,7 @@ class Denoiser:
                 if start == plan.starts[-1]:  # the slice's last tile: finish it
                     h, w = plan.shape
                     result[z] = acc[:h, :w] if not plan.tiled else acc[:h, :w] / wsum[:h, :w]
+                    result[z] += self._outside_range(volume[z])
                     del pending[z]
             done = first + len(batch)
             yield Progress(done, total, f"slice {min(batch[-1][0] + 1, n_slices)} of {n_slices}")
@@ -576,6 +577,16 @@ class Denoiser:
         acc = np.zeros(plan.padded, dtype=np.float32)
         wsum = np.zeros(plan.padded, dtype=np.float32) if plan.tiled else acc
         return norm, acc, wsum
+
+    def _outside_range(self, hu_slice: Any) -> np.ndarray:
+        """The part of ``hu_slice`` the normalisation clips away (0 inside its HU range).
+
+        Adding it back keeps air below -1000 HU (e.g. -1024 outside the scan field) and dense
+        metal above the range at their own values instead of the range's edge.
+        """
+        hu_slice = np.asarray(hu_slice, dtype=np.float32)
+        norm = self.normalization
+        return hu_slice - np.clip(hu_slice, norm.hu_min, norm.hu_max)
 
     def _run_batch(self, norm: np.ndarray) -> np.ndarray:
         """``(b, h, w)`` normalised -> ``(b, h, w)`` HU, float32."""

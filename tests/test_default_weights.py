@@ -54,3 +54,12 @@ def test_default_model_improves_psnr_and_ssim_on_simulated_quarter_dose(held_out
     # Denoising removes noise, it does not shift tissue values: the mean HU of the body is kept.
     body = full > -500
     assert abs(float(out[body].mean() - full[body].mean())) < 5.0
+
+
+def test_values_outside_the_model_range_keep_their_own_level(held_out_pair):
+    """Air below -1000 HU (the normalisation's floor) stays air at its own value, not at -1000."""
+    low, _full = held_out_pair
+    out = Denoiser.load("default", device="cpu").denoise(low)
+    air = low < -1010
+    assert air.sum() > 1000
+    assert abs(float(out[air].mean() - low[air].mean())) < 5.0
