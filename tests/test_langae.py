@@ -173,3 +173,28 @@ def test_frozen_codebook_no_grad_and_bit_identical_after_step():
     assert torch.equal(model.quantizer.codebook, table_before)
     assert torch.equal(model.quantizer.codebook, load_codebook("random:50x16").embeddings)
     assert not torch.equal(model.state_dict()["encoder.conv_in.weight"], before["encoder.conv_in.weight"])
+
+
+@pytest.mark.parametrize(
+    "config_cls, kwargs",
+    [
+        ("langae", {"codebook_dim": 16}),
+        ("redcnn", {}),
+    ],
+)
+def test_config_dicts_round_trip_and_mistyped_values_are_config_errors(config_cls, kwargs):
+    from napari_langmamba.errors import ConfigError
+    from napari_langmamba.models.langae import LangAEConfig
+    from napari_langmamba.models.redcnn import REDCNNConfig
+
+    cls = {"langae": LangAEConfig, "redcnn": REDCNNConfig}[config_cls]
+    config = cls.preset("tiny", **kwargs)
+    data = config.to_dict()
+    assert not any(isinstance(v, tuple) for v in data.values())  # JSON-ready
+    assert cls.from_dict(data) == config
+    with pytest.raises(ConfigError, match="Unknown .* config keys"):
+        cls.from_dict({**data, "typo": 1})
+    first_key = next(iter(data))  # a numeric field in both configs
+    with pytest.raises(ConfigError) as excinfo:  # never a bare ValueError/TypeError
+        cls.from_dict({**data, first_key: "x"})
+    assert first_key in str(excinfo.value) or "x" in str(excinfo.value)

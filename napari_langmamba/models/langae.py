@@ -14,7 +14,7 @@ downsampling step keeps the channels of its level, so for ``paper`` these are
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from napari_langmamba.errors import ConfigError
+from napari_langmamba.models._config import config_from_dict, config_to_dict
 from napari_langmamba.models.quantizer import PyramidOutput, PyramidQuantizer
 
 if TYPE_CHECKING:
@@ -148,24 +149,12 @@ class LangAEConfig:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (tuples as lists)."""
-        data = asdict(self)
-        data["ch_mult"] = list(self.ch_mult)
-        data["attn_resolutions"] = list(self.attn_resolutions)
-        return data
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> LangAEConfig:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ConfigError`."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"A LangAE config is a JSON object; got {type(data).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown LangAE config keys {unknown}; expected a subset of {sorted(known)}.")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"Incomplete LangAE config ({exc}); got keys {sorted(data)}.") from exc
+        return config_from_dict(cls, data, what="LangAE")
 
 
 _PRESETS: dict[str, dict] = {

@@ -17,13 +17,14 @@ deconv 5's), as in the paper's Fig. 1 and its public reference code::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from napari_langmamba.errors import ConfigError
+from napari_langmamba.models._config import config_from_dict, config_to_dict
 
 _PRESETS: dict[str, dict] = {
     "paper": dict(channels=96, kernel_size=5),
@@ -72,18 +73,12 @@ class REDCNNConfig:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
-        return asdict(self)
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> REDCNNConfig:
         """Rebuild from :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"A RED-CNN config is a JSON object; got {type(data).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown RED-CNN config keys {unknown}; expected a subset of {sorted(known)}.")
-        return cls(**data)
+        return config_from_dict(cls, data, what="RED-CNN")
 
 
 class REDCNN(nn.Module):

@@ -15,13 +15,14 @@ untrained SEED returns its input.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from napari_langmamba.errors import ConfigError
+from napari_langmamba.models._config import config_from_dict, config_to_dict
 from napari_langmamba.models.ema import EMABlock
 
 PRESETS = ("paper", "lite", "tiny")
@@ -100,25 +101,12 @@ class SEEDConfig:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (tuples as lists)."""
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, tuple):
-                data[key] = list(value)
-        return data
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> SEEDConfig:
         """Rebuild from :meth:`to_dict`; unknown or missing keys raise :class:`ConfigError`."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"A SEED config is a JSON object; got {type(data).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown SEED config keys {unknown}; expected a subset of {sorted(known)}.")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"Incomplete SEED config ({exc}); got keys {sorted(data)}.") from exc
+        return config_from_dict(cls, data, what="SEED")
 
 
 def _ema_block(in_channels: int, out_channels: int, *, config: SEEDConfig, heads: int) -> EMABlock:
