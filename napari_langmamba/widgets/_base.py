@@ -30,16 +30,30 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from napari.qt.threading import GeneratorWorker, thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QFormLayout, QLabel, QProgressBar, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QVBoxLayout,
+    QWidget,
+)
 
 from napari_langmamba.errors import LangMambaError
 from napari_langmamba.events import Progress
 from napari_langmamba.widgets.tooltips import get_tooltip
+from napari_langmamba.windowing import DEFAULT_WINDOW, PRESETS, Window, get_window
 
 if TYPE_CHECKING:
     from napari.layers import Layer
 
 logger = logging.getLogger(__name__)
+
+CUSTOM_WINDOW = "custom"
+"""The window combo's entry for user-typed limits (after the named presets)."""
+HU_LIMIT = 32768.0  # window spin box bounds: any HU an int16 DICOM can hold
 
 T = TypeVar("T")
 W = TypeVar("W", bound=QWidget)
@@ -160,6 +174,41 @@ class WidgetBase(QWidget):
     def bound_controls(self) -> dict[str, QWidget]:
         """Every control bound with :meth:`bind`, by attribute name."""
         return dict(self._bound)
+
+    # --- display window (shared by the widgets that show one) -------------------------
+    def add_window_row(self) -> None:
+        """Add the "Window" row: ``window_combo`` (presets + custom) and ``lower_spin`` /
+        ``upper_spin`` (HU limits, editable only for the custom window). Widgets connect their
+        own handlers to the three controls."""
+        row = QHBoxLayout()
+        combo = self.bind("window_combo", QComboBox(), add=False)
+        combo.addItems((*PRESETS, CUSTOM_WINDOW))
+        combo.setCurrentText(DEFAULT_WINDOW)
+        row.addWidget(combo, 1)
+        for name in ("lower_spin", "upper_spin"):
+            spin = self.bind(name, QDoubleSpinBox(), add=False)
+            spin.setRange(-HU_LIMIT, HU_LIMIT)
+            spin.setDecimals(0)
+            spin.setSuffix(" HU")
+            row.addWidget(spin)
+        self._form.addRow("Window", row)
+        self.show_window_limits(get_window(DEFAULT_WINDOW))
+
+    def current_window(self) -> Window:
+        """The window chosen in the combo (a preset, or the custom limits)."""
+        name = self.window_combo.currentText()
+        if name == CUSTOM_WINDOW:
+            return Window.from_limits(self.lower_spin.value(), self.upper_spin.value())
+        return get_window(name)
+
+    def show_window_limits(self, window: Window) -> None:
+        """Show ``window``'s limits in the spin boxes without firing their signals."""
+        custom = self.window_combo.currentText() == CUSTOM_WINDOW
+        for spin, value in ((self.lower_spin, window.lower), (self.upper_spin, window.upper)):
+            spin.blockSignals(True)
+            spin.setValue(value)
+            spin.blockSignals(False)
+            spin.setEnabled(custom)
 
     def add_status_rows(self) -> None:
         """Place the shared progress bar and status label (call once, after the controls)."""

@@ -25,10 +25,8 @@ from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QGridLayout,
-    QHBoxLayout,
     QHeaderView,
     QPushButton,
     QTableWidget,
@@ -48,13 +46,12 @@ from napari_langmamba.compare import (
     write_csv,
 )
 from napari_langmamba.errors import ConfigError, LangMambaError
-from napari_langmamba.widgets._base import WidgetBase
-from napari_langmamba.windowing import DEFAULT_WINDOW, PRESETS, Window, get_window
+from napari_langmamba.widgets._base import CUSTOM_WINDOW, WidgetBase
+from napari_langmamba.windowing import get_window
 
 logger = logging.getLogger(__name__)
 
 NONE = "(none)"
-CUSTOM = "custom"
 ROI_LAYER_NAME = "ROI"
 ROI_COLOUR = "yellow"
 BACKGROUND_COLOUR = "cyan"
@@ -124,22 +121,10 @@ class CompareWidget(WidgetBase):
             combo = self.bind(name, QComboBox(), label=label)
             combo.currentTextChanged.connect(self._on_choice)
 
-        window_row = QHBoxLayout()
-        combo = self.bind("window_combo", QComboBox(), add=False)
-        combo.addItems((*PRESETS, CUSTOM))
-        combo.setCurrentText(DEFAULT_WINDOW)
-        window_row.addWidget(combo, 1)
-        for name, value in (("lower_spin", PRESETS[DEFAULT_WINDOW].lower), ("upper_spin", PRESETS[DEFAULT_WINDOW].upper)):
-            spin = self.bind(name, QDoubleSpinBox(), add=False)
-            spin.setRange(-32768.0, 32768.0)
-            spin.setDecimals(0)
-            spin.setSuffix(" HU")
-            spin.setValue(value)
-            spin.setEnabled(False)
-            spin.valueChanged.connect(self._on_window)
-            window_row.addWidget(spin)
-        self._form.addRow("Window", window_row)
-        combo.currentTextChanged.connect(self._on_window)
+        self.add_window_row()
+        for control in (self.lower_spin, self.upper_spin):
+            control.valueChanged.connect(self._on_window)
+        self.window_combo.currentTextChanged.connect(self._on_window)
 
         region = self.bind("region_combo", QComboBox(), label="Metrics on")
         region.addItems(tuple(REGION_CHOICES))
@@ -280,32 +265,22 @@ class CompareWidget(WidgetBase):
         return chosen
 
     # --- window -----------------------------------------------------------------------
-    def current_window(self) -> Window:
-        name = self.window_combo.currentText()
-        if name == CUSTOM:
-            return Window.from_limits(self.lower_spin.value(), self.upper_spin.value())
-        return get_window(name)
-
     def set_window(self, window: str | tuple[float, float]) -> None:
         """A preset name or custom ``(lower, upper)`` HU for crops, metrics and linked layers."""
         if isinstance(window, str):
             self.window_combo.setCurrentText(get_window(window).name)
             return
         chosen = get_window(window)
-        self.window_combo.setCurrentText(CUSTOM)
+        self.window_combo.setCurrentText(CUSTOM_WINDOW)
         self.lower_spin.setValue(chosen.lower)
         self.upper_spin.setValue(chosen.upper)
 
     def _on_window(self, *_: object) -> None:
-        custom = self.window_combo.currentText() == CUSTOM
-        self.lower_spin.setEnabled(custom)
-        self.upper_spin.setEnabled(custom)
-        if not custom:
-            window = get_window(self.window_combo.currentText())
-            for spin, value in ((self.lower_spin, window.lower), (self.upper_spin, window.upper)):
-                spin.blockSignals(True)
-                spin.setValue(value)
-                spin.blockSignals(False)
+        if self.window_combo.currentText() == CUSTOM_WINDOW:
+            self.lower_spin.setEnabled(True)
+            self.upper_spin.setEnabled(True)
+        else:
+            self.show_window_limits(get_window(self.window_combo.currentText()))
         try:
             window = self.current_window()
         except ConfigError as exc:

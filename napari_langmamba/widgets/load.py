@@ -20,8 +20,6 @@ from napari.layers import Image, Layer
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
-    QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
     QHeaderView,
@@ -36,15 +34,12 @@ from qtpy.QtWidgets import (
 from napari_langmamba import io as ct_io
 from napari_langmamba.errors import ConfigError, SeriesChoiceError
 from napari_langmamba.events import Progress
-from napari_langmamba.widgets._base import WidgetBase, WorkerState
-from napari_langmamba.windowing import DEFAULT_WINDOW, PRESETS, Window, get_window
+from napari_langmamba.widgets._base import CUSTOM_WINDOW, WidgetBase, WorkerState
+from napari_langmamba.windowing import PRESETS, Window, get_window
 
 logger = logging.getLogger(__name__)
 
-CUSTOM = "custom"
-WINDOW_CHOICES: tuple[str, ...] = (*PRESETS, CUSTOM)
 SERIES_COLUMNS: tuple[str, ...] = ("Description", "Slices", "Matrix", "Spacing (mm)")
-HU_LIMIT = 32768.0  # spin box bounds: any HU an int16 DICOM can hold
 
 
 def _format_spacing(spacing: Sequence[float] | None) -> str:
@@ -130,19 +125,7 @@ class LoadWidget(WidgetBase):
         self._form.addRow(run_row)
         self.add_status_rows()
 
-        window_row = QHBoxLayout()
-        combo = self.bind("window_combo", QComboBox(), add=False)
-        combo.addItems(WINDOW_CHOICES)
-        combo.setCurrentText(DEFAULT_WINDOW)
-        window_row.addWidget(combo, 1)
-        for name in ("lower_spin", "upper_spin"):
-            spin = self.bind(name, QDoubleSpinBox(), add=False)
-            spin.setRange(-HU_LIMIT, HU_LIMIT)
-            spin.setDecimals(0)
-            spin.setSuffix(" HU")
-            window_row.addWidget(spin)
-        self._form.addRow("Window", window_row)
-        self._show_window_limits(get_window(DEFAULT_WINDOW))
+        self.add_window_row()
 
         hu_label = self.bind("hu_label", QLabel("HU: move the cursor over an image"), label="Cursor")
         hu_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -155,7 +138,7 @@ class LoadWidget(WidgetBase):
         self.load_button.clicked.connect(self.load)
         self.cancel_button.clicked.connect(self.cancel)
         table.itemDoubleClicked.connect(lambda _item: self.load())
-        combo.currentTextChanged.connect(self._on_window_choice)
+        self.window_combo.currentTextChanged.connect(self._on_window_choice)
         self.lower_spin.valueChanged.connect(self._on_custom_limits)
         self.upper_spin.valueChanged.connect(self._on_custom_limits)
         self.state_changed.connect(self._on_state_changed)
@@ -327,13 +310,6 @@ class LoadWidget(WidgetBase):
             self._set_series(error.series, path=path)
 
     # --- window -----------------------------------------------------------------------
-    def current_window(self) -> Window:
-        """The window chosen in the combo (a preset, or the custom limits)."""
-        name = self.window_combo.currentText()
-        if name == CUSTOM:
-            return Window.from_limits(self.lower_spin.value(), self.upper_spin.value())
-        return get_window(name)
-
     def set_window(self, window: str | tuple[float, float]) -> None:
         """Choose a preset by name or custom ``(lower, upper)`` HU limits, and apply it."""
         if isinstance(window, str):
@@ -342,34 +318,26 @@ class LoadWidget(WidgetBase):
         chosen = get_window(window)
         self._syncing_window = True
         try:
-            self.window_combo.setCurrentText(CUSTOM)
-            self._show_window_limits(chosen)
+            self.window_combo.setCurrentText(CUSTOM_WINDOW)
+            self.show_window_limits(chosen)
         finally:
             self._syncing_window = False
         self._apply_window(chosen)
 
-    def _show_window_limits(self, window: Window) -> None:
-        custom = self.window_combo.currentText() == CUSTOM
-        for spin, value in ((self.lower_spin, window.lower), (self.upper_spin, window.upper)):
-            spin.blockSignals(True)
-            spin.setValue(value)
-            spin.blockSignals(False)
-            spin.setEnabled(custom)
-
     def _on_window_choice(self, name: str) -> None:
-        if name == CUSTOM:
+        if name == CUSTOM_WINDOW:
             self.lower_spin.setEnabled(True)
             self.upper_spin.setEnabled(True)
             if not self._syncing_window:
                 self._on_custom_limits()
             return
         window = get_window(name)
-        self._show_window_limits(window)
+        self.show_window_limits(window)
         if not self._syncing_window:
             self._apply_window(window)
 
     def _on_custom_limits(self, *_: object) -> None:
-        if self.window_combo.currentText() != CUSTOM or self._syncing_window:
+        if self.window_combo.currentText() != CUSTOM_WINDOW or self._syncing_window:
             return
         try:
             window = self.current_window()
@@ -392,12 +360,12 @@ class LoadWidget(WidgetBase):
         if not isinstance(layer, Image):
             return
         lower, upper = (float(v) for v in layer.contrast_limits)
-        name = next((w.name for w in PRESETS.values() if np.allclose(w.limits, (lower, upper))), CUSTOM)
+        name = next((w.name for w in PRESETS.values() if np.allclose(w.limits, (lower, upper))), CUSTOM_WINDOW)
         self._syncing_window = True
         try:
             self.window_combo.setCurrentText(name)
             if upper > lower:
-                self._show_window_limits(Window.from_limits(lower, upper, name=name))
+                self.show_window_limits(Window.from_limits(lower, upper, name=name))
         finally:
             self._syncing_window = False
 
