@@ -13,6 +13,7 @@ import io
 import math
 import os
 import pickle
+import secrets
 import struct
 import warnings
 
@@ -28,7 +29,9 @@ from napari_langmamba.errors import CTReadError
 from napari_langmamba.io import CTReadWarning, CTVolume, SeriesInfo, list_series, read_ct
 
 CI_CASES = 110  # per format, seeds included: a few hundred in all, well under a minute
-CI_SEED = 1  # the benchmark uses seed 0, so CI adds different cases
+SEED_VARIABLE = "LANGMAMBA_FUZZ_SEED"
+"""Set to replay a run's cases; unset, every run draws a fresh seed so coverage grows with each run."""
+CI_SEED = int(os.environ[SEED_VARIABLE]) if os.environ.get(SEED_VARIABLE, "").strip() else secrets.randbelow(2**31)
 HYPOTHESIS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                       suppress_health_check=[HealthCheck.too_slow])
 
@@ -44,7 +47,12 @@ def corpus() -> dict[str, list[_fuzz.Seed]]:
 
 
 @pytest.fixture(scope="module")
-def factory(corpus) -> _fuzz.CaseFactory:
+def factory(corpus, request) -> _fuzz.CaseFactory:
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    line = f"fuzz seed {CI_SEED} (replay: {SEED_VARIABLE}={CI_SEED} pytest tests/test_fuzz_readers.py)"
+    if reporter is not None:  # shown even when output is captured
+        reporter.write_line(line)
+    print(line)
     return _fuzz.CaseFactory(corpus, seed=CI_SEED)
 
 
@@ -109,7 +117,8 @@ def test_the_seeds_themselves_read_correctly(corpus, factory, sandbox):
 def test_ci_fuzz_run(factory, sandbox, fmt):
     results = [sandbox.run(case) for case in factory.cases(fmt, CI_CASES)]
     bad = _fuzz.failures(results)
-    assert not bad, f"{len(bad)} of {len(results)} {fmt} cases failed:\n{_explain(bad)}"
+    assert not bad, (f"{len(bad)} of {len(results)} {fmt} cases failed with seed {CI_SEED} "
+                     f"({SEED_VARIABLE}={CI_SEED} replays them):\n{_explain(bad)}")
     outcomes = {r.outcome for r in results}
     assert outcomes == {"loaded", "clear_error"}  # the mutations both break and spare files
     assert len({_fuzz._family(r.mutation) for r in results}) >= 6
@@ -277,6 +286,44 @@ def test_an_undecodable_element_is_dropped_and_the_image_still_reads(corpus, tmp
     assert volume.shape == (1, 128, 128) and "ProtocolName" not in volume.metadata
     np.testing.assert_array_equal(volume.hu, read_ct(_fuzz._package_dir("pydicom") / "data" / "test_files"
                                                        / "CT_small.dcm").hu)
+
+
+def test_issue_13_case_a_damaged_file_meta_vr_is_a_read_error(corpus, tmp_path):
+    # benchmarks/fuzz.py --seed 11, case dicom-00032: bit flips in MR_small_bigendian.dcm's file meta
+    # leave (0002,0002) with the VR 'UK'; pydicom raised NotImplementedError out of read_ct.
+    case = _fuzz.CaseFactory(corpus, seed=11).make("dicom", 32)
+    assert case.description.startswith("MR_small_bigendian.dcm: flipped")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CTReadError):
+            read_ct(_fuzz.materialise(case, tmp_path))
+
+
+@pytest.mark.parametrize("error", [NotImplementedError("Unknown Value Representation 'UK'"), KeyError(0x00020002),
+                                   struct.error("unpack requires a buffer of 4 bytes"), OverflowError("too big")])
+def test_any_exception_raised_inside_pydicom_becomes_a_read_error(corpus, tmp_path, monkeypatch, error):
+    # Wherever pydicom decodes a damaged element lazily (here: while series are grouped), whatever it
+    # raises reaches the user as the project's error, naming pydicom's exception.
+    from napari_langmamba.io import dicom as dicom_reader
+
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(_ct_small(corpus))
+    monkeypatch.setattr(dicom_reader, "_group", _raising_in_pydicom(error))
+    for reader in (read_ct, list_series):
+        with pytest.raises(CTReadError, match=f"could not be parsed \\({type(error).__name__}") as raised:
+            reader(path)
+        assert raised.value.__cause__ is error
+    # our own bugs (raised outside pydicom) are not disguised as damaged files
+    monkeypatch.setattr(dicom_reader, "_group", lambda frames: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        read_ct(path)
+
+
+def _raising_in_pydicom(error: Exception):
+    """A function raising ``error`` whose frame belongs to module ``pydicom.dataset``, as pydicom's own do."""
+    namespace = {"__name__": "pydicom.dataset", "error": error}
+    exec("def failing(*args, **kwargs):\n    raise error\n", namespace)
+    return namespace["failing"]
 
 
 @pytest.mark.parametrize(

@@ -9,16 +9,17 @@ decoders, i.e. pylibjpeg/openjpeg). Axis conventions: see :mod:`napari_langmamba
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import math
 import os
 import uuid
 import warnings
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pydicom
@@ -35,12 +36,13 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from napari_langmamba import __version__
-from napari_langmamba.errors import CTReadError, CTWriteError, DependencyError, SeriesChoiceError
+from napari_langmamba.errors import CTReadError, CTWriteError, DependencyError, LangMambaError, SeriesChoiceError
 from napari_langmamba.events import Progress
 from napari_langmamba.io._files import atomic_dir
 from napari_langmamba.io.volume import CTVolume, SeriesInfo, to_jsonable, warn
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # A compressed frame this many times larger than its file, and above this size, is taken as
@@ -196,6 +198,51 @@ def _drop_damaged_elements(ds: Dataset, path: str, depth: int = 0) -> None:
             del ds[tag]
 
 
+def _raised_in_pydicom(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception it was raised from) comes out of pydicom's own code."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            module = tb.tb_frame.f_globals.get("__name__", "")
+            if module == "pydicom" or module.startswith("pydicom."):
+                return True
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _pydicom_failures_are_read_errors(func: Callable[..., Generator[Progress, None, T]]):
+    """Decorate a reader generator: whatever pydicom raises while parsing becomes a :class:`CTReadError`.
+
+    pydicom signals a damaged file with many exception classes (``InvalidDicomError``,
+    ``ValueError``, ``KeyError``, ``NotImplementedError`` for an unknown VR, ``struct.error``,
+    ``OverflowError`` ...) from wherever an element happens to be decoded lazily. Rather than
+    guard every access, the public readers are wrapped: an exception that is not already the
+    project's error and was raised inside pydicom is reported as an unreadable file, with its
+    class and message kept for the log. Our own bugs (raised outside pydicom) stay visible.
+    """
+
+    @functools.wraps(func)
+    def wrapper(path: Any, *args: Any, **kwargs: Any) -> Generator[Progress, None, T]:
+        try:
+            return (yield from func(path, *args, **kwargs))
+        except (LangMambaError, GeneratorExit, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:
+            if not _raised_in_pydicom(exc):
+                raise
+            where = str(path) if isinstance(path, (str, os.PathLike)) else "the selected files"
+            logger.debug("pydicom failed on %s", where, exc_info=True)
+            raise CTReadError(
+                f"{where} holds a damaged DICOM header that could not be parsed "
+                f"({type(exc).__name__}: {exc}). Copy the file(s) again from the archive or re-export the series."
+            ) from exc
+
+    return wrapper
+
+
 def _read_header(path: str) -> Dataset | None:
     """The header of ``path``, None if it is not DICOM; raises OSError/ValueError if corrupt."""
     try:
@@ -208,10 +255,18 @@ def _read_header(path: str) -> Dataset | None:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         except Exception:  # noqa: BLE001 - anything pydicom raises on garbage means "not DICOM"
             return None
-        _drop_damaged_elements(ds, path)
+        _drop_damaged_all(ds, path)
         return ds if "Rows" in ds and ("SOPClassUID" in ds or "Modality" in ds) else None
-    _drop_damaged_elements(ds, path)
+    _drop_damaged_all(ds, path)
     return ds
+
+
+def _drop_damaged_all(ds: Dataset, path: str) -> None:
+    """:func:`_drop_damaged_elements` on the data set and on its file meta (group 2) too."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        _drop_damaged_elements(meta, path)
+    _drop_damaged_elements(ds, path)
 
 
 def _is_image_storage(ds: Dataset) -> bool:
@@ -657,6 +712,7 @@ def _series_info(uid: str, frames: list[_Frame]) -> SeriesInfo:
     )
 
 
+@_pydicom_failures_are_read_errors
 def iter_list_dicom_series(path: str | os.PathLike | Sequence) -> Generator[Progress, None, list[SeriesInfo]]:
     """Like :func:`list_dicom_series`, yielding progress while headers are read."""
     scan = yield from iter_scan(path)
@@ -698,11 +754,16 @@ def _transfer_syntax(header: Dataset) -> UID:
 
 
 def _packages_for(syntax: UID) -> str:
+    """Which package decodes ``syntax``: the declared ones (pyproject.toml) first, then opt-in ones."""
+    reinstall = "declared dependencies of napari-langmamba (pip install --force-reinstall napari-langmamba)"
     if syntax in _J2K_SYNTAXES:
-        return "pylibjpeg and pylibjpeg-openjpeg (pip install pylibjpeg pylibjpeg-openjpeg)"
+        return f"python-gdcm or pylibjpeg-openjpeg, {reinstall}"
     if syntax in _JPEG_SYNTAXES:
-        return "pylibjpeg and pylibjpeg-libjpeg, or python-gdcm (pip install pylibjpeg pylibjpeg-libjpeg)"
-    return "pylibjpeg with its plugins (pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg)"
+        return (
+            f"python-gdcm, a {reinstall[:-1]}; 12-bit JPEG Extended (process 4) is decoded only by "
+            "pylibjpeg-libjpeg (GPL-3, hence not bundled: pip install pylibjpeg-libjpeg)"
+        )
+    return f"python-gdcm or pylibjpeg with its plugins, {reinstall}"
 
 
 def _is_native(syntax: UID) -> bool:
@@ -843,7 +904,7 @@ def _metadata(frames: list[_Frame], geometry: _Geometry) -> dict[str, Any]:
     ]
     return out
 
-
+@_pydicom_failures_are_read_errors
 def iter_read_dicom(
     path: str | os.PathLike | Sequence, *, series: str | int | None = None
 ) -> Generator[Progress, None, CTVolume]:
