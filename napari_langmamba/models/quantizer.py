@@ -39,6 +39,7 @@ __all__ = [
     "LAYER_STRIDES",
     "PyramidOutput",
     "PyramidQuantizer",
+    "axis_positions",
     "nearest_tokens",
     "pyramid_positions",
     "pyramid_semantic_loss",
@@ -52,7 +53,7 @@ NUM_LAYERS = len(LAYER_STRIDES)
 _BLOCK_ELEMENTS = 2**24
 
 
-def _axis_positions(size: int) -> list[list[int]]:
+def axis_positions(size: int) -> list[list[int]]:
     """Per-layer positions along one axis of length ``size`` (see the module docstring)."""
     if size < 1:
         raise ConfigError(f"A latent axis needs at least one position; got {size}.")
@@ -75,7 +76,7 @@ def pyramid_positions(h: int, w: int, *, device: torch.device | str | None = Non
         One pair of 1-D LongTensors per layer; layer ``l`` covers the grid ``rows x cols``.
         On 32 x 32: rows/cols ``7::16``, ``3::4`` and all positions.
     """
-    rows, cols = _axis_positions(int(h)), _axis_positions(int(w))
+    rows, cols = axis_positions(int(h)), axis_positions(int(w))
     return [
         (torch.tensor(r, dtype=torch.long, device=device), torch.tensor(c, dtype=torch.long, device=device))
         for r, c in zip(rows, cols, strict=True)

@@ -1,0 +1,159 @@
+"""The tissue prior from HU physics (napari_langmamba.anatomy) on real CT slices, and its regions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA
+
+from napari_langmamba.anatomy import (
+    BLOOD,
+    BONE,
+    FAT,
+    LUNG,
+    OUTSIDE_AIR,
+    SOFT_TISSUE,
+    TABLE_METAL,
+    TISSUE_CLASSES,
+    body_mask,
+    region_class_sets,
+    region_edges,
+    tissue_map,
+)
+from napari_langmamba.errors import ConfigError
+
+L096 = SHARED_DATA / "ct" / "mayo2016_L096_full_dose"
+CHEST = SHARED_DATA / "ct" / "chest_ct_B70f"
+
+
+def _slice(path):
+    if not path.is_file():
+        pytest.skip(f"real CT data not found at {path} (../shared/data is absent)")
+    from napari_langmamba.io import read_ct
+
+    volume = read_ct(path)
+    return volume.hu[0], volume.spacing[1:]
+
+
+def test_classes_are_ordered_and_their_words_are_minilm_words():
+    assert [c.index for c in TISSUE_CLASSES] == list(range(7))
+    assert [c.name for c in TISSUE_CLASSES] == [
+        "outside air", "lung", "fat", "soft tissue", "blood", "bone", "table or metal"]
+    from napari_langmamba.models.codebook import load_codebook
+
+    codebook = load_codebook("minilm")
+    vocabulary = set(codebook.words)
+    for tissue in TISSUE_CLASSES:
+        assert 3 <= len(tissue.words) <= 16
+        for word in tissue.words:
+            assert word.isalpha() and word.isascii() and len(word) >= 3, word
+            assert word in vocabulary, f"{word!r} ({tissue.name}) is not a whole word of MiniLM"
+    assert {"bone", "spine", "rib"} <= set(TISSUE_CLASSES[BONE].words)
+    assert {"lung", "lungs", "pulmonary"} <= set(TISSUE_CLASSES[LUNG].words)
+    assert {"liver", "kidney", "muscle"} <= set(TISSUE_CLASSES[SOFT_TISSUE].words)
+
+
+def test_abdominal_slice_pixels_fall_in_their_tissue_class():
+    # L096 full dose, upper abdomen at the lung bases (0129.IMA): pixels found by viewing the slice
+    hu, spacing = _slice(L096 / "0129.IMA")
+    tissue = tissue_map(hu, pixel_spacing=spacing)
+    assert tissue.shape == hu.shape and tissue.dtype == np.uint8
+    assert tissue[30, 30] == OUTSIDE_AIR  # top-left corner, air around the patient
+    assert tissue[180, 180] == SOFT_TISSUE  # right lobe of the liver
+    assert tissue[160, 130] == SOFT_TISSUE  # liver
+    assert tissue[420, 250] == FAT  # posterior subcutaneous fat
+    assert tissue[250, 40] == FAT  # lateral subcutaneous fat
+    assert tissue[268, 262] == BLOOD  # the contrast-filled descending aorta
+    assert tissue[300, 140] == LUNG  # the right lung base
+    assert tissue[480, 250] == TABLE_METAL  # the patient table's lower shell, outside the body
+    body = body_mask(hu, pixel_spacing=spacing)
+    assert not body[480, 250] and not body[30, 30] and body[180, 180] and body[300, 140]
+    # the body is one piece holding the lungs; the table is not part of it
+    assert (tissue[~body] != LUNG).all() and (tissue[body] != OUTSIDE_AIR).all()
+
+
+def test_vertebral_body_is_bone():
+    # L096 full dose, lower abdomen (0209.IMA): the lumbar vertebral body, its cancellous centre
+    # (~90 HU, the HU of soft tissue) enclosed by cortex
+    hu, spacing = _slice(L096 / "0209.IMA")
+    tissue = tissue_map(hu, pixel_spacing=spacing)
+    assert 50 < float(np.median(hu[268:277, 220:229])) < 300  # cancellous: not bone by HU alone
+    assert (tissue[255:291:5, 225] == BONE).all()
+    assert tissue[272, 225] == BONE and tissue[265, 215] == BONE and tissue[280, 240] == BONE
+
+
+def test_lung_on_a_chest_slice_of_another_scanner():
+    # chest_ct_B70f (Siemens Sensation 16, sharp kernel, 0.56 mm pixels), 000028.dcm: both lungs
+    hu, spacing = _slice(CHEST / "000028.dcm")
+    tissue = tissue_map(hu, pixel_spacing=spacing)
+    assert tissue[300, 100] == LUNG and tissue[250, 400] == LUNG
+    assert tissue[150, 250] == SOFT_TISSUE  # the heart (not enhanced on this slice)
+    lung_share = float((tissue == LUNG).mean())
+    assert 0.2 < lung_share < 0.45
+
+
+def test_synthetic_phantom_classes_and_table():
+    rng = np.random.default_rng(0)
+    hu = np.full((128, 128), -1000.0, dtype=np.float32)
+    yy, xx = np.mgrid[:128, :128]
+    body = (yy - 55) ** 2 / 45**2 + (xx - 64) ** 2 / 55**2 <= 1
+    hu[body] = -100.0  # fat
+    hu[(yy - 55) ** 2 + (xx - 64) ** 2 <= 30**2] = 50.0  # an organ
+    hu[(yy - 45) ** 2 + (xx - 40) ** 2 <= 8**2] = -850.0  # a lung
+    hu[(yy - 60) ** 2 + (xx - 80) ** 2 <= 5**2] = 220.0  # a vessel
+    hu[(yy - 70) ** 2 + (xx - 60) ** 2 <= 6**2] = 900.0  # bone
+    hu[(yy - 40) ** 2 + (xx - 75) ** 2 <= 4] = 3000.0  # a metal clip
+    hu[115:118, 10:118] = 0.0  # a thin table below the body
+    hu += rng.normal(0, 10, hu.shape).astype(np.float32)
+    tissue = tissue_map(hu, pixel_spacing=1.0)
+    assert tissue[5, 5] == OUTSIDE_AIR and tissue[55, 64] == SOFT_TISSUE and tissue[45, 40] == LUNG
+    assert tissue[60, 80] == BLOOD and tissue[70, 60] == BONE and tissue[40, 75] == TABLE_METAL
+    assert tissue[55, 14] == FAT and tissue[116, 64] == TABLE_METAL
+    assert tissue[112, 64] == OUTSIDE_AIR  # the gap between body and table
+
+
+def test_bad_input_is_a_config_error():
+    with pytest.raises(ConfigError, match="2-D slice"):
+        tissue_map(np.zeros((2, 8, 8)))
+    with pytest.raises(ConfigError, match="NaN"):
+        tissue_map(np.full((8, 8), np.nan))
+    with pytest.raises(ConfigError, match="pixel_spacing"):
+        tissue_map(np.zeros((8, 8)), pixel_spacing=0.0)
+    with pytest.raises(ConfigError, match="latent cells"):
+        region_edges(5, 64)
+    with pytest.raises(ConfigError, match="class values"):
+        region_class_sets(np.full((32, 32), 9, dtype=np.uint8), (2, 2))
+
+
+def test_region_edges_follow_the_pyramid_positions():
+    l1, l2, l3 = region_edges(32, 512)
+    assert l1.tolist() == [0, 256, 512]
+    assert l2.tolist() == list(range(0, 513, 64))
+    assert l3.tolist() == list(range(0, 513, 16))
+    # a 128-pixel crop: 8 latent cells -> layer 1 has one position (the whole crop), layer 2 two
+    l1, l2, l3 = region_edges(8, 128)
+    assert l1.tolist() == [0, 128] and l2.tolist() == [0, 64, 128] and len(l3) == 9
+
+
+def test_region_class_sets_mark_the_classes_covering_each_region():
+    tissue = np.full((64, 64), OUTSIDE_AIR, dtype=np.uint8)
+    tissue[:, 32:] = SOFT_TISSUE  # right half organ
+    tissue[:16, 32:48] = BONE  # a 16 x 16 block of bone in the top-right quadrant's left half
+    sets = region_class_sets(tissue, (4, 4), min_share=0.25)
+    assert [s.shape for s in sets] == [(1, 1), (1, 1), (4, 4)]  # 4 x 4 latent: 1, 1, 4 x 4 positions
+    whole = (1 << OUTSIDE_AIR) | (1 << SOFT_TISSUE)  # bone is 1/16 of the image (< 25 %)
+    assert sets[0][0, 0] == whole and sets[1][0, 0] == whole
+    assert sets[2][0, 0] == 1 << OUTSIDE_AIR and sets[2][0, 2] == 1 << BONE and sets[2][0, 3] == 1 << SOFT_TISSUE
+    assert sets[2][3, 3] == 1 << SOFT_TISSUE
+    batch = region_class_sets(np.stack([tissue, tissue[::-1]]), (4, 4), min_share=0.05)
+    assert batch[0].shape == (2, 1, 1) and batch[0][0, 0, 0] == whole | (1 << BONE)
+    assert batch[2][1, 3, 2] == 1 << BONE  # flipped image: bone in the bottom row
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, napari_langmamba.anatomy; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
