@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from napari_langmamba import __version__
 from napari_langmamba.errors import ConfigError, CTWriteError, LangMambaError
 from napari_langmamba.events import Progress, run
+from napari_langmamba.strength import DEFAULT_STRENGTH, blend, check_strength, derived_description
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ FORMATS = ("dicom", "nifti", "npy")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SERIES = REPO_ROOT.parent / "shared" / "data" / "ct" / "abdomen_dicom_series"
 """The real sample series next to a source checkout (absent in an installed copy)."""
-DESCRIPTION_MAX = 64  # DICOM LO (SeriesDescription) holds at most 64 characters
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -104,15 +104,9 @@ def check_output(input_path: Path, output: Path, *, overwrite: bool) -> None:
         )
 
 
-def _description(volume: Any, info: dict) -> str:
-    """SeriesDescription of the derived series: the original's plus the model, within 64 chars."""
-    model = f"{info.get('kind') or 'model'} {info.get('preset') or ''}".strip()
-    note = f"denoised {model} (LangMamba)"
-    original = str(volume.metadata.get("SeriesDescription") or "").strip()
-    if not original:
-        return note[:DESCRIPTION_MAX]
-    room = DESCRIPTION_MAX - len(note) - 1
-    return f"{original[:room]} {note}" if room > 0 else note[:DESCRIPTION_MAX]
+def _description(volume: Any, info: dict, strength: float = DEFAULT_STRENGTH) -> str:
+    """SeriesDescription of the derived series: the original's plus the model and strength, within 64 chars."""
+    return derived_description(volume.metadata.get("SeriesDescription"), info, strength)
 
 
 def _input_is_dicom(volume: Any, path: Path) -> bool:
@@ -134,6 +128,7 @@ class DenoiseResult:
     seconds_denoise: float
     seconds_write: float
     model: dict
+    strength: float = DEFAULT_STRENGTH
 
     @property
     def seconds_total(self) -> float:
@@ -152,12 +147,14 @@ def denoise_file(
     series: str | int | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    strength: float = DEFAULT_STRENGTH,
 ) -> DenoiseResult:
     """Read a CT, denoise it and write the result (the ``denoise`` command without argv).
 
     The output never replaces its input: see :func:`check_output`. A DICOM input written as
     DICOM becomes a derived series of it (new UIDs, same geometry, the model in
-    SeriesDescription).
+    SeriesDescription). ``strength`` (percent) keeps that much of the model's change:
+    ``input + strength/100 * (denoised - input)``.
     """
     from napari_langmamba import io
     from napari_langmamba.inference import DEFAULT_TILE, Denoiser
@@ -167,6 +164,7 @@ def denoise_file(
         raise ConfigError(f"Unknown output format {format!r}; choose one of {', '.join(FORMATS)}.")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1; got {batch_size}.")
+    strength = check_strength(strength)
     if not input_path.exists():
         raise ConfigError(f"The input {input_path} does not exist.")
     fmt = _format_for(output, format)
@@ -184,6 +182,7 @@ def denoise_file(
         unit="img",
         quiet=quiet,
     )
+    hu = blend(volume.hu, hu, strength)
     denoise_done = time.perf_counter()
     result = dataclasses.replace(volume, hu=hu, metadata=dict(volume.metadata), source=None)
     reference = volume if fmt == "dicom" and _input_is_dicom(volume, input_path) else None
@@ -193,7 +192,7 @@ def denoise_file(
         format=fmt,
         overwrite=overwrite,
         reference=reference,
-        description=_description(volume, denoiser.info),
+        description=_description(volume, denoiser.info, strength),
     )
     write_done = time.perf_counter()
     return DenoiseResult(
@@ -205,6 +204,7 @@ def denoise_file(
         seconds_denoise=denoise_done - read_done,
         seconds_write=write_done - denoise_done,
         model=dict(denoiser.info),
+        strength=strength,
     )
 
 
@@ -221,10 +221,11 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         series=_parse_series(args.series),
         overwrite=args.overwrite,
         quiet=args.quiet,
+        strength=args.strength,
     )
     print(
         f"Denoised {result.n_slices} slice(s) with {result.model.get('kind')} "
-        f"{result.model.get('preset') or ''} on {result.model.get('device')} in "
+        f"{result.model.get('preset') or ''} at {result.strength:g}% strength on {result.model.get('device')} in "
         f"{result.seconds_denoise:.1f} s ({result.seconds_total:.1f} s in all); "
         f"wrote {result.format} to {result.output}"
     )
@@ -379,6 +380,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _percent(text: str) -> float:
+    try:
+        return check_strength(text.strip().rstrip("%"))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-langmamba",
@@ -442,6 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     denoise.add_argument(
         "--overwrite", action="store_true", help="replace an existing OUTPUT (never the input)"
+    )
+    denoise.add_argument(
+        "--strength",
+        type=_percent,
+        default=DEFAULT_STRENGTH,
+        metavar="PCT",
+        help="denoising strength in percent, 0-100: output = input + PCT/100 x (denoised - input), "
+        "e.g. 50 keeps half of the original texture (default: %(default)g)",
     )
     denoise.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     denoise.set_defaults(func=cmd_denoise)

@@ -14,6 +14,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LANGMAMBA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _private_widget_settings(tmp_path_factory, monkeypatch):
+    """Widgets remember their settings in a fresh temporary folder per test, never in the user's own file."""
+    monkeypatch.setenv("LANGMAMBA_SETTINGS_DIR", str(tmp_path_factory.mktemp("settings")))
+
+
 DICOM_SERIES = SHARED_DATA / "ct" / "abdomen_dicom_series"
 NIFTI_VOLUME = SHARED_DATA / "ct" / "abdomen_pelvis_3mm.nii.gz"
 

@@ -217,3 +217,40 @@ def test_demo_denoises_the_sample_into_a_fresh_folder(series_dir, ckpt, tmp_path
         assert path.parent.parent == tmp_path / "out"
         assert read_ct(path).shape == (3, 512, 512)
         assert (path.parent / "demo.json").is_file()
+
+
+# --- denoising strength -------------------------------------------------------------------------
+def test_strength_flag_blends_input_and_model_output(series_dir, ckpt, tmp_path, capsys):
+    original = read_ct(series_dir)
+    model = Denoiser.load(ckpt, device="cpu").denoise(original.hu)
+    outputs = {}
+    for strength in ("0", "50", "100"):
+        out = tmp_path / f"s{strength}.npy"
+        argv = ["denoise", str(series_dir), "-o", str(out), "--weights", str(ckpt), "--device", "cpu", "-q"]
+        assert cli.main([*argv, "--strength", strength]) == 0
+        assert f"at {strength}% strength" in capsys.readouterr().out
+        outputs[strength] = read_ct(out).hu
+    np.testing.assert_array_equal(outputs["0"], original.hu)  # 0 %: the input, exactly
+    np.testing.assert_array_equal(outputs["100"], model)  # 100 %: the model's output, exactly
+    np.testing.assert_allclose(outputs["50"], (original.hu + model) / 2, atol=1e-3)  # the midpoint
+    assert np.abs(outputs["50"] - original.hu).max() > 1.0
+
+
+def test_strength_is_named_in_the_derived_series_description(series_dir, ckpt, tmp_path):
+    out = tmp_path / "derived"
+    argv = ["denoise", str(series_dir), "-o", str(out), "--weights", str(ckpt), "--device", "cpu", "-q"]
+    assert cli.main([*argv, "--strength", "30"]) == 0
+    descriptions = {pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription for p in out.iterdir()}
+    assert len(descriptions) == 1
+    (description,) = descriptions
+    assert "30%" in description and "denoised" in description and len(description) <= 64
+
+
+@pytest.mark.parametrize("value", ["101", "-5", "nan", "half"])
+def test_a_strength_outside_0_to_100_exits_2(series_dir, ckpt, tmp_path, capsys, value):
+    argv = ["denoise", str(series_dir), "-o", str(tmp_path / "out"), "--weights", str(ckpt), f"--strength={value}"]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert "percentage from 0 to 100" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

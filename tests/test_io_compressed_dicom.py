@@ -18,21 +18,21 @@ from pydicom import uid
 
 from napari_langmamba.errors import CTReadError, DependencyError
 from napari_langmamba.io import read_ct
-from conftest import SHARED_DATA
 
 gdcm = pytest.importorskip("gdcm", reason="python-gdcm is a declared dependency: pip install -e .")
 
-MAYO_SERIES = SHARED_DATA / "ct" / "mayo2016_pairs" / "L192" / "quarter_3mm_D45"
+MAYO_SERIES = Path("mayo2016_pairs") / "L192" / "quarter_3mm_D45"  # under ../shared/data/ct
 NEAR = 2  # JPEG-LS near-lossless: every stored value within +-NEAR
 
 
 @pytest.fixture(scope="module")
-def uncompressed(tmp_path_factory) -> tuple[Path, np.ndarray]:
+def uncompressed(dicom_series_dir, tmp_path_factory) -> tuple[Path, np.ndarray]:
     """Two real uncompressed slices in a folder, and their HU as the reader gives them."""
-    if not MAYO_SERIES.is_dir():
-        pytest.skip(f"real CT data not found at {MAYO_SERIES} (../shared/data is absent)")
+    series = dicom_series_dir.parent / MAYO_SERIES
+    if not series.is_dir():
+        pytest.skip(f"real CT data not found at {series} (../shared/data is incomplete)")
     folder = tmp_path_factory.mktemp("native")
-    for src in sorted(MAYO_SERIES.iterdir())[:2]:
+    for src in sorted(series.iterdir())[:2]:
         shutil.copy(src, folder / src.name)
     volume = read_ct(folder)
     assert volume.shape == (2, 512, 512)

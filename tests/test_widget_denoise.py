@@ -94,11 +94,13 @@ def test_run_adds_a_linked_layer(viewer_widget, qtbot, ckpt):
         "scope": "volume",
         "slice_index": None,
         "tile": 512,
+        "strength": 100.0,
     }
+    assert meta["strength_percent"] == 100.0
     assert meta["input_layer"] == "ct"
     ct = out.metadata["ct"]
     assert ct["spacing"] == [2.5, 0.7, 0.7] and ct["origin"] == [-100.0, -50.0, -800.0]
-    assert ct["metadata"]["SeriesDescription"] == "phantom"
+    assert ct["metadata"]["SeriesDescription"] == "phantom denoised redcnn tiny 100% (LangMamba)"
 
     # Contrast limits are linked both ways.
     layer.contrast_limits = (-100.0, 100.0)
@@ -223,3 +225,79 @@ def test_every_control_has_a_tooltip(viewer_widget):
     missing = [name for name, control in widget.bound_controls.items() if not control.toolTip()]
     assert missing == []
     assert {"layer_combo", "weights_combo", "run_button", "cancel_button", "progress_bar"} <= set(widget.bound_controls)
+
+
+# --- strength ------------------------------------------------------------------------------------
+def test_strength_blends_and_changing_it_never_runs_the_model_again(viewer_widget, qtbot, ckpt, monkeypatch,
+                                                                    tmp_path):
+    viewer, widget, layer = viewer_widget
+    model = Denoiser.load(ckpt, device="cpu").denoise(layer.data, batch_size=2)
+    calls = []
+    real = Denoiser.iter_denoise
+
+    def counting(self, *args, **kwargs):
+        calls.append(args[0].shape)
+        return (yield from real(self, *args, **kwargs))
+
+    monkeypatch.setattr(Denoiser, "iter_denoise", counting)
+    assert widget.strength_spin.value() == 100  # the default: the model's output
+    widget.strength_spin.setValue(50)
+    widget.run()
+    wait_idle(qtbot, widget)
+    assert widget.state is WorkerState.DONE, widget.status_label.text()
+    assert len(calls) == 1
+    out = widget.result_layer
+    np.testing.assert_allclose(out.data, (layer.data + model) / 2, atol=1e-3)  # 50 %: the midpoint
+    assert out.metadata["denoise"]["strength_percent"] == 50.0
+    assert "50%" in out.metadata["ct"]["metadata"]["SeriesDescription"]
+
+    widget.strength_spin.setValue(0)
+    np.testing.assert_array_equal(out.data, layer.data)  # 0 %: the input exactly
+    widget.strength_spin.setValue(100)
+    np.testing.assert_array_equal(out.data, model)  # 100 %: the model's output exactly
+    widget.strength_spin.setValue(30)
+    np.testing.assert_allclose(out.data, layer.data + 0.3 * (model - layer.data), atol=1e-3)
+    assert len(calls) == 1  # the model ran once, for the first run only
+    meta = out.metadata["denoise"]
+    assert meta["strength_percent"] == 30.0 and meta["settings"]["strength"] == 30.0
+    assert out.metadata["ct"]["metadata"]["SeriesDescription"] == "phantom denoised redcnn tiny 30% (LangMamba)"
+    assert [lyr.name for lyr in viewer.layers] == ["ct", "ct denoised"]  # updated in place, nothing added
+    assert "did not run again" in widget.status_label.text()
+
+    # The exported derived series carries the strength in its description.
+    import pydicom
+
+    from napari_langmamba.io import _napari
+
+    (written,) = _napari.write_dicom(str(tmp_path / "derived"), out.data,
+                                     {"metadata": out.metadata, "scale": list(out.scale)})
+    description = pydicom.dcmread(next(Path(written).iterdir()), stop_before_pixels=True).SeriesDescription
+    assert "30%" in description and "phantom" in description
+
+
+# --- settings that stick -------------------------------------------------------------------------
+def test_settings_persist_across_two_widget_instances_and_reset(make_napari_viewer, ckpt):
+    from napari_langmamba.widgets import _settings
+
+    first = DenoiseWidget(make_napari_viewer())
+    default_batch = first.batch_spin.value()
+    assert default_batch != 7 and first.strength_spin.value() == 100
+    assert set(first.persisted) == {"weights_combo", "weights_path", "device_combo", "batch_spin", "strength_spin"}
+    first.set_weights(ckpt)
+    first.device_combo.setCurrentText("cpu")
+    first.batch_spin.setValue(7)
+    first.strength_spin.setValue(40)
+    assert _settings.settings_path().is_file()  # the temporary location of this test (conftest)
+
+    second = DenoiseWidget(make_napari_viewer())  # a later napari session
+    assert second.weights_combo.currentData() == "checkpoint"
+    assert second.weights_path.text() == str(ckpt)
+    assert second.device_combo.currentText() == "cpu"
+    assert second.batch_spin.value() == 7 and second.strength_spin.value() == 40
+
+    second.reset_button.click()
+    assert second.weights_combo.currentData() == "default" and second.weights_path.text() == ""
+    assert second.strength_spin.value() == 100 and second.batch_spin.value() == default_batch
+    assert second.device_combo.currentText() == "auto"
+    third = DenoiseWidget(make_napari_viewer())
+    assert third.strength_spin.value() == 100 and third.weights_combo.currentData() == "default"

@@ -37,12 +37,14 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QProgressBar,
+    QPushButton,
     QVBoxLayout,
     QWidget,
 )
 
 from napari_langmamba.errors import LangMambaError
 from napari_langmamba.events import Progress
+from napari_langmamba.widgets._settings import PersistentControls
 from napari_langmamba.widgets.tooltips import get_tooltip
 from napari_langmamba.windowing import DEFAULT_WINDOW, PRESETS, Window, get_window
 
@@ -138,6 +140,7 @@ class WidgetBase(QWidget):
         self._state = WorkerState.IDLE
         self._worker: GeneratorWorker | None = None
         self._bound: dict[str, QWidget] = {}
+        self._persistent: PersistentControls | None = None
         self._lifeline = _Lifeline()
         self.destroyed.connect(self._lifeline.on_widget_destroyed)
 
@@ -174,6 +177,31 @@ class WidgetBase(QWidget):
     def bound_controls(self) -> dict[str, QWidget]:
         """Every control bound with :meth:`bind`, by attribute name."""
         return dict(self._bound)
+
+    # --- settings that stick between sessions -----------------------------------------
+    def persist(self, *names: str) -> dict[str, Any]:
+        """Remember the bound controls ``names`` between napari sessions; restore them now.
+
+        Call once, after the controls have their defaults and their own signal handlers (a
+        restored value fires them, so the widget follows it). Adds a "Reset to defaults"
+        button (``reset_button``). Returns the values restored.
+        """
+        self._persistent = PersistentControls(self.TOOLTIP_SECTION, {name: self._bound[name] for name in names})
+        reset = self.bind("reset_button", QPushButton("Reset to defaults"), add=False)
+        reset.clicked.connect(self.reset_settings)
+        self._form.addRow(reset)
+        return self._persistent.restore()
+
+    @property
+    def persisted(self) -> tuple[str, ...]:
+        """Names of the controls remembered between sessions."""
+        return tuple(self._persistent.controls) if self._persistent is not None else ()
+
+    def reset_settings(self) -> None:
+        """Every remembered control back to its default; the stored values are forgotten."""
+        if self._persistent is not None:
+            self._persistent.reset()
+            self.set_status("Settings reset to their defaults.")
 
     # --- display window (shared by the widgets that show one) -------------------------
     def add_window_row(self) -> None:

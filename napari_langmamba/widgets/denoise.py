@@ -9,6 +9,12 @@ replaces anything: it is added as a new layer with the input's scale, translate 
 transforms, its contrast limits linked to the input's, and ``metadata["denoise"]`` recording
 the model, the checkpoint hash and the settings.
 
+**Strength** (0-100 %, default 100) keeps that share of the model's change:
+``input + strength x (denoised - input)`` (:mod:`napari_langmamba.strength`). The widget keeps
+the model's full-strength output of the last run, so moving the control afterwards updates the
+result layer (data, ``metadata["denoise"]["strength_percent"]`` and the SeriesDescription a DICOM
+export gets) without running the model again.
+
 "Current slice" on a 3-D layer denoises only the slice shown and adds a **single-slice 3-D
 layer** ``(1, y, x)`` translated to that slice's position: it overlays the input exactly at
 that z, costs one slice of memory, and its ``metadata["ct"]["origin"]`` is moved to the slice
@@ -42,6 +48,7 @@ from napari_langmamba import __version__
 from napari_langmamba.errors import CheckpointError, ConfigError
 from napari_langmamba.events import Progress
 from napari_langmamba.inference import DEFAULT_TILE, Denoiser, available_devices, resolve_weights
+from napari_langmamba.strength import DEFAULT_STRENGTH, blend, derived_description
 from napari_langmamba.widgets._base import WidgetBase, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -65,6 +72,7 @@ class DenoiseSettings:
     scope: str
     slice_index: int | None
     tile: int = DEFAULT_TILE
+    strength: float = DEFAULT_STRENGTH
 
 
 def _denoise_job(
@@ -116,6 +124,12 @@ class DenoiseWidget(WidgetBase):
         for key, text in SCOPES.items():
             self.scope_combo.addItem(text, key)
 
+        self.bind("strength_spin", QSpinBox(), label="Strength")
+        self.strength_spin.setRange(0, 100)
+        self.strength_spin.setSingleStep(10)
+        self.strength_spin.setSuffix(" %")
+        self.strength_spin.setValue(int(DEFAULT_STRENGTH))
+
         buttons = QHBoxLayout()
         self.bind("run_button", QPushButton("Run"), add=False)
         self.bind("cancel_button", QPushButton("Cancel"), add=False)
@@ -129,7 +143,11 @@ class DenoiseWidget(WidgetBase):
         self.browse_button.clicked.connect(self._browse)
         self.weights_combo.currentIndexChanged.connect(self._sync_controls)
         self.state_changed.connect(self._sync_controls)
+        self.strength_spin.valueChanged.connect(self.apply_strength)
         self.result_layer: Image | None = None
+        # The last run's input and full-strength model output: a new strength re-blends them.
+        self._last_input: np.ndarray | None = None
+        self._last_denoised: np.ndarray | None = None
 
         layers = self.viewer.layers
         layers.events.inserted.connect(self._refresh_layers)
@@ -137,6 +155,7 @@ class DenoiseWidget(WidgetBase):
         layers.events.moved.connect(self._refresh_layers)
         self._refresh_layers()
         self._sync_controls()
+        self.persist("weights_combo", "weights_path", "device_combo", "batch_spin", "strength_spin")
         try:
             resolve_weights("default")
         except CheckpointError as exc:  # say so now rather than at the first Run
@@ -238,6 +257,7 @@ class DenoiseWidget(WidgetBase):
             batch_size=int(self.batch_spin.value()),
             scope=scope,
             slice_index=slice_index,
+            strength=float(self.strength_spin.value()),
         )
 
     def _current_slice(self, layer: Image) -> int:
@@ -274,7 +294,7 @@ class DenoiseWidget(WidgetBase):
         self.result_layer = None
         return self.run_generator(
             _denoise_job(data, settings),
-            on_returned=lambda result: self._add_result(layer, settings, *result),
+            on_returned=lambda result: self._add_result(layer, data, settings, *result),
             context="Denoise",
             inputs=(layer,),  # closing the input layer mid-run stops the run and adds nothing
         )
@@ -292,7 +312,7 @@ class DenoiseWidget(WidgetBase):
         return f"{base} [{n}]"
 
     def _add_result(
-        self, layer: Image, settings: DenoiseSettings, hu: np.ndarray, info: dict, seconds: float
+        self, layer: Image, data: Any, settings: DenoiseSettings, hu: np.ndarray, info: dict, seconds: float
     ) -> None:
         translate = np.asarray(layer.translate, dtype=float)
         ct = copy.deepcopy(layer.metadata.get("ct")) if isinstance(layer.metadata.get("ct"), dict) else None
@@ -309,6 +329,8 @@ class DenoiseWidget(WidgetBase):
                 ct["origin"] = origin.tolist()
         if ct is not None:
             ct["source"] = None  # derived data: no file holds it yet
+            ct["metadata"] = dict(ct.get("metadata") or {})
+            ct["original_series_description"] = ct["metadata"].get("SeriesDescription")
         metadata = {
             "denoise": {
                 "model": info,
@@ -321,8 +343,10 @@ class DenoiseWidget(WidgetBase):
         }
         if ct is not None:
             metadata["ct"] = ct
+        self._last_input = np.asarray(data, dtype=np.float32)
+        self._last_denoised = hu
         out = self.viewer.add_image(
-            hu,
+            blend(self._last_input, hu, settings.strength),
             name=self._unique_name(f"{layer.name} denoised"),
             scale=layer.scale,
             translate=translate,
@@ -339,8 +363,39 @@ class DenoiseWidget(WidgetBase):
         if layer in self.viewer.layers:  # the input may have been closed while we worked
             self.viewer.layers.link_layers([layer, out], ("contrast_limits",))
         self.result_layer = out
+        self._record_strength(out, settings.strength)
         where = "" if settings.slice_index is None else f" (slice {settings.slice_index})"
         self.set_status(
             f"Added '{out.name}'{where}: {info.get('kind')} {info.get('preset') or ''} on "
             f"{info.get('device')} in {seconds:.1f} s."
         )
+
+    # --- strength -----------------------------------------------------------------------
+    @property
+    def strength(self) -> float:
+        """The denoising strength chosen, in percent."""
+        return float(self.strength_spin.value())
+
+    def apply_strength(self, *_: Any) -> bool:
+        """Re-blend the last result at the chosen strength, without the model; False if there is none."""
+        out = self.result_layer
+        if out is None or self._last_denoised is None or out not in self.viewer.layers:
+            return False
+        out.data = blend(self._last_input, self._last_denoised, self.strength)
+        self._record_strength(out, self.strength)
+        self.set_status(f"'{out.name}' at {self.strength:g} % strength (the model did not run again).")
+        return True
+
+    @staticmethod
+    def _record_strength(layer: Image, strength: float) -> None:
+        """Write ``strength`` into the layer's metadata and the SeriesDescription its DICOM export gets."""
+        record = layer.metadata.get("denoise")
+        if not isinstance(record, dict):
+            return
+        record["strength_percent"] = strength
+        if isinstance(record.get("settings"), dict):
+            record["settings"]["strength"] = strength
+        ct = layer.metadata.get("ct")
+        if isinstance(ct, dict) and isinstance(ct.get("metadata"), dict):
+            original = ct.get("original_series_description")
+            ct["metadata"]["SeriesDescription"] = derived_description(original, record.get("model") or {}, strength)

@@ -17,6 +17,10 @@ TOOLTIPS: dict[str, str] = {
     # --- shared by every widget (looked up when "<widget>.<control>" has none) -------------
     "common.progress_bar": "Progress of the task running in the background (Cancel stops it).",
     "common.status_label": "What the widget is doing, or what went wrong.",
+    "common.reset_button": (
+        "Put this widget's remembered choices back to their defaults. Choices are remembered between "
+        "napari sessions as you make them."
+    ),
     # --- Load CT -------------------------------------------------------------------------
     "load.path_edit": (
         "A DICOM file or folder, a NIfTI volume (.nii, .nii.gz) or a NumPy array of HU (.npy). "
@@ -94,6 +98,12 @@ TOOLTIPS: dict[str, str] = {
     "denoise.scope_combo": (
         "Whole volume, or only the slice shown in the viewer: that gives a one-slice layer placed "
         "at the slice's position, handy to try a model quickly."
+    ),
+    "denoise.strength_spin": (
+        "Denoising strength: how much of the model's change to keep. Output = input + strength x "
+        "(denoised - input); 100 % is the model's output, 50 % keeps half of the original texture, as "
+        "the 30 % / 50 % levels of vendor iterative reconstructions. Changing it after a run updates the "
+        "result at once, without running the model again."
     ),
     "denoise.run_button": (
         "Denoise in the background. The result is added as a new layer '<name> denoised' with the "
