@@ -161,6 +161,7 @@ class TokensWidget(WidgetBase):
         self._connect_viewer()
         self._refresh_layer_choices()
         self._on_state_changed(self.state.value)
+        self.persist("pyramid_combo")  # remembered between sessions (issue 13)
 
     # --- layout -----------------------------------------------------------------------
     def _build(self) -> None:
