@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,9 +17,13 @@ from training.datasets import (
     MayoPairs,
     NDCTDataset,
     PairedSliceDataset,
+    PairSet,
     SimulatedPairDataset,
     SimulatedPairs,
+    collect_pairs,
     open_pairs,
+    patient_folder_pairs,
+    simulated_pair_groups,
 )
 from training.simulate import SimulationOptions, iter_simulate_dataset
 
@@ -272,3 +278,107 @@ def test_ndct_slices_of_a_dicom_series_carry_its_metadata(dicom_series_dir, tmp_
     assert source.metadata(0)["Modality"] == "CT"
     assert source.metadata(0)["SeriesDescription"] == "CT Body 3.0"
     assert "Modality" not in source.metadata(4)  # a .npy volume has no DICOM fields
+
+
+# --- many pairs at once: patients folders, manifests, --low/--full, simulated doses ---------------
+
+MAYO_PAIRS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct" / "mayo2016_pairs"
+
+
+def _volume_pair(folder, name, seed, offset):
+    """A 3-slice .npy 'normal-dose' volume and its 'low-dose' partner (full + offset)."""
+    full = np.stack([_random_hu((24, 24), seed=seed + k) * 0.2 for k in range(3)])
+    np.save(folder / f"{name}_full.npy", full)
+    np.save(folder / f"{name}_low.npy", full + offset)
+    return full
+
+
+def test_manifest_and_repeated_low_full_pairs_are_labelled_by_patient(tmp_path):
+    full_a = _volume_pair(tmp_path, "a", 0, 10.0)
+    full_b = _volume_pair(tmp_path, "b", 10, 20.0)
+    full_c = _volume_pair(tmp_path, "c", 20, 30.0)
+    (tmp_path / "pairs.csv").write_text(
+        "low,full,patient,kernel,dose\na_low.npy,a_full.npy,P1,B30f,10%\n"
+        f"{tmp_path / 'b_low.npy'},b_full.npy,P2,,0.5\n"
+    )
+    pairs = collect_pairs(manifest=[tmp_path / "pairs.csv"], low=[tmp_path / "c_low.npy"], full=[tmp_path / "c_full.npy"])
+    assert len(pairs) == 9 and pairs.patients == ["P1", "P2", "c_low.npy"]
+    # collect_pairs order: --low/--full pairs, then the manifest's rows
+    for i, (full, offset) in enumerate([(full_c, 30.0), (full_a, 10.0), (full_b, 20.0)]):
+        for k in range(3):
+            low_hu, full_hu = pairs.pair_hu(3 * i + k)
+            np.testing.assert_allclose(full_hu, full[k])
+            np.testing.assert_allclose(low_hu - full_hu, offset, atol=1e-4)
+    assert pairs.info(3) == {"patient": "P1", "kernel": "B30f", "dose": 0.1, "origin": "real"}
+    assert pairs.info(6)["dose"] == 0.5 and pairs.info(6)["kernel"] is None and pairs.info(0)["dose"] is None
+    assert len({pairs.key(i) for i in range(9)}) == 9 and pairs.key(3).startswith("P1/")
+    summary = pairs.summary()
+    assert summary["patients"]["P1"] == {"n_slices": 3, "kernels": ["B30f"], "doses": [0.1], "origins": ["real"]}
+    assert summary["doses"] == [0.1, 0.5, None] and summary["n_real_slices"] == 9
+    # validation by patient: the named patients' pairs, the rest for training
+    val, train = pairs.select(["P2"]), pairs.select(["P2"], exclude=True)
+    assert len(val) == 3 and len(train) == 6 and "P2" not in train.patients
+    with pytest.raises(ConfigError, match="No pairs of patient"):
+        pairs.select(["L192"])
+
+
+def test_bad_manifests_and_pair_inputs_are_plain_errors(tmp_path):
+    _volume_pair(tmp_path, "a", 0, 10.0)
+    cases = {
+        "low,full\na_low.npy,a_full.npy\n": "lacks the column",
+        "low,full,patient\n": "lists no pairs",
+        "low,full,patient\na_low.npy,missing.npy,P1\n": "does not exist",
+        "low,full,patient,dose\na_low.npy,a_full.npy,P1,3\n": "dose fraction must be in",
+        "low,full,patient\na_low.npy,a_full.npy,\n": "needs low, full and patient",
+    }
+    for n, (text, message) in enumerate(cases.items()):
+        (tmp_path / f"m{n}.csv").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            collect_pairs(manifest=[tmp_path / f"m{n}.csv"])
+    with pytest.raises(ConfigError, match="pair up in order"):
+        collect_pairs(low=[tmp_path / "a_low.npy"], full=[])
+    with pytest.raises(ConfigError, match="No slice pairs"):
+        collect_pairs()
+    with pytest.raises(ConfigError, match="does not exist"):
+        patient_folder_pairs(tmp_path / "nowhere")
+    (tmp_path / "P9" / "full_3mm_B30").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="full_3mm_B30 have no partner"):
+        patient_folder_pairs(tmp_path)
+
+
+def test_simulated_pairs_at_several_doses_are_cached(tmp_path):
+    volume = np.stack([_random_hu((32, 32), seed=s) * 0.1 for s in range(2)])
+    np.save(tmp_path / "nd.npy", volume)
+    kwargs = {"cache": tmp_path / "cache", "slice_step": 1}
+    groups = simulated_pair_groups([f"PX={tmp_path / 'nd.npy'}"], [0.05, "50%"], **kwargs)
+    assert [(g.patient, g.dose, g.origin, len(g.source)) for g in groups] == [
+        ("PX", 0.05, "simulated", 2), ("PX", 0.5, "simulated", 2)]
+    noise = []
+    for group in groups:
+        low, full = group.source.pair_hu(1)
+        np.testing.assert_array_equal(full, volume[1])
+        noise.append(float(np.std(low - full)))
+    assert noise[0] > 2.0 * noise[1] > 0  # 5 % dose is much noisier than 50 %
+    stamps = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.npy"))
+    again = simulated_pair_groups([f"PX={tmp_path / 'nd.npy'}"], [0.05, 0.5], **kwargs)  # the cache answers
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.npy")) == stamps
+    np.testing.assert_array_equal(again[0].source.pair_hu(1)[0], groups[0].source.pair_hu(1)[0])
+    mixed = PairSet([*groups, *again])
+    assert mixed.summary()["n_simulated_slices"] == 8 and mixed.summary()["doses"] == [0.05, 0.5]
+
+
+def test_the_mayo_patient_folders_pair_by_position():
+    if not MAYO_PAIRS.is_dir():
+        pytest.skip(f"real CT data not found at {MAYO_PAIRS} (../shared/data is absent)")
+    pairs = collect_pairs(pairs=[MAYO_PAIRS])
+    summary = pairs.summary()
+    assert pairs.patients == ["L096", "L143", "L192", "L286"] and len(pairs) == 36
+    assert {p: (e["n_slices"], e["kernels"]) for p, e in summary["patients"].items()} == {
+        "L096": (10, ["D45f"]), "L143": (11, ["B30f", "D45f"]), "L192": (11, ["B30f", "D45f"]), "L286": (4, ["D45f"])}
+    assert summary["doses"] == [0.25]
+    val = pairs.select(["L192"])
+    keys = [val.key(i) for i in range(len(val))]
+    assert keys[0] == "L192/quarter_3mm_B30/z-476.60mm" and len(set(keys)) == 11
+    low, full = val.pair_hu(0)
+    assert low.shape == full.shape == (512, 512)
+    assert 10.0 < float(np.std((low - full)[192:320, 192:320])) < 100.0  # real quarter-dose noise, same slice

@@ -348,6 +348,51 @@ def test_redcnn_mse_only_baseline_needs_no_langae(data_dir, tmp_path):
     assert not (run / "best").exists()  # no validation, no best
 
 
+def test_seed_trains_on_many_patients_and_validates_on_whole_patients(data_dir, tmp_path, capsys):
+    # three 'patients' of two slices each (volumes of the phantom pairs), listed in a manifest
+    lows = sorted((data_dir / "quarter_1mm").glob("*.npy"))
+    fulls = sorted((data_dir / "full_1mm").glob("*.npy"))
+    rows = ["low,full,patient,kernel,dose"]
+    for p in range(3):
+        for name, files in (("low", lows), ("full", fulls)):
+            np.save(tmp_path / f"{name}{p}.npy", np.stack([np.load(f) - 1024.0 for f in files[2 * p:2 * p + 2]]))
+        rows.append(f"low{p}.npy,full{p}.npy,P{p},K{p % 2},0.25")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    args = ["seed", "--backbone", "redcnn", "--lambda", "0", "--manifest", str(tmp_path / "pairs.csv"),
+            "--preset", "tiny", "--epochs", "1", "--batch-size", "2", "--patch-size", "32"]
+    assert _train([*args, "--output", str(tmp_path / "slice-split")]) == 2  # several patients: no slice split
+    assert "--val-patients" in capsys.readouterr().err
+    assert _train([*args, "--output", str(tmp_path / "bad"), "--val-patients", "P7"]) == 2
+    assert "No pairs of patient(s) P7" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    assert _train([*args, "--output", str(run), "--val-patients", "P2"]) == 0
+    data = load_checkpoint(run / "last").meta["training"]["data"]
+    assert data["n_slices"] == 4 and data["n_val_slices"] == 2 and data["val_source"] == "patients P2"
+    assert data["train"]["patients"] == {
+        "P0": {"n_slices": 2, "kernels": ["K0"], "doses": [0.25], "origins": ["real"]},
+        "P1": {"n_slices": 2, "kernels": ["K1"], "doses": [0.25], "origins": ["real"]}}
+    assert list(data["validation"]["patients"]) == ["P2"] and data["validation"]["kernels"] == ["K0"]
+    assert data["inputs"] == {"manifest": [str(tmp_path / "pairs.csv")]}
+    assert set(_losses(run)) == {2}  # 4 training slices / batch 2
+    (epoch,) = [r for r in read_metrics(run) if r["kind"] == "epoch"]
+    assert epoch["val"]["n_images"] == 2  # both P2 slices, and only those
+
+
+def test_seed_on_the_mayo_patient_folders(tmp_path):
+    pairs_dir = REPO_ROOT.parent / "shared" / "data" / "ct" / "mayo2016_pairs"
+    if not pairs_dir.is_dir():
+        pytest.skip(f"real CT data not found at {pairs_dir} (../shared/data is absent)")
+    run = tmp_path / "run"
+    assert _train(["seed", "--backbone", "redcnn", "--lambda", "0", "--pairs", str(pairs_dir), "--val-patients",
+                   "L192", "--output", str(run), "--preset", "tiny", "--epochs", "1", "--steps-per-epoch", "1",
+                   "--batch-size", "2", "--patch-size", "32", "--val-max-images", "1"]) == 0
+    data = load_checkpoint(run / "last").meta["training"]["data"]
+    assert sorted(data["train"]["patients"]) == ["L096", "L143", "L286"] and data["n_slices"] == 25
+    assert data["validation"]["patients"]["L192"]["n_slices"] == 11 and data["n_val_slices"] == 11
+    assert data["train"]["kernels"] == ["B30f", "D45f"] and data["train"]["doses"] == [0.25]
+
+
 def test_nonfinite_loss_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     code = _train(["seed", "--backbone", "redcnn", "--lambda", "0", "--data", str(data_dir), "--output", str(run),

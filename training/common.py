@@ -32,9 +32,11 @@ from training.runs import RunFolder, seed_everything
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "PairDataOptions",
     "StageData",
     "SubsetSource",
     "TrainOptions",
+    "add_pair_arguments",
     "add_train_arguments",
     "command_line",
     "crop_to_multiple",
@@ -45,6 +47,7 @@ __all__ = [
     "parse_window",
     "run_stage",
     "sharded_means",
+    "split_by_patient",
     "split_source",
     "start",
     "validation",
@@ -326,6 +329,10 @@ class SubsetSource:
     def slice_hu(self, index: int) -> Any:
         return self.source.slice_hu(self.indices[index])
 
+    def info(self, index: int) -> dict[str, Any]:
+        """The labels of a slice of a :class:`training.datasets.PairSet` (AttributeError for other sources)."""
+        return self.source.info(self.indices[index])
+
 
 def split_source(source: Any, fraction: float) -> tuple[Any, Any | None]:
     """``(train, val)``: the last ``ceil(fraction * n)`` slices are held out (None when 0).
@@ -393,6 +400,123 @@ def sharded_means(
 
 
 # ----------------------------------------------------------------------------------------------
+# pair data: the flags of the stages that read low-/normal-dose pairs (seed, evaluate)
+
+DEFAULT_SIM_DOSES = (0.05, 0.1, 0.25, 0.5)
+
+
+def _words(value: Any) -> tuple:
+    """A list option from the command line (``A B``), a config file (a list) or ``A,B``."""
+    if value is None:
+        return ()
+    out: list = []
+    for v in [value] if isinstance(value, (str, int, float)) else list(value):
+        out += [w.strip() for w in v.split(",") if w.strip()] if isinstance(v, str) else [v]
+    return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairDataOptions:
+    """Pair inputs and the split by patient, shared by ``seed`` and ``evaluate``.
+
+    ``pairs``: folders of patients (``<patient>/full…`` + ``quarter…`` DICOM series);
+    ``low``/``full``: CTs paired in order; ``manifest``: CSV files (low, full, patient[, kernel,
+    dose]); ``simulate_from``/``sim_doses``: normal-dose CTs made into simulated pairs at each
+    dose (cached in ``sim_cache``); ``val_patients``: the patients whose pairs are the
+    validation (evaluation) set.
+    """
+
+    pairs: tuple[Path, ...] = ()
+    low: tuple[Path, ...] = ()
+    full: tuple[Path, ...] = ()
+    manifest: tuple[Path, ...] = ()
+    simulate_from: tuple[str, ...] = ()
+    sim_doses: tuple[float, ...] = DEFAULT_SIM_DOSES
+    sim_cache: Path | None = None
+    sim_slice_step: int = 1
+    val_patients: tuple[str, ...] = ()
+
+    def _check_pair_data(self) -> None:
+        from training.datasets import parse_dose
+
+        for name in ("pairs", "low", "full", "manifest"):
+            paths = getattr(self, name)
+            paths = (paths,) if isinstance(paths, (str, os.PathLike)) else tuple(paths or ())
+            object.__setattr__(self, name, tuple(Path(os.fspath(p)).expanduser() for p in paths))
+        object.__setattr__(self, "simulate_from", tuple(os.fspath(p) for p in _as_tuple(self.simulate_from)))
+        object.__setattr__(self, "val_patients", _words(self.val_patients))
+        object.__setattr__(self, "sim_doses", tuple(parse_dose(d, where="--sim-doses") for d in _words(self.sim_doses)))
+        if self.sim_cache is not None and not isinstance(self.sim_cache, Path):
+            object.__setattr__(self, "sim_cache", Path(os.fspath(self.sim_cache)).expanduser())
+        if len(self.low) != len(self.full):
+            raise ConfigError(f"--low and --full pair up in order: got {len(self.low)} low-dose and "
+                              f"{len(self.full)} normal-dose CTs.")
+        if self.simulate_from and not self.sim_doses:
+            raise ConfigError("--simulate-from needs at least one dose (--sim-doses 0.05,0.5).")
+        if isinstance(self.sim_slice_step, bool) or int(self.sim_slice_step) < 1:
+            raise ConfigError(f"--sim-slice-step must be at least 1; got {self.sim_slice_step}.")
+
+    def has_pair_inputs(self) -> bool:
+        return bool(self.pairs or self.low or self.manifest or self.simulate_from)
+
+    def collect(self, data: Sequence[Path | str] = (), *, split: str | None = None, workers: int = 1) -> Any:
+        """All the pair inputs (plus ``data`` folders) as one :class:`training.datasets.PairSet`."""
+        from training.datasets import collect_pairs
+
+        return collect_pairs(data=tuple(data), split=split, pairs=self.pairs, low=self.low, full=self.full,
+                             manifest=self.manifest, simulate_from=self.simulate_from, sim_doses=self.sim_doses,
+                             sim_cache=self.sim_cache, sim_slice_step=self.sim_slice_step, sim_workers=workers)
+
+
+def _as_tuple(value: Any) -> tuple:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, (str, os.PathLike)) else tuple(value)
+
+
+def add_pair_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, evaluate: bool = False) -> None:
+    """Declare the flags of :class:`PairDataOptions` (``evaluate`` words the validation flag for it)."""
+    add_option(parser, "--pairs", type=Path, nargs="+", action="extend", metavar="DIR",
+               help="folder(s) of patients laid out <patient>/full…/ + <patient>/quarter…/ DICOM series "
+                    "(as the AAPM-Mayo 2016 pairs); series of the same suffix pair by slice position")
+    add_option(parser, "--low", type=Path, nargs="+", action="extend", metavar="CT",
+               help="low-dose CT(s) (DICOM folder, NIfTI, .npy), each paired by slice position with the --full "
+                    "at the same place; repeatable")
+    add_option(parser, "--full", type=Path, nargs="+", action="extend", metavar="CT",
+               help="normal-dose CT(s) matching --low, in the same order; repeatable")
+    add_option(parser, "--manifest", type=Path, nargs="+", action="extend", metavar="CSV",
+               help="CSV file(s) of pairs: columns low, full, patient and optionally kernel, dose "
+                    "(paths relative to the file)")
+    add_option(parser, "--simulate-from", type=str, nargs="+", action="extend", metavar="[LABEL=]CT",
+               help="normal-dose CT(s) to make simulated pairs from at each --sim-doses (projection-domain "
+                    "noise, as `python -m training simulate`; cached); LABEL= names the patient")
+    add_option(parser, "--sim-doses", type=str, nargs="+", metavar="D",
+               help="dose fractions (or percentages) of the simulated pairs, e.g. 0.05,0.1,0.25,0.5 "
+                    f"(default {','.join(f'{d:g}' for d in DEFAULT_SIM_DOSES)})")
+    add_option(parser, "--sim-cache", type=Path, metavar="DIR",
+               help="folder of the cached simulated pairs (default ~/.cache/napari-langmamba/simulated)")
+    add_option(parser, "--sim-slice-step", type=int, metavar="N",
+               help="simulate every N-th slice of each --simulate-from volume (default 1)")
+    if evaluate:
+        add_option(parser, "--val-patients", "--patients", dest="val_patients", nargs="+", metavar="ID",
+                   help="evaluate only the pairs of these patients (e.g. L192, the validation patient)")
+    else:
+        add_option(parser, "--val-patients", nargs="+", metavar="ID",
+                   help="patients whose pairs form the validation set and are left out of training "
+                        "(e.g. L192); never a split of one patient's slices")
+
+
+def split_by_patient(pairs: Any, val_patients: Sequence[str]) -> tuple[Any, Any]:
+    """``(train, val)`` of a :class:`training.datasets.PairSet`: the validation patients' pairs and the rest."""
+    val = pairs.select(val_patients)
+    train = pairs.select(val_patients, exclude=True)
+    if not len(train):
+        raise ConfigError(f"Every pair belongs to the validation patient(s) {', '.join(val_patients)}; nothing is "
+                          "left to train on.")
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------
 # the parts of a stage's training function that do not depend on its model
 
 
@@ -415,13 +539,14 @@ def make_stage_data(
     *,
     source_summary: dict[str, Any],
     val_label: str,
+    val_description: str | None = None,
 ) -> StageData:
     """Training and validation datasets, the resumable loader and the data summary of a stage.
 
     ``dataset_cls`` is a dataset of :mod:`training.datasets` over a source (random crops of
     ``--patch-size`` for training, whole slices for validation); ``source_summary`` opens the
     summary recorded in checkpoints, and ``val_label`` names the data the validation slices were
-    split off when there is no ``--val-data``.
+    split off when there is no ``--val-data`` (``val_description`` replaces both when given).
     """
     from training.distributed import make_train_loader
 
@@ -436,8 +561,8 @@ def make_stage_data(
         **source_summary,
         "n_slices": len(train_source),
         "n_val_slices": len(val_source) if val_source is not None else 0,
-        "val_source": [str(p) for p in options.val_data] or (f"last {options.val_fraction:.0%} of {val_label}"
-                                                            if val_source is not None else None),
+        "val_source": val_description or [str(p) for p in options.val_data] or (
+            f"last {options.val_fraction:.0%} of {val_label}" if val_source is not None else None),
         "patch_size": patch,
         "repeat": options.repeat,
     }

@@ -30,10 +30,14 @@ Files are paired by name, ``quarter`` <-> ``full`` (``root`` may also hold ``tra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -219,8 +223,19 @@ def _as_volume(item: Any, series: str | int | None) -> Any:
 
 
 def _positions_along_normal(volume: Any) -> np.ndarray:
-    """Slice positions (mm) along the slice normal, as written down in ``napari_langmamba.io``."""
-    return volume.slice_positions() @ np.asarray(volume.direction)[0]
+    """Slice positions (mm) along the slice normal.
+
+    The positions the DICOM reader recorded per slice (``metadata["slice_positions_lps"]``)
+    when present: a series of a few scattered slices (as the Mayo pairs are) has gaps that
+    the volume's regular grid (origin + k * spacing) does not describe.
+    """
+    normal = np.asarray(volume.direction)[0]
+    recorded = (getattr(volume, "metadata", None) or {}).get("slice_positions_lps")
+    if recorded is not None:
+        positions = np.asarray(recorded, dtype=np.float64)
+        if positions.shape == (volume.hu.shape[0], 3):
+            return positions @ normal
+    return volume.slice_positions() @ normal
 
 
 class DicomPairs:
@@ -389,6 +404,382 @@ def open_pairs(
         f"{base} is neither a simulated-pairs folder ({MANIFEST_NAME}, from `python -m training simulate`) nor a "
         f"Mayo 2D dataset ({MAYO_LOW_DIR}/ and {MAYO_FULL_DIR}/); for two CT series give the low and full inputs."
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Many pairs at once: labelled groups (patient, kernel, dose) and their collection
+
+PAIR_MANIFEST_COLUMNS = ("low", "full", "patient")
+PAIR_MANIFEST_OPTIONAL = ("kernel", "dose")
+_LOW_PREFIXES = {"quarter": 0.25, "low": None}  # folder-name prefix of a low-dose series -> its dose
+_FULL_PREFIX = "full"
+
+
+@dataclass(frozen=True)
+class PairGroup:
+    """One pair source with what a run record says about it.
+
+    ``patient`` names the person scanned (validation splits by it), ``kernel`` the
+    reconstruction kernel, ``dose`` the low-dose fraction (``None`` when unknown), ``origin``
+    ``"real"`` or ``"simulated"``, ``name`` the prefix of its keys and ``path`` where it came from.
+    """
+
+    source: Any
+    patient: str
+    name: str
+    kernel: str | None = None
+    dose: float | None = None
+    origin: str = "real"
+    path: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "patient": self.patient, "kernel": self.kernel, "dose": self.dose,
+                "origin": self.origin, "n_slices": len(self.source), "path": self.path}
+
+
+class PairSet:
+    """Labelled pair groups concatenated into one pair source (see :class:`PairSource`).
+
+    Keys are ``<group name>/<key in the group>``; :meth:`info` gives the patient, kernel,
+    dose and origin of a pair, :meth:`select` keeps or drops patients, :meth:`summary` is the
+    data record of a run.
+    """
+
+    def __init__(self, groups: Sequence[PairGroup]):
+        self.groups = [g for g in groups if len(g.source)]
+        self._index = [(g, i) for g in self.groups for i in range(len(g.source))]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def key(self, index: int) -> str:
+        group, i = self._index[index]
+        return f"{group.name}/{group.source.key(i)}"
+
+    def pair_hu(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        group, i = self._index[index]
+        return group.source.pair_hu(i)
+
+    def info(self, index: int) -> dict[str, Any]:
+        """``patient``, ``kernel``, ``dose`` and ``origin`` of pair ``index``."""
+        group = self._index[index][0]
+        return {"patient": group.patient, "kernel": group.kernel, "dose": group.dose, "origin": group.origin}
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted({g.patient for g in self.groups})
+
+    def select(self, patients: Sequence[str], *, exclude: bool = False) -> PairSet:
+        """The pairs of ``patients`` (or of every other patient with ``exclude``).
+
+        Raises
+        ------
+        ConfigError
+            A named patient has no pairs here.
+        """
+        wanted = {str(p) for p in patients}
+        missing = sorted(wanted - set(self.patients))
+        if missing:
+            raise ConfigError(
+                f"No pairs of patient(s) {', '.join(missing)} in the data; its patients are "
+                f"{', '.join(self.patients) or 'none'}."
+            )
+        return PairSet([g for g in self.groups if (g.patient in wanted) != exclude])
+
+    def summary(self) -> dict[str, Any]:
+        """:func:`pair_summary` plus the source layouts and the groups."""
+        return {**pair_summary(self), "layouts": sorted({type(g.source).__name__ for g in self.groups}),
+                "groups": [g.describe() for g in self.groups]}
+
+
+def pair_summary(source: Any) -> dict[str, Any]:
+    """Slices, patients (slices, kernels, doses of each), kernels, doses, real/simulated counts.
+
+    ``source`` is a :class:`PairSet` or a subset of one (anything with ``info(i)``); other
+    sources give only their slice count.
+    """
+    if not hasattr(source, "info"):
+        return {"n_slices": len(source)}
+    infos = [source.info(i) for i in range(len(source))]
+
+    def ordered(values: Any) -> list:
+        return sorted(set(values), key=lambda v: (v is None, v))
+
+    patients = {}
+    for patient in ordered(i["patient"] for i in infos):
+        mine = [i for i in infos if i["patient"] == patient]
+        patients[patient] = {"n_slices": len(mine), "kernels": ordered(i["kernel"] for i in mine),
+                             "doses": ordered(i["dose"] for i in mine), "origins": ordered(i["origin"] for i in mine)}
+    return {
+        "n_slices": len(infos),
+        "patients": patients,
+        "kernels": ordered(i["kernel"] for i in infos),
+        "doses": ordered(i["dose"] for i in infos),
+        "n_real_slices": sum(i["origin"] == "real" for i in infos),
+        "n_simulated_slices": sum(i["origin"] == "simulated" for i in infos),
+    }
+
+
+def _quiet_read(item: Any) -> Any:
+    """``read_ct`` without the warnings about gaps: a pair series may hold a few scattered slices."""
+    from napari_langmamba.io.volume import CTReadWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CTReadWarning)
+        return _as_volume(item, None)
+
+
+def patient_label(metadata: dict[str, Any] | None, fallback: str) -> str:
+    """A patient name from DICOM fields: PatientID, else PatientName's first ``_`` token, else ``fallback``.
+
+    Anonymised series often carry ``PatientID = "Anonymous"``; the Mayo data then names the
+    patient in PatientName (``L096_FD_3_SHARP`` -> ``L096``).
+    """
+    metadata = metadata or {}
+    pid = str(metadata.get("PatientID") or "").strip()
+    if pid and not pid.lower().startswith(("anon", "unknown")):
+        return pid
+    name = str(metadata.get("PatientName") or "").strip()
+    if name:
+        return re.split(r"[_^ ]", name)[0] or name
+    return fallback
+
+
+def _kernel_of(metadata: dict[str, Any] | None) -> str | None:
+    kernel = (metadata or {}).get("ConvolutionKernel")
+    if isinstance(kernel, (list, tuple)):
+        kernel = "/".join(str(k) for k in kernel)
+    return str(kernel).strip() or None if kernel else None
+
+
+def _series_folders(folder: Path) -> tuple[dict[str, Path], dict[str, tuple[Path, float | None]]]:
+    """``({suffix: full folder}, {suffix: (low folder, dose)})`` of a patient folder."""
+    fulls: dict[str, Path] = {}
+    lows: dict[str, tuple[Path, float | None]] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        lower = sub.name.lower()
+        if lower.startswith(_FULL_PREFIX):
+            fulls[lower[len(_FULL_PREFIX):]] = sub
+            continue
+        for prefix, dose in _LOW_PREFIXES.items():
+            if lower.startswith(prefix):
+                lows[lower[len(prefix):]] = (sub, dose)
+                break
+    return fulls, lows
+
+
+def patient_folder_pairs(root: str | os.PathLike) -> list[PairGroup]:
+    """The pairs of a folder of patients: ``root/<patient>/{full…, quarter…}/`` DICOM series.
+
+    In each patient folder, a ``full<suffix>`` series pairs with the ``quarter<suffix>`` (dose
+    0.25) or ``low<suffix>`` (dose unknown) series of the same suffix (e.g. ``full_3mm_D45`` and
+    ``quarter_3mm_D45``); their slices are matched by position. ``root`` may also be one
+    patient's folder. The kernel comes from the DICOM header (else the suffix).
+
+    Raises
+    ------
+    ConfigError
+        ``root`` is missing, holds no such pairs, or a series has no partner.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"The pairs folder {root} does not exist.")
+    fulls, lows = _series_folders(root)
+    patients = [root] if (fulls or lows) else sorted(p for p in root.iterdir() if p.is_dir())
+    groups: list[PairGroup] = []
+    for patient_dir in patients:
+        fulls, lows = _series_folders(patient_dir)
+        unpaired = sorted(set(fulls) ^ set(lows))
+        if unpaired:
+            names = [fulls[s].name if s in fulls else lows[s][0].name for s in unpaired]
+            raise ConfigError(
+                f"In {patient_dir}, the series {', '.join(names)} have no partner: a full<suffix> folder pairs "
+                "with the quarter<suffix> (or low<suffix>) folder of the same suffix."
+            )
+        for suffix in sorted(fulls):
+            low_dir, dose = lows[suffix]
+            source = DicomPairs(_quiet_read(low_dir), _quiet_read(fulls[suffix]))
+            kernel = _kernel_of(source.low_volume.metadata) or suffix.strip("_-") or None
+            groups.append(PairGroup(source, patient=patient_dir.name, name=f"{patient_dir.name}/{low_dir.name}",
+                                    kernel=kernel, dose=dose, path=str(low_dir)))
+    if not groups:
+        raise ConfigError(
+            f"{root} holds no low-/normal-dose pairs: expected <patient>/full…/ and <patient>/quarter…/ "
+            "DICOM series folders (as in the AAPM-Mayo 2016 pairs)."
+        )
+    return groups
+
+
+def dicom_pair_group(low: str | os.PathLike | Any, full: str | os.PathLike | Any, *, patient: str | None = None,
+                     kernel: str | None = None, dose: float | None = None) -> PairGroup:
+    """One labelled low-/normal-dose pair of CTs (patient and kernel from the header unless given)."""
+    source = DicomPairs(_quiet_read(low), _quiet_read(full))
+    meta = source.low_volume.metadata
+    name = Path(os.fspath(low)).name if isinstance(low, (str, os.PathLike)) else "low"
+    label = patient or patient_label(meta, name)
+    return PairGroup(source, patient=label, name=f"{label}/{name}", kernel=kernel or _kernel_of(meta), dose=dose,
+                     path=os.fspath(low) if isinstance(low, (str, os.PathLike)) else "")
+
+
+def parse_dose(text: Any, *, where: str) -> float:
+    """A dose fraction from ``0.25``, ``"0.25"`` or ``"25%"``; in (0, 1]."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: a dose is a fraction such as 0.25 or a percentage such as 25%; got {raw!r}.") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ConfigError(f"{where}: a dose fraction must be in (0, 1]; got {raw!r}.")
+    return value
+
+
+def manifest_pairs(path: str | os.PathLike) -> list[PairGroup]:
+    """The pairs listed in a CSV manifest: columns ``low, full, patient`` and optional ``kernel, dose``.
+
+    Each row is a low-dose and a normal-dose CT (anything :func:`~napari_langmamba.io.read_ct`
+    reads; relative paths are relative to the manifest's folder) paired by slice position.
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip().lower() for c in reader.fieldnames or []]
+            rows = list(reader)
+    except OSError as exc:
+        raise ConfigError(f"Could not read the pairs manifest {path}: {exc}") from exc
+    missing = [c for c in PAIR_MANIFEST_COLUMNS if c not in columns]
+    if missing:
+        raise ConfigError(
+            f"The pairs manifest {path} lacks the column(s) {', '.join(missing)}; it needs "
+            f"{', '.join(PAIR_MANIFEST_COLUMNS)} (and optionally {', '.join(PAIR_MANIFEST_OPTIONAL)})."
+        )
+    if not rows:
+        raise ConfigError(f"The pairs manifest {path} lists no pairs.")
+    groups = []
+    for n, raw in enumerate(rows, start=2):  # line numbers as a spreadsheet shows them
+        row = {str(k).strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+        where = f"{path.name} line {n}"
+        if not all(row.get(c) for c in PAIR_MANIFEST_COLUMNS):
+            raise ConfigError(f"{where}: every row needs low, full and patient.")
+        low, full = (Path(row[c]) if Path(row[c]).is_absolute() else path.parent / row[c] for c in ("low", "full"))
+        for item in (low, full):
+            if not item.exists():
+                raise ConfigError(f"{where}: {item} does not exist.")
+        dose = parse_dose(row["dose"], where=where) if row.get("dose") else None
+        groups.append(dicom_pair_group(low, full, patient=row["patient"], kernel=row.get("kernel") or None, dose=dose))
+    return groups
+
+
+def folder_pair_group(folder: str | os.PathLike, *, split: str | None = None) -> PairGroup:
+    """A ``--data`` folder (simulated pairs or a Mayo 2D root) as one group named after the folder."""
+    source = open_pairs(folder, split=split)
+    name = Path(folder).name or str(folder)
+    dose = None
+    if isinstance(source, SimulatedPairs):
+        dose = (source.manifest.get("options") or {}).get("dose")
+    return PairGroup(source, patient=name, name=name, dose=dose,
+                     origin="simulated" if isinstance(source, SimulatedPairs) else "real", path=str(folder))
+
+
+def default_simulation_cache() -> Path:
+    """Where simulated pairs are cached unless told otherwise (``$XDG_CACHE_HOME/napari-langmamba/simulated``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "napari-langmamba" / "simulated"
+
+
+def simulated_pair_groups(
+    inputs: Sequence[str | os.PathLike],
+    doses: Sequence[float],
+    *,
+    cache: str | os.PathLike | None = None,
+    slice_step: int = 1,
+    workers: int = 1,
+) -> list[PairGroup]:
+    """Simulated pairs of normal-dose CTs at each dose, made once and cached (``training.simulate``).
+
+    Every (input, dose) becomes its own simulated-pairs folder under ``cache``, named by a hash
+    of the input path, the dose and the slice step, so runs with the same inputs reuse them. An
+    input given as ``LABEL=PATH`` names its patient; otherwise the DICOM header does.
+    """
+    import hashlib
+
+    from napari_langmamba.events import run as run_events
+    from training.simulate import SimulationOptions, iter_simulate_dataset
+
+    if not inputs:
+        return []
+    if not doses:
+        raise ConfigError("Simulated pairs need at least one dose (e.g. --sim-doses 0.05,0.1,0.25,0.5).")
+    cache = Path(cache) if cache is not None else default_simulation_cache()
+    groups = []
+    for item in inputs:
+        text, label = os.fspath(item), None
+        if "=" in text and not Path(text).exists():
+            label, _, text = text.partition("=")
+        path = Path(text)
+        if not path.exists():
+            raise ConfigError(f"The normal-dose CT {path} (to simulate from) does not exist.")
+        volume = _quiet_read(path)
+        patient = label or patient_label(volume.metadata, path.name)
+        kernel = _kernel_of(volume.metadata)
+        del volume
+        for dose in doses:
+            dose = parse_dose(dose, where="--sim-doses")
+            seed = int(round(dose * 10000))  # independent noise per dose, stable across runs
+            tag = hashlib.sha256(f"{path.resolve()}|{dose!r}|{slice_step}|{seed}".encode()).hexdigest()[:12]
+            folder = cache / f"{path.name}_dose{dose:g}_{tag}"
+            logger.info("simulated pairs of %s at dose %g: %s", path, dose, folder)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run_events(iter_simulate_dataset([path], folder, options=SimulationOptions(dose=dose, seed=seed),
+                                                 workers=workers, slice_step=slice_step, overwrite=True))
+            groups.append(PairGroup(SimulatedPairs(folder), patient=patient, name=f"{patient}/sim{dose:g}",
+                                    kernel=kernel, dose=dose, origin="simulated", path=str(path)))
+    return groups
+
+
+def collect_pairs(
+    *,
+    data: Sequence[str | os.PathLike] = (),
+    split: str | None = None,
+    pairs: Sequence[str | os.PathLike] = (),
+    low: Sequence[str | os.PathLike] = (),
+    full: Sequence[str | os.PathLike] = (),
+    manifest: Sequence[str | os.PathLike] = (),
+    simulate_from: Sequence[str | os.PathLike] = (),
+    sim_doses: Sequence[float] = (),
+    sim_cache: str | os.PathLike | None = None,
+    sim_slice_step: int = 1,
+    sim_workers: int = 1,
+) -> PairSet:
+    """Every kind of pair input as one :class:`PairSet` (the one place training and ``evaluate`` read pairs).
+
+    ``data``: simulated-pairs folders or Mayo 2D roots; ``pairs``: folders of patients
+    (:func:`patient_folder_pairs`); ``low``/``full``: CTs paired in order; ``manifest``: CSV
+    files (:func:`manifest_pairs`); ``simulate_from`` + ``sim_doses``: normal-dose CTs turned
+    into simulated pairs at each dose (:func:`simulated_pair_groups`).
+    """
+    if len(low) != len(full):
+        raise ConfigError(f"--low and --full pair up in order: got {len(low)} low-dose and {len(full)} normal-dose CTs.")
+    groups: list[PairGroup] = [folder_pair_group(d, split=split) for d in data]
+    for root in pairs:
+        groups += patient_folder_pairs(root)
+    groups += [dicom_pair_group(lo, fu) for lo, fu in zip(low, full, strict=True)]
+    for file in manifest:
+        groups += manifest_pairs(file)
+    groups += simulated_pair_groups(simulate_from, sim_doses, cache=sim_cache, slice_step=sim_slice_step,
+                                    workers=sim_workers)
+    names = [g.name for g in groups]
+    for name in {n for n in names if names.count(n) > 1}:  # keys stay unique
+        same = [i for i, n in enumerate(names) if n == name]
+        for k, i in enumerate(same):
+            groups[i] = dataclasses.replace(groups[i], name=f"{name}#{k + 1}")
+    result = PairSet(groups)
+    if not len(result):
+        raise ConfigError("No slice pairs were given (--data, --pairs, --low/--full, --manifest or --simulate-from).")
+    return result
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 
 from napari_langmamba.errors import ConfigError
 from training.common import (
+    PairDataOptions,
     TrainOptions,
+    add_pair_arguments,
     add_train_arguments,
     command_line,
     crop_to_multiple,
@@ -42,6 +44,7 @@ from training.common import (
     make_stage_data,
     parse_window,
     run_stage,
+    split_by_patient,
     split_source,
     validation,
 )
@@ -57,11 +60,9 @@ FLAGS = {"langda_weight": "--lambda"}  # options whose flag is not --<name>
 
 
 @dataclass(frozen=True, kw_only=True)
-class SeedOptions(TrainOptions):
+class SeedOptions(TrainOptions, PairDataOptions):
     """Options of ``python -m training seed`` (defaults are the documented defaults)."""
 
-    low: Path | None = None
-    full: Path | None = None
     split: str | None = None
     backbone: str = "seed"
     langae: Path | None = None
@@ -73,14 +74,16 @@ class SeedOptions(TrainOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._optional_paths("low", "full", "langae")
-        if not self.data and (self.low is None or self.full is None):
+        self._check_pair_data()
+        self._optional_paths("langae")
+        if not self.data and not self.has_pair_inputs():
             raise ConfigError(
-                "Training pairs are required: --data FOLDER (from `python -m training simulate`, or a Mayo 2D "
-                "root) or --low CT --full CT (two series paired by slice position)."
+                "Training pairs are required: --pairs FOLDER (<patient>/full…/ + quarter…/ DICOM series), "
+                "--data FOLDER (from `python -m training simulate`, or a Mayo 2D root), --low CT --full CT "
+                "(series paired by slice position), --manifest CSV, or --simulate-from CT."
             )
-        if self.data and (self.low is not None or self.full is not None):
-            raise ConfigError("Give either --data or --low/--full, not both.")
+        if self.val_patients and self.val_data:
+            raise ConfigError("Give either --val-patients or --val-data, not both.")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"--backbone must be one of {', '.join(BACKBONES)}; got {self.backbone!r}.")
         weight = float(self.langda_weight)
@@ -115,9 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_option(parser, "--data", type=Path, nargs="+", metavar="DIR",
                help="paired training data: simulate output folders or Mayo 2D roots (quarter_1mm/, full_1mm/)")
-    add_option(parser, "--low", type=Path, metavar="CT",
-               help="low-dose CT (DICOM folder, NIfTI, .npy) paired by slice position with --full (instead of --data)")
-    add_option(parser, "--full", type=Path, metavar="CT", help="normal-dose CT matching --low")
+    add_pair_arguments(parser)
     add_option(parser, "--split", metavar="NAME", help="sub-folder of a Mayo root, e.g. train")
     add_train_arguments(parser, SeedOptions)
     model = parser.add_argument_group("denoiser and loss")
@@ -132,39 +133,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(model, "--weight-decay", type=float, metavar="W", help=f"AdamW weight decay (default {d('weight_decay')})")
 
 
-def _pair_sources(options: SeedOptions) -> tuple[Any, Any | None, list[str]]:
-    from training.datasets import DicomPairs, open_pairs
+def _pair_sources(options: SeedOptions) -> tuple[Any, Any | None, str | None]:
+    """``(train, validation or None, how the validation set was chosen)``.
 
-    class _Concat:
-        def __init__(self, sources: list[Any]) -> None:
-            self.sources = sources
-            self.index = [(s, i) for s in sources for i in range(len(s))]
-
-        def __len__(self) -> int:
-            return len(self.index)
-
-        def key(self, index: int) -> str:
-            source, i = self.index[index]
-            return source.key(i)
-
-        def pair_hu(self, index: int) -> Any:
-            source, i = self.index[index]
-            return source.pair_hu(i)
-
-    def open_all(paths: tuple[Path, ...]) -> Any:
-        sources = [open_pairs(p, split=options.split) for p in paths]
-        return sources[0] if len(sources) == 1 else _Concat(sources)
-
-    if options.data:
-        source = open_all(options.data)
-        names = [str(p) for p in options.data]
-    else:
-        source = DicomPairs(options.low, options.full)
-        names = [f"low={options.low}", f"full={options.full}"]
+    Validation: the ``--val-patients``' pairs (left out of training), ``--val-data``, or for
+    data of a single patient (and ``--data`` folders, whose patients are unknown) the last
+    ``--val-fraction`` of its slices. Pairs of several known patients are never split by slice:
+    they need ``--val-patients`` (or ``--val-fraction 0``).
+    """
+    workers = max(1, options.workers)
+    source = options.collect(options.data, split=options.split, workers=workers)
+    if options.val_patients:
+        train, val = split_by_patient(source, options.val_patients)
+        return train, val, f"patients {', '.join(options.val_patients)}"
     if options.val_data:
-        return source, open_all(options.val_data), names
+        from training.datasets import collect_pairs
+
+        return source, collect_pairs(data=options.val_data, split=options.split), None
+    if options.val_fraction > 0 and len(source.patients) > 1 and options.has_pair_inputs():
+        raise ConfigError(
+            f"The pairs come from {len(source.patients)} patients ({', '.join(source.patients)}); validate on "
+            "whole patients with --val-patients (e.g. --val-patients L192), or give --val-fraction 0 (no validation)."
+        )
     train, val = split_source(source, options.val_fraction)
-    return train, val, names
+    return train, val, None
+
+
+def _data_summary(options: SeedOptions, train: Any, val: Any | None) -> dict[str, Any]:
+    """The run record's data: inputs, layout, and the patients, slices, kernels and doses of each side."""
+    from training.datasets import pair_summary
+
+    base = getattr(train, "source", train)  # a slice split is a subset of the whole set
+    inputs = {name: [str(p) for p in getattr(options, name)] for name in
+              ("data", "pairs", "low", "full", "manifest", "simulate_from") if getattr(options, name)}
+    if options.simulate_from:
+        inputs["sim_doses"] = list(options.sim_doses)
+        inputs["sim_slice_step"] = options.sim_slice_step
+    return {
+        "source": [str(p) for p in options.data] + [f"{name}={p}" for name in ("pairs", "low", "full", "manifest",
+                                                                              "simulate_from")
+                                                    for p in inputs.get(name, [])],
+        "inputs": inputs,
+        "layout": "+".join(base.summary()["layouts"]) if hasattr(base, "summary") else type(base).__name__,
+        "train": pair_summary(train),
+        "validation": pair_summary(val) if val is not None else None,
+        "val_patients": list(options.val_patients),
+    }
 
 
 def main(args: argparse.Namespace) -> int:
@@ -215,11 +229,11 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
     window = parse_window(options.window)
 
     # -- data
-    train_source, val_source, source_names = _pair_sources(options)
+    train_source, val_source, val_description = _pair_sources(options)
     data = make_stage_data(
         PairedSliceDataset, train_source, val_source, options, ctx,
-        source_summary={"source": source_names, "layout": type(getattr(train_source, "source", train_source)).__name__},
-        val_label="the training data",
+        source_summary=_data_summary(options, train_source, val_source),
+        val_label="the training data", val_description=val_description,
     )
 
     # -- model, loss, optimizer
@@ -302,6 +316,7 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
         start_event={
             "backbone": options.backbone, "model_kind": kind, "preset": options.preset,
             "lambda": options.langda_weight, "n_slices": len(train_source), "trainable_parameters": n_trainable,
+            "data": {k: data.summary[k] for k in ("train", "validation", "val_source")},
             "amp": amp.name,
         },
         log=logger,
