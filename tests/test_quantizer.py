@@ -7,6 +7,7 @@ import torch
 
 from napari_langmamba.errors import ConfigError
 from napari_langmamba.models.quantizer import (
+    PositionPools,
     PyramidQuantizer,
     nearest_tokens,
     pyramid_positions,
@@ -186,3 +187,101 @@ def test_semantic_loss_skips_missing_pools_and_keeps_graph():
     assert torch.allclose(both, only)
     with pytest.raises(ConfigError):
         pyramid_semantic_loss([x], table, [torch.ones(3, dtype=torch.bool)])
+
+
+def _naive_position_semantic(emb, table, pool_lists):
+    """Reference: per position (row-major over b, rows, cols) the pool of ids or None."""
+    d = emb.shape[1]
+    x = emb.permute(0, 2, 3, 1).reshape(-1, d)
+    logits = -((x.unsqueeze(1) - table.unsqueeze(0)) ** 2).sum(-1)  # (P, n)
+    logp = logits - logits.logsumexp(-1, keepdim=True)
+    terms = [-logp[i, ids].mean() for i, ids in enumerate(pool_lists) if ids]
+    return torch.stack(terms).mean()
+
+
+def test_position_pools_match_naive_reference_values_and_gradients():
+    g = torch.Generator().manual_seed(11)
+    table = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    emb = torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    pool_ids = torch.tensor([[1, 5, 7, -1], [20, -1, -1, -1], [3, 4, 30, 39], [-1, -1, -1, -1]])
+    index = torch.randint(-1, 4, (2, 3, 3), generator=g)
+    index[0, 0, 0] = 2  # at least one position with a pool
+    members = [[i for i in row if i >= 0] for row in pool_ids.tolist()]
+    pool_lists = [members[k] if k >= 0 else [] for k in index.reshape(-1).tolist()]
+    loss = pyramid_semantic_loss([emb], table, [PositionPools(pool_ids, index)], block_elements=80)  # 2 / block
+    ref = _naive_position_semantic(emb, table, pool_lists)
+    assert torch.allclose(loss, ref, rtol=1e-10)
+    (grad,) = torch.autograd.grad(loss, emb)
+    (ref_grad,) = torch.autograd.grad(_naive_position_semantic(emb, table, pool_lists), emb)
+    assert torch.allclose(grad, ref_grad, rtol=1e-8, atol=1e-12)
+    # positions without a pool (index -1 or the empty pool 3) get no gradient
+    silent = ((index < 0) | (index == 3)).unsqueeze(1).expand_as(grad)
+    assert torch.equal(grad[silent], torch.zeros_like(grad[silent])) and grad[~silent].abs().sum() > 0
+
+
+def test_position_pools_reduce_to_per_image_pools():
+    g = torch.Generator().manual_seed(12)
+    table = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    embs = [torch.randn(3, 4, r, r, generator=g, dtype=torch.float64) for r in (1, 2, 4)]
+    mask = torch.zeros(3, 30, dtype=torch.bool)
+    mask[0, [2, 9]] = True
+    mask[2, [0, 1, 29]] = True  # image 1 has no pool
+    pool_ids = torch.tensor([[2, 9, -1], [-1, -1, -1], [0, 1, 29]])
+    per_position = [PositionPools(pool_ids, torch.arange(3).view(3, 1, 1).expand(3, *e.shape[2:])) for e in embs]
+    a = pyramid_semantic_loss(embs, table, [mask] * 3)
+    b = pyramid_semantic_loss(embs, table, per_position)
+    assert torch.allclose(a, b, rtol=1e-12) and float(a) > 0
+
+
+def test_position_pools_are_checked():
+    table = torch.randn(10, 3)
+    x = torch.randn(1, 3, 2, 2, requires_grad=True)
+    good_ids = torch.tensor([[0, 1]])
+    with pytest.raises(ConfigError, match="index"):
+        pyramid_semantic_loss([x], table, [PositionPools(good_ids, torch.zeros(1, 3, 3, dtype=torch.long))])
+    with pytest.raises(ConfigError, match="token ids"):
+        pyramid_semantic_loss([x], table, [PositionPools(torch.tensor([[0, 10]]), torch.zeros(1, 2, 2, dtype=torch.long))])
+    with pytest.raises(ConfigError, match="names pool"):
+        pyramid_semantic_loss([x], table, [PositionPools(good_ids, torch.ones(1, 2, 2, dtype=torch.long))])
+    none = PositionPools(good_ids, torch.full((1, 2, 2), -1, dtype=torch.long))
+    assert float(pyramid_semantic_loss([x], table, [none])) == 0.0
+
+
+def test_tiny_langae_tokens_move_toward_planted_region_pools():
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.langae import LangAE, LangAEConfig
+
+    torch.manual_seed(0)
+    codebook = load_codebook("random:64x16")
+    model = LangAE(LangAEConfig.preset("tiny", codebook_dim=16), codebook=codebook)
+    x = torch.rand(2, 1, 64, 64)
+    # planted pools: the left half of every image wants tokens {3, 17}, the right half {40, 41, 42}
+    pool_ids = torch.tensor([[3, 17, -1], [40, 41, 42]])
+    left, right = {3, 17}, {40, 41, 42}
+
+    def pools_for(pyramid):
+        out = []
+        for rows, cols in pyramid.positions:
+            side = (cols >= 2).long()  # latent 4 x 4: columns 0-1 left, 2-3 right
+            out.append(PositionPools(pool_ids, side.view(1, 1, -1).expand(2, len(rows), len(cols)).contiguous()))
+        return out
+
+    def hit_rate(pyramid):
+        ids = pyramid.ids[2]  # layer 3: every latent position
+        wanted = [left, left, right, right]
+        hits = [int(ids[b, r, c]) in wanted[c] for b in range(2) for r in range(4) for c in range(4)]
+        return sum(hits) / len(hits)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    _, first = model(x)
+    before = hit_rate(first)
+    for _ in range(12):
+        _, pyramid = model(x)
+        loss = pyramid_semantic_loss(pyramid.layer_embeddings, model.quantizer.codebook, pools_for(pyramid))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        _, after_pyramid = model(x)
+    after = hit_rate(after_pyramid)
+    assert before <= 0.25 and after >= 0.75, (before, after)

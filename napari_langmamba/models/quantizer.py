@@ -38,6 +38,7 @@ __all__ = [
     "LAYER_STARTS",
     "LAYER_STRIDES",
     "PyramidOutput",
+    "PositionPools",
     "PyramidQuantizer",
     "axis_positions",
     "nearest_tokens",
@@ -206,37 +207,69 @@ class PyramidQuantizer(nn.Module):
         )
 
 
+@dataclass(frozen=True)
+class PositionPools:
+    """Per-position candidate pools of one pyramid layer, in a compact pool-table form.
+
+    Positions that show the same thing share a pool, so the pools are stored once
+    (``pool_ids``) and each position names its pool (``index``): for the anatomy prior a pool
+    is a combination of tissue classes, at most 2**7 of them, whatever the vocabulary size.
+
+    Attributes
+    ----------
+    pool_ids
+        (k, m) LongTensor: ``k`` pools of vocabulary ids, each padded with ``-1`` to ``m``.
+    index
+        (b, rows, cols) LongTensor: the row of ``pool_ids`` of each position of the layer, ``-1``
+        (or an empty pool) for a position without a pool (it does not contribute).
+    """
+
+    pool_ids: Tensor
+    index: Tensor
+
+    def to(self, device: torch.device | str) -> PositionPools:
+        return PositionPools(self.pool_ids.to(device), self.index.to(device))
+
+
+def _pool_statistics(table: Tensor, sq_norms: Tensor, pool_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean embedding (k, d), mean squared norm (k,) and size (k,) of padded pools (k, m)."""
+    valid = pool_ids >= 0
+    safe = pool_ids.clamp_min(0)
+    count = valid.sum(1)
+    weights = valid.to(table.dtype) / count.clamp_min(1).unsqueeze(1).to(table.dtype)  # (k, m)
+    mean = torch.einsum("km,kmd->kd", weights, table[safe])
+    mean_sq = (weights * sq_norms[safe]).sum(1)
+    return mean, mean_sq, count
+
+
 class _PoolCrossEntropy(torch.autograd.Function):
     """Per-position cross-entropy between softmax(-|x - e|^2) over the vocabulary and a uniform
     target over the position's pool, with the gradient computed block-wise in the forward pass so
     that no (positions x vocabulary) activation is kept for backward.
 
-    For logits ``s_c = -|x - e_c|^2`` the loss is ``logsumexp_c s_c - mean_{c in pool} s_c`` and its
-    gradient ``2 * (sum_c p_c e_c - mean_{c in pool} e_c)`` with ``p = softmax(s)``.
+    For logits ``s_c = -|x - e_c|^2`` the loss is ``logsumexp_c s_c - mean_{c in pool} s_c``. The
+    ``|x|^2`` term is the same for every token and cancels, and the pool mean only needs the
+    pool's mean embedding ``mu`` and mean squared norm ``nu``:
+    ``mean_{c in pool} (2 x.e_c - |e_c|^2) = 2 x.mu - nu``. The gradient is
+    ``2 * (sum_c p_c e_c - mu)`` with ``p = softmax(s)``.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, table: Tensor, sq_norms: Tensor, pool_ids: tuple[Tensor, ...],
-                block: int) -> Tensor:
-        # x: (b, P, d); pool_ids[i]: ids of item i's pool (non-empty)
+    def forward(ctx, x: Tensor, table: Tensor, sq_norms: Tensor, pool_of: Tensor, pool_mean: Tensor,
+                pool_mean_sq: Tensor, block: int) -> Tensor:
+        # x: (N, d) positions; pool_of: (N,) row of pool_mean / pool_mean_sq of each position
         need_grad = ctx.needs_input_grad[0]
-        loss = torch.empty(x.shape[:2], dtype=x.dtype, device=x.device)
+        loss = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
         grad = torch.empty_like(x) if need_grad else None
         with torch.no_grad():
-            for i in range(x.shape[0]):
-                pool = pool_ids[i]
-                pool_table = table[pool]  # (k, d)
-                pool_mean = pool_table.mean(0)  # (d,)
-                for start in range(0, x.shape[1], block):
-                    xb = x[i, start : start + block]  # (m, d)
-                    # |x|^2 is the same for every token and cancels between the two terms
-                    logits = torch.addmm(-sq_norms.unsqueeze(0), xb, table.t(), alpha=2.0)  # (m, n)
-                    lse = torch.logsumexp(logits, dim=1)
-                    pool_logits = 2.0 * xb @ pool_table.t() - sq_norms[pool].unsqueeze(0)  # (m, k)
-                    loss[i, start : start + block] = lse - pool_logits.mean(1)
-                    if need_grad:
-                        probs = torch.softmax(logits, dim=1)  # (m, n)
-                        grad[i, start : start + block] = 2.0 * (probs @ table - pool_mean)
+            for start in range(0, x.shape[0], block):
+                xb = x[start : start + block]  # (m, d)
+                mu = pool_mean[pool_of[start : start + block]]  # (m, d)
+                logits = torch.addmm(-sq_norms.unsqueeze(0), xb, table.t(), alpha=2.0)  # (m, n)
+                pool_logit = 2.0 * (xb * mu).sum(1) - pool_mean_sq[pool_of[start : start + block]]
+                loss[start : start + block] = torch.logsumexp(logits, dim=1) - pool_logit
+                if need_grad:
+                    grad[start : start + block] = 2.0 * (torch.softmax(logits, dim=1) @ table - mu)
         ctx.save_for_backward(grad if need_grad else torch.empty(0))
         return loss
 
@@ -244,14 +277,47 @@ class _PoolCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         (grad,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        return grad_loss.unsqueeze(-1) * grad, None, None, None, None
+            return (None,) * 7
+        return (grad_loss.unsqueeze(-1) * grad, *(None,) * 6)
+
+
+def _layer_pools(pool: Tensor | PositionPools, b: int, rows: int, cols: int, n: int, table: Tensor,
+                 sq_norms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(pool of each position (b*rows*cols,) or -1, pool means (k, d), pool mean sq norms (k,))``."""
+    device = table.device
+    if isinstance(pool, PositionPools):
+        pool_ids = pool.pool_ids.to(device=device, dtype=torch.long)
+        index = pool.index.to(device=device, dtype=torch.long)
+        if pool_ids.ndim != 2 or index.shape != (b, rows, cols):
+            raise ConfigError(
+                f"Per-position pools need pool_ids (k, m) and an index ({b}, {rows}, {cols}); got "
+                f"{tuple(pool_ids.shape)} and {tuple(index.shape)}."
+            )
+        if pool_ids.numel() and (int(pool_ids.min()) < -1 or int(pool_ids.max()) >= n):
+            raise ConfigError(f"Pool token ids must be in [0, {n}) (or -1 for padding).")
+        if index.numel() and (int(index.min()) < -1 or int(index.max()) >= pool_ids.shape[0]):
+            raise ConfigError(f"A position names pool {int(index.max())}; there are {pool_ids.shape[0]} pools.")
+        mean, mean_sq, count = _pool_statistics(table, sq_norms, pool_ids)
+        flat = index.reshape(-1)
+        empty = flat < 0
+        flat = torch.where(empty | (count[flat.clamp_min(0)] == 0), torch.full_like(flat, -1), flat)
+        return flat, mean, mean_sq
+    mask = pool.to(device=device, dtype=torch.bool)
+    if mask.ndim == 1:
+        mask = mask.unsqueeze(0).expand(b, -1)
+    if mask.shape != (b, n):
+        raise ConfigError(f"A pool mask must have shape ({b}, {n}) or ({n},); got {tuple(pool.shape)}.")
+    count = mask.sum(1)
+    weights = mask.to(table.dtype) / count.clamp_min(1).unsqueeze(1).to(table.dtype)  # (b, n)
+    mean, mean_sq = weights @ table, weights @ sq_norms
+    per_image = torch.where(count > 0, torch.arange(b, device=device), torch.full_like(count, -1))
+    return per_image.repeat_interleave(rows * cols), mean, mean_sq
 
 
 def pyramid_semantic_loss(
     layer_embeddings: Sequence[Tensor],
     codebook: Tensor,
-    pools: Sequence[Tensor | None],
+    pools: Sequence[Tensor | PositionPools | None],
     *,
     block_elements: int | None = None,
 ) -> Tensor:
@@ -259,9 +325,11 @@ def pyramid_semantic_loss(
 
     At every position of layer ``l`` the logits over the whole vocabulary are the negative squared
     distances ``-|x - e_c|^2``; the loss is the softmax cross-entropy against a *uniform target
-    over the pool* ``C_l`` of that image, i.e. the mean over pool members of ``-log softmax``
-    (``logsumexp`` form, numerically stable). It is computed in blocks of positions with an
-    analytic gradient, so 32 x 32 positions against a 49408-token vocabulary fit in memory.
+    over the position's pool*, i.e. the mean over pool members of ``-log softmax`` (``logsumexp``
+    form, numerically stable). The pool is the image's ``C_l`` (the paper's per-image pools) or,
+    with :class:`PositionPools`, a pool of its own for every position (the anatomy prior:
+    each region gets the words of the tissues it shows). It is computed in blocks of positions
+    with an analytic gradient, so 32 x 32 positions against a 49408-token vocabulary fit in memory.
 
     Parameters
     ----------
@@ -270,13 +338,14 @@ def pyramid_semantic_loss(
     codebook
         (n, d) frozen table (no gradient is computed for it).
     pools
-        Per layer, a bool mask (b, n) or (n,) of pool members, or ``None`` to skip the layer.
-        Images whose pool is empty for a layer do not contribute to it.
+        Per layer: a bool mask (b, n) or (n,) of pool members (one pool per image), a
+        :class:`PositionPools` (one pool per position), or ``None`` to skip the layer. Images and
+        positions whose pool is empty do not contribute.
 
     Returns
     -------
     Tensor
-        Scalar: the mean over layers (those with a pool) of the mean loss over their positions.
+        Scalar: the mean over layers (those with a pool) of the mean loss over the positions with a pool.
     """
     if len(pools) != len(layer_embeddings):
         raise ConfigError(f"Give one pool per pyramid layer: {len(layer_embeddings)} layers, {len(pools)} pools.")
@@ -285,21 +354,16 @@ def pyramid_semantic_loss(
     for emb, pool in zip(layer_embeddings, pools, strict=True):
         if pool is None:
             continue
-        b, d = emb.shape[:2]
-        mask = pool.to(device=emb.device, dtype=torch.bool)
-        if mask.ndim == 1:
-            mask = mask.unsqueeze(0).expand(b, -1)
-        if mask.shape != (b, n):
-            raise ConfigError(f"A pool mask must have shape ({b}, {n}) or ({n},); got {tuple(pool.shape)}.")
-        keep = mask.any(dim=1)
-        if not bool(keep.any()):
-            continue
-        x = emb.permute(0, 2, 3, 1).reshape(b, -1, d)[keep]  # (b', P, d)
-        pool_ids = tuple(row.nonzero().squeeze(1) for row in mask[keep])
+        b, d, rows, cols = emb.shape
         table = codebook.detach().to(device=emb.device, dtype=emb.dtype)
         sq_norms = table.pow(2).sum(1)
+        pool_of, mean, mean_sq = _layer_pools(pool, b, rows, cols, n, table, sq_norms)
+        keep = pool_of >= 0
+        if not bool(keep.any()):
+            continue
+        x = emb.permute(0, 2, 3, 1).reshape(-1, d)[keep]  # (positions with a pool, d)
         block = _rows_per_block(n, block_elements)
-        per_layer.append(_PoolCrossEntropy.apply(x, table, sq_norms, pool_ids, block).mean())
+        per_layer.append(_PoolCrossEntropy.apply(x, table, sq_norms, pool_of[keep], mean, mean_sq, block).mean())
     if not per_layer:
         return layer_embeddings[0].sum() * 0.0
     return torch.stack(per_layer).mean()
