@@ -98,6 +98,8 @@ class LoadWidget(WidgetBase):
         self._build()
         self._connect_viewer()
         self._on_state_changed(self.state.value)
+        # remembered between sessions; the custom limits first, so a preset then shows its own
+        self.persist("lower_spin", "upper_spin", "window_combo")
 
     # --- layout -----------------------------------------------------------------------
     def _build(self) -> None:

@@ -98,6 +98,12 @@ DEFAULT_LAMBDA = 0.1  # LangMamba; LEDA used 0.5
 DEFAULT_DOSE = 0.25
 DEFAULT_CODEBOOK = "minilm"
 
+PERSISTED_FIELDS = (
+    "stage_combo", "data_edit", "val_edit", "output_edit", "preset_combo", "epochs_spin", "steps_spin",
+    "batch_spin", "patch_spin", "lr_edit", "backbone_combo", "lambda_spin", "langae_edit", "codebook_edit",
+    "candidates_edit", "checkpoint_edit", "dose_spin", "device_combo", "extra_edit",
+)
+"""The form's fields remembered between napari sessions, in the order they are restored."""
 STDERR_LINES_KEPT = 400
 ERROR_LINES_SHOWN = 12
 NOTIFICATION_LINES = 6
@@ -388,6 +394,7 @@ class TrainWidget(WidgetBase):
         self.run_state.events.total_steps.connect(self._show_progress)
         self.run_state.events.eta_s.connect(self._show_progress)
         self._on_stage_changed()
+        self.persist(*PERSISTED_FIELDS)  # the form is remembered between sessions (stage first)
 
     # --- construction -----------------------------------------------------------------
     def _path_row(self, name: str, label: str, *, browse: str, placeholder: str = "") -> QLineEdit:
