@@ -157,3 +157,69 @@ def test_import_does_not_load_torch():
     code = "import sys, napari_langmamba.anatomy; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------- the scorer
+
+
+def _words_codebook(words):
+    import torch
+
+    from napari_langmamba.models.codebook import Codebook, codebook_sha256
+
+    table = torch.randn(len(words), 8, generator=torch.Generator().manual_seed(0))
+    return Codebook(embeddings=table, words=tuple(words), source="test:words", sha256=codebook_sha256(table))
+
+
+def test_anatomy_scorer_gives_each_region_the_words_of_its_tissues():
+    from training.candidates import AnatomyScorer
+
+    hu, spacing = _slice(L096 / "0129.IMA")
+    from napari_langmamba.models.codebook import load_codebook
+
+    codebook = load_codebook("minilm")
+    scorer = AnatomyScorer(codebook)
+    assert scorer.skipped_words == [] and scorer.class_words["bone"][:3] == ["bone", "bones", "skeletal"]
+    tissue = tissue_map(hu, pixel_spacing=spacing)[None]
+    pools = scorer.position_pools(tissue, (32, 32))
+    assert [tuple(p.index.shape) for p in pools] == [(1, 2, 2), (1, 8, 8), (1, 32, 32)]
+
+    def words_at(layer, y, x):
+        edges = region_edges(32, 512)[layer]
+        r, c = np.searchsorted(edges, y, side="right") - 1, np.searchsorted(edges, x, side="right") - 1
+        ids = pools[layer].pool_ids[int(pools[layer].index[0, r, c])]
+        return set(codebook.decode(ids[ids >= 0]))
+
+    assert {"liver", "organ", "tissue"} <= words_at(2, 180, 180) and "lung" not in words_at(2, 180, 180)
+    assert {"lung", "pulmonary"} <= words_at(2, 300, 140)
+    assert {"air", "outside"} <= words_at(2, 20, 20) and "bone" not in words_at(2, 20, 20)
+    assert {"fat", "fatty"} <= words_at(2, 250, 40)
+    assert {"blood", "artery"} <= words_at(2, 268, 262)  # the aorta fills its 16 x 16 pixel region
+    # layer 1 quadrants mix classes: each gets the words of every class on >= 25 % of its pixels
+    n_classes = []
+    for y0, x0 in ((0, 0), (0, 256), (256, 0), (256, 256)):
+        share = np.bincount(tissue[0, y0:y0 + 256, x0:x0 + 256].ravel(), minlength=7) / 256**2
+        wanted = {w for k in np.flatnonzero(share >= 0.25) for w in TISSUE_CLASSES[k].words}
+        assert words_at(0, y0 + 1, x0 + 1) == wanted
+        n_classes.append(int((share >= 0.25).sum()))
+    assert max(n_classes) >= 2
+    # the same map from the batch in the model's [0, 1] scale
+    from napari_langmamba.windowing import MODEL_NORMALIZATION
+
+    batch = MODEL_NORMALIZATION.to_model(hu)[None, None]
+    again = AnatomyScorer.tissue_maps(batch, pixel_spacing=float(spacing[0]))
+    assert again.shape == tissue.shape and float((again == tissue).mean()) > 0.999  # clipping at -1000 HU aside
+
+
+def test_anatomy_scorer_skips_missing_words_and_needs_some():
+    from training.candidates import AnatomyScorer
+
+    scorer = AnatomyScorer(_words_codebook(["bone", "lung", "piano", "fat"]))
+    assert scorer.class_words["bone"] == ["bone"] and scorer.class_words["soft tissue"] == []
+    assert "liver" in scorer.skipped_words
+    # pools of class combinations: bone alone, bone + lung, soft tissue alone (no word: empty)
+    assert scorer.pool_ids[1 << BONE].tolist()[:1] == [0] and (scorer.pool_ids[1 << BONE][1:] == -1).all()
+    assert sorted(i for i in scorer.pool_ids[(1 << BONE) | (1 << LUNG)].tolist() if i >= 0) == [0, 1]
+    assert (scorer.pool_ids[1 << SOFT_TISSUE] == -1).all()
+    with pytest.raises(ConfigError, match="--scorer none"):
+        AnatomyScorer(_words_codebook(["tok0", "tok1"]))

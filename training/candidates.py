@@ -26,6 +26,16 @@ Scorers
     same pools (images without description fields all get the lexicon's pools); the pools say
     "this is abdominal CT anatomy", not "this slice shows the liver".
 
+``anatomy`` (stage 1 only, the default of ``python -m training langae`` without ``--candidates``)
+    No pools file: :class:`AnatomyScorer` gives **every region of every pyramid layer its own
+    pool** while training, from a tissue map of the normal-dose slice in HU
+    (:func:`napari_langmamba.anatomy.tissue_map`: outside air, lung, fat, soft tissue, blood,
+    bone, table/metal -- a physical tissue prior, not organ segmentation). A region's pool is the
+    words of the classes covering at least ``min_share`` of its pixels (and of its most frequent
+    class); each class's words (:data:`napari_langmamba.anatomy.TISSUE_CLASSES`) are tokens of the
+    codebook, since the codebook is the language model's own table. ``clip:<dir>`` pools
+    replace it (``--candidates``) for users who have PubMedCLIP.
+
 Output (``--output FILE.json``)::
 
     {"format": "napari-langmamba-candidate-pools", "version": 1,
@@ -64,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ANATOMY_LEXICON",
+    "AnatomyScorer",
     "DEFAULT_THRESHOLDS",
     "CandidatePools",
     "ClipScorer",
@@ -83,6 +94,7 @@ DEFAULT_PROMPT = "A CT of {}"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TOP_WORDS = 10
+DEFAULT_MIN_SHARE = 0.25
 
 ANATOMY_LEXICON: tuple[str, ...] = (
     # organs of the abdomen and chest
@@ -214,6 +226,101 @@ class LexiconScorer:
             raw = (self._unit @ queries.t()).amax(dim=1)  # (n,) best cosine over terms
             cached = self._cache[terms] = minmax(raw)
         return cached
+
+
+# ----------------------------------------------------------------------------------------------
+# anatomy scorer (per-position pools, computed while training)
+
+
+class AnatomyScorer:
+    """Per-region candidate pools from a tissue map of each image (no vision-language model).
+
+    Parameters
+    ----------
+    codebook
+        The LangAE's codebook; each tissue class's words are its tokens (``codebook.token_id``).
+        Words that are not tokens of the codebook are skipped with a logged warning.
+    min_share
+        A class's words join a region's pool when the class covers at least this share of the
+        region's pixels (the region's most frequent class always does).
+    """
+
+    name = "anatomy"
+
+    def __init__(self, codebook: Any, *, min_share: float = DEFAULT_MIN_SHARE) -> None:
+        from napari_langmamba.anatomy import TISSUE_CLASSES
+
+        if not 0.0 < float(min_share) <= 1.0:
+            raise ConfigError(f"The anatomy scorer's min_share must be in (0, 1]; got {min_share}.")
+        self.codebook = codebook
+        self.min_share = float(min_share)
+        self.classes = TISSUE_CLASSES
+        used: dict[str, list[str]] = {}
+        skipped: list[str] = []
+        class_ids: list[list[int]] = []
+        for tissue in TISSUE_CLASSES:
+            ids, words = [], []
+            for word in tissue.words:
+                try:
+                    ids.append(codebook.token_id(word))
+                    words.append(word)
+                except ConfigError:
+                    skipped.append(word)
+            class_ids.append(ids)
+            used[tissue.name] = words
+        if skipped:
+            logger.warning("anatomy scorer: %d class words are not tokens of the codebook %r and are skipped: %s",
+                           len(skipped), codebook.source, ", ".join(skipped))
+        if not any(class_ids):
+            raise ConfigError(
+                f"None of the anatomy words is a token of the codebook {codebook.source!r} (its words are not "
+                "natural-language words?); the anatomy scorer needs a language codebook such as 'words:minilm', "
+                "'minilm' or 'clip:<dir>'. Pass --scorer none to train without the semantic loss."
+            )
+        self.class_words = used
+        self.skipped_words = skipped
+        # one pool per combination of classes (bit k = class k): the union of their words
+        n_combos = 1 << len(class_ids)
+        pools = [sorted({i for k, ids in enumerate(class_ids) if combo >> k & 1 for i in ids})
+                 for combo in range(n_combos)]
+        width = max(1, max(len(p) for p in pools))
+        self.pool_ids = torch.full((n_combos, width), -1, dtype=torch.long)
+        for combo, ids in enumerate(pools):
+            self.pool_ids[combo, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+
+    def info(self) -> dict[str, Any]:
+        """What training records: the scorer, its share, the words used per class, the skipped ones."""
+        return {"scorer": self.name, "min_share": self.min_share, "class_words": self.class_words,
+                "skipped_words": self.skipped_words}
+
+    @staticmethod
+    def tissue_maps(images: Tensor | np.ndarray, *, normalized: bool = True,
+                    pixel_spacing: float | None = None) -> np.ndarray:
+        """(b, h, w) uint8 tissue maps of a batch (b, 1, h, w) or (b, h, w) in the model's [0, 1] scale
+        (``normalized``) or in HU. Maps of whole slices are better than maps of crops (see
+        :mod:`napari_langmamba.anatomy`)."""
+        from napari_langmamba.anatomy import tissue_map
+        from napari_langmamba.windowing import MODEL_NORMALIZATION
+
+        array = images.detach().float().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images, np.float32)
+        if array.ndim == 4 and array.shape[1] == 1:
+            array = array[:, 0]
+        if array.ndim != 3:
+            raise ConfigError(f"A batch of slices is (b, 1, h, w) or (b, h, w); got shape {array.shape}.")
+        hu = MODEL_NORMALIZATION.to_hu(array) if normalized else array
+        return np.stack([tissue_map(s, pixel_spacing=pixel_spacing) for s in hu])
+
+    def position_pools(self, tissue: Tensor | np.ndarray, latent_shape: Sequence[int], *,
+                       device: torch.device | str = "cpu") -> list[Any]:
+        """Per pyramid layer, the :class:`~napari_langmamba.models.quantizer.PositionPools` of
+        tissue maps (b, h, w) whose LangAE latent is ``latent_shape`` (h', w')."""
+        from napari_langmamba.anatomy import region_class_sets
+        from napari_langmamba.models.quantizer import PositionPools
+
+        maps = tissue.cpu().numpy() if isinstance(tissue, Tensor) else np.asarray(tissue)
+        table = self.pool_ids.to(device)
+        sets = region_class_sets(maps, (int(latent_shape[0]), int(latent_shape[1])), min_share=self.min_share)
+        return [PositionPools(table, torch.as_tensor(bits.astype(np.int64), device=device)) for bits in sets]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,6 +556,11 @@ class CandidateOptions:
         if len(thresholds) != 3 or not all(0.0 <= t <= 1.0 for t in thresholds):
             raise ConfigError(f"--thresholds needs three values in [0, 1] (rho_1 rho_2 rho_3); got {self.thresholds}.")
         object.__setattr__(self, "thresholds", thresholds)
+        if self.scorer == "anatomy":
+            raise ConfigError(
+                "--scorer anatomy makes no pools file: its pools are per region and computed while training; it "
+                "is the default of `python -m training langae` without --candidates."
+            )
         if self.scorer != "lexicon" and not (self.scorer.startswith("clip:") and len(self.scorer) > 5):
             raise ConfigError(f"--scorer must be 'lexicon' or 'clip:<local CLIP folder>'; got {self.scorer!r}.")
         if "{}" not in self.prompt:
