@@ -86,9 +86,9 @@ def test_table_shows_mean_and_std_per_method():
     table = result.format_table()
     lines = table.splitlines()
     assert "2 slices" in lines[0] and "[-100, 200] HU" in lines[0]
-    assert lines[1].split() == ["method", "PSNR", "(dB)", "SSIM"]
+    assert lines[2] == "| method | PSNR (dB) | SSIM |" and lines[3] == "|---|---|---|"  # markdown
     mean = result.summary()["model"]["psnr"]["mean"]
-    model_line = next(line for line in lines if line.startswith("model"))
+    model_line = next(line for line in lines if line.startswith("| model"))
     assert f"{mean:.2f} ±" in model_line and "FSIM" not in table
 
 
@@ -129,3 +129,138 @@ def test_cli_on_a_simulated_folder(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="--data FOLDER"):
         evaluate.main(parser.parse_args([]))
+
+
+# --- classical baselines, several models, pairs of several patients and doses ------------------------
+
+
+class _Patient:
+    """A pair source of one 'patient': the _pairs() anatomy with white noise of ``noise`` HU."""
+
+    def __init__(self, seed, noise=25.0, n=2, shape=(48, 48)):
+        self.items = []
+        for k in range(n):
+            field = ndimage.gaussian_filter(np.random.default_rng(seed + k).standard_normal(shape), 4.0)
+            full = (40.0 + 120.0 * field / np.abs(field).max()).astype(np.float32)
+            low = full + noise * np.random.default_rng(1000 + seed + k).standard_normal(shape).astype(np.float32)
+            self.items.append((f"s{k}", low, full))
+
+    def __len__(self):
+        return len(self.items)
+
+    def key(self, i):
+        return self.items[i][0]
+
+    def pair_hu(self, i):
+        return self.items[i][1], self.items[i][2]
+
+
+def test_a_baseline_is_tuned_to_the_grid_point_of_best_psnr():
+    tune = _Patient(seed=0, n=3)
+    grid = [{"sigma_px": s} for s in (0.3, 1.0, 3.0)]
+    tuned = evaluate.tune_baseline("gaussian", tune, max_slices=2, grid=grid)
+    picked = [tune.items[0], tune.items[2]]  # two slices spread over three
+    assert tuned["keys"] == ["s0", "s2"]
+    direct = [np.mean([metrics.psnr(ndimage.gaussian_filter(low.astype(np.float64), g["sigma_px"]), full)
+                       for _k, low, full in picked]) for g in grid]
+    assert [s["psnr"] for s in tuned["grid"]] == pytest.approx(direct)
+    assert tuned["params"] == grid[int(np.argmax(direct))] and tuned["psnr"] == pytest.approx(max(direct))
+    nlm = evaluate.tune_baseline("nlm", tune, max_slices=1, grid=[{"h_factor": 1.0}, {"h_hu": 2.0}])
+    assert nlm["params"] == {"h_factor": 1.0}  # h of 2 HU barely touches 25 HU noise
+    low, full = tune.pair_hu(0)
+    smoothed = evaluate.baseline_denoiser("nlm", {"h_factor": 1.0})(low[None])
+    assert smoothed.shape == (1, 48, 48) and metrics.psnr(smoothed[0], full) > metrics.psnr(low, full) + 2.0
+    with pytest.raises(ConfigError, match="Unknown baseline"):
+        evaluate.baseline_denoiser("median", {})
+
+
+def test_bm3d_runs_on_the_cpu_and_removes_noise():
+    pytest.importorskip("bm3d", reason="the optional bm3d package is not installed")
+    assert evaluate.baseline_available("bm3d") is None
+    low, full = _Patient(seed=3).pair_hu(0)
+    out = evaluate.baseline_denoiser("bm3d", {"sigma_hu": 25.0})(low[None])[0]
+    assert metrics.psnr(out, full) > metrics.psnr(low, full) + 2.0
+
+
+def test_results_of_several_doses_get_a_table_each():
+    from training.datasets import PairGroup, PairSet
+
+    pairs = PairSet([PairGroup(_Patient(seed=0, noise=60.0), patient="V", name="V/10", dose=0.1),
+                     PairGroup(_Patient(seed=0, noise=15.0), patient="V", name="V/50", dose=0.5)])
+    result = evaluate_pairs(pairs, denoisers={"gauss": gaussian_denoise, "ident": lambda hu: np.asarray(hu)},
+                            metrics=("psnr",))
+    assert result.methods == ("low-dose", "gauss", "ident") and result.doses == [0.1, 0.5]
+    assert {r["dose"] for r in result.rows if r["key"].startswith("V/10/")} == {0.1}
+    table = result.format_table()
+    assert "dose 10%: 2 slices" in table and "dose 50%: 2 slices" in table
+    by_dose = result.to_dict()["summary_by_dose"]
+    assert by_dose["dose 10%"]["low-dose"]["psnr"]["mean"] == pytest.approx(result.values("low-dose", "psnr")[:2].mean())
+    assert by_dose["dose 10%"]["low-dose"]["psnr"]["mean"] < by_dose["dose 50%"]["low-dose"]["psnr"]["mean"]
+    assert set(result.info["seconds_per_slice"]) == {"gauss", "ident"}
+
+
+def _manifest(tmp_path):
+    rows = ["low,full,patient,dose"]
+    for name, seed in (("T", 0), ("U", 10), ("V", 20)):
+        patient = _Patient(seed=seed)
+        np.save(tmp_path / f"{name}_low.npy", np.stack([low for _k, low, _f in patient.items]))
+        np.save(tmp_path / f"{name}_full.npy", np.stack([full for _k, _l, full in patient.items]))
+        rows.append(f"{name}_low.npy,{name}_full.npy,{name},0.25")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "pairs.csv"
+
+
+def test_cli_compares_input_tuned_baselines_and_labelled_models(tmp_path, capsys):
+    import torch
+
+    from napari_langmamba.checkpoint import save_checkpoint
+    from napari_langmamba.models.redcnn import REDCNN, REDCNNConfig
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "run" / "best", REDCNN(REDCNNConfig.preset("tiny")), kind="redcnn")
+    manifest = _manifest(tmp_path)
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = ["--manifest", str(manifest), "--val-patients", "V", "--baselines", "gaussian,nlm", "--tune-patients",
+            "T", "U", "--tune-slices", "2", "--weights", f"A={ckpt}", "--weights", str(ckpt), "--device", "cpu",
+            "--metrics", "psnr", "ssim", "--out", str(tmp_path / "out")]
+    assert evaluate.main(parser.parse_args(args)) == 0
+    printed = capsys.readouterr().out
+    assert "| gaussian |" in printed and "| A |" in printed and "seconds per slice" in printed
+    data = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert data["methods"] == ["low-dose", "gaussian", "nlm", "A", "run/best"]
+    assert {r["patient"] for r in data["per_slice"]} == {"V"} and data["n_slices"] == 2
+    gauss = data["info"]["baselines"]["gaussian"]
+    tuned = gauss["by_dose"]["dose 25%"]
+    assert {k.split("/")[0] for k in tuned["keys"]} <= {"T", "U"} and gauss["tune_patients"] == ["T", "U"]
+    assert len(tuned["grid"]) == len(evaluate.BASELINE_GRIDS["gaussian"])
+    # the table's Gaussian rows are the tuned filter applied to the validation slices
+    patient_v = _Patient(seed=20)
+    sigma = tuned["params"]["sigma_px"]
+    expected = [metrics.psnr(ndimage.gaussian_filter(low.astype(np.float64), sigma), full)
+                for _k, low, full in patient_v.items]
+    assert [r["psnr"] for r in data["per_slice"] if r["method"] == "gaussian"] == pytest.approx(expected, rel=1e-5)
+    a = [r["psnr"] for r in data["per_slice"] if r["method"] == "A"]
+    assert a == [r["psnr"] for r in data["per_slice"] if r["method"] == "run/best"]  # the same weights
+    assert data["summary"]["nlm"]["psnr"]["mean"] > data["summary"]["low-dose"]["psnr"]["mean"]
+
+    # the tuned parameters are reused from the JSON without tuning again
+    again = ["--manifest", str(manifest), "--val-patients", "V", "--baselines", "gaussian", "--tuned",
+             str(tmp_path / "out" / "evaluation.json"), "--metrics", "psnr"]
+    assert evaluate.main(parser.parse_args(again)) == 0
+    assert f"gaussian: dose 25%: sigma_px={sigma:g}" in capsys.readouterr().out
+
+
+def test_baselines_are_never_tuned_on_the_evaluated_patients(tmp_path):
+    manifest = _manifest(tmp_path)
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    base = ["--manifest", str(manifest), "--baselines", "gaussian"]
+    with pytest.raises(ConfigError, match="both tuned on and evaluated"):
+        evaluate.main(parser.parse_args([*base, "--val-patients", "V", "--tune-patients", "V,T"]))
+    with pytest.raises(ConfigError, match="--tune-patients"):
+        evaluate.main(parser.parse_args(base))
+    with pytest.raises(ConfigError, match="Unknown baseline"):
+        evaluate.main(parser.parse_args([*base, "median", "--tune-patients", "T"]))
+    with pytest.raises(ConfigError, match="No pairs of patient"):
+        evaluate.main(parser.parse_args([*base, "--tune-patients", "Q"]))
