@@ -73,6 +73,7 @@ __all__ = [
     "TokenHit",
     "TokenLayer",
     "TokenPyramid",
+    "WordArea",
     "box_corners",
     "clear_cache",
     "compare_pyramids",
@@ -104,6 +105,16 @@ class Alternative(NamedTuple):
     word: str
     distance: float
     token_id: int
+
+
+class WordArea(NamedTuple):
+    """One distinct word of a pyramid layer and how much of the slice its regions cover."""
+
+    word: str
+    n_regions: int
+    pixels: int
+    share: float
+    """Of the slice's pixels, in [0, 1]."""
 
 
 class TokenHit(NamedTuple):
@@ -228,6 +239,36 @@ class TokenPyramid:
     def boxes(self, layer: int) -> np.ndarray:
         """(n_regions, 4) boxes ``(y0, x0, y1, x1)`` of ``layer``, row-major."""
         return self.layer(layer).boxes()
+
+    def word_areas(self, layer: int) -> list[WordArea]:
+        """The distinct words of ``layer`` with the share of the slice their regions cover.
+
+        Regions with the same word (even from different token ids) count as one word. Ordered
+        by area, largest first (ties by word); the shares sum to 1 because the regions of a layer
+        tile the slice.
+        """
+        tl = self.layer(layer)
+        areas = np.outer(np.diff(tl.row_edges), np.diff(tl.col_edges)).ravel()
+        pixels: dict[str, int] = {}
+        regions: dict[str, int] = {}
+        for word, area in zip(self.words(layer), areas.tolist(), strict=True):
+            pixels[word] = pixels.get(word, 0) + int(area)
+            regions[word] = regions.get(word, 0) + 1
+        total = float(areas.sum())
+        order = sorted(pixels, key=lambda w: (-pixels[w], w))
+        return [WordArea(w, regions[w], pixels[w], pixels[w] / total) for w in order]
+
+    def word_map(self, layer: int, labels: dict[str, int]) -> np.ndarray:
+        """(rows, columns) int32 image of the slice: ``labels[word]`` of the region holding each pixel.
+
+        ``labels`` must give a value to every word of ``layer`` (e.g. a colour index per word).
+        """
+        tl = self.layer(layer)
+        try:
+            grid = np.array([labels[w] for w in self.words(layer)], dtype=np.int32).reshape(tl.grid_shape)
+        except KeyError as exc:
+            raise ConfigError(f"No label for the word {exc.args[0]!r} of layer {layer}.") from None
+        return np.repeat(np.repeat(grid, np.diff(tl.row_edges), axis=0), np.diff(tl.col_edges), axis=1)
 
     def contains(self, y: int, x: int) -> bool:
         """Whether pixel ``(y, x)`` lies in the (unpadded) slice."""

@@ -273,3 +273,30 @@ def test_the_generator_leaves_grad_and_train_modes_alone(model):
             assert model.training
     finally:
         model.eval()
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_word_areas_and_word_map_cover_the_slice(model, layer):
+    hu = phantom((200, 330), seed=4)
+    pyramid = token_pyramid(model, hu, top_k=0, cache=False)
+    areas = pyramid.word_areas(layer)
+    counts: dict[str, int] = {}
+    regions: dict[str, int] = {}
+    for region in pyramid.regions(layer):
+        y0, x0, y1, x1 = region.box
+        counts[region.word] = counts.get(region.word, 0) + (y1 - y0) * (x1 - x0)
+        regions[region.word] = regions.get(region.word, 0) + 1
+    assert {a.word: a.pixels for a in areas} == counts and {a.word: a.n_regions for a in areas} == regions
+    assert len(areas) == len(counts)  # one entry per distinct word
+    assert [a.pixels for a in areas] == sorted((a.pixels for a in areas), reverse=True)
+    assert sum(a.pixels for a in areas) == 200 * 330 and sum(a.share for a in areas) == pytest.approx(1.0)
+
+    labels = {a.word: i + 7 for i, a in enumerate(areas)}
+    word_map = pyramid.word_map(layer, labels)
+    assert word_map.shape == (200, 330)
+    for y in range(0, 200, 9):
+        for x in range(0, 330, 13):
+            assert word_map[y, x] == labels[pyramid.at(y, x)[layer - 1].word]
+    assert np.bincount(word_map.ravel())[7:].tolist() == [a.pixels for a in areas]
+    with pytest.raises(ConfigError, match="No label for the word"):
+        pyramid.word_map(layer, dict(list(labels.items())[1:]))

@@ -10,7 +10,18 @@ import torch
 from napari.utils.interactions import mouse_press_callbacks
 
 from napari_langmamba.tokens import TokenPyramid, token_pyramid
-from napari_langmamba.widgets.tokens import DISAGREEMENT_NAME, OVERLAY_NAME, SELECTION_NAME, TokensWidget
+from napari_langmamba.widgets.tokens import (
+    CHAR_WIDTH_EM,
+    DISAGREEMENT_NAME,
+    OVERLAY_NAME,
+    POINT_PX,
+    SELECTION_NAME,
+    TEXT_SIZE,
+    WORDS_NAME,
+    TokensWidget,
+    WordColors,
+    text_fits,
+)
 
 CODEBOOK = "random:64x8:5"
 SCALE = (3.0, 0.75, 0.6)
@@ -53,6 +64,10 @@ def wait_for(qtbot, widget, worker) -> None:
     qtbot.waitUntil(lambda: not widget.busy, timeout=30000)
 
 
+def camera(viewer):
+    return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+
+
 def world_of(row: float, col: float, z: int = 1) -> tuple[float, float, float]:
     return tuple(t + s * v for t, s, v in zip(TRANSLATE, SCALE, (z, row, col), strict=True))
 
@@ -78,7 +93,8 @@ def test_overlay_shows_the_regions_and_words_of_the_chosen_layer(setup, qtbot, m
     assert first[:, 1].min() == y0 - 0.5 and first[:, 1].max() == y1 - 0.5
     assert first[:, 2].min() == x0 - 0.5 and first[:, 2].max() == x1 - 0.5
 
-    widget.pyramid_layer = 3  # too dense for text: boxes only, words on hover/click
+    camera(viewer).zoom = 1.0  # as on a 512-px slice: a 16-px region spans ~10 screen px
+    widget.pyramid_layer = 3  # too dense for text at this zoom: boxes only, words on hover/click
     assert overlay.nshapes == expected.layer(3).n_regions and not overlay.text.visible
     assert widget.hover_at(world_of(40, 50)) == "  |  ".join(f"{h.layer}: {h.word}" for h in expected.at(40, 50))
     assert viewer.layers.selection.active is image  # drawing overlays does not steal the active layer
@@ -206,3 +222,126 @@ def test_a_checkpoint_folder_is_loaded_in_the_worker(make_napari_viewer, qtbot, 
     wait_for(qtbot, widget, widget.show_tokens())
     assert widget.model is not None and widget.model is not model
     assert widget.pyramid.to_records() == token_pyramid(model, image.data, cache=False).to_records()
+
+
+def areas_of(pyramid) -> dict[int, dict[str, int]]:
+    """Pixels per word of each layer, counted pixel by pixel from ``at`` (independent of the legend code)."""
+    h, w = pyramid.image_shape
+    counts: dict[int, dict[str, int]] = {1: {}, 2: {}, 3: {}}
+    for y in range(h):
+        for x in range(w):
+            for hit in pyramid.at(y, x):
+                counts[hit.layer][hit.word] = counts[hit.layer].get(hit.word, 0) + 1
+    return counts
+
+
+def test_legend_lists_the_words_of_the_slice_by_area(setup, qtbot, model):
+    viewer, image, widget = setup
+    widget.pyramid_layer = 3
+    wait_for(qtbot, widget, widget.show_tokens())
+    expected = token_pyramid(model, image.data[1], top_k=0, cache=False)
+    areas = areas_of(expected)
+    for layer in (3, 2, 1):
+        widget.pyramid_layer = layer
+        rows = widget.legend_rows()
+        counts = areas[layer]
+        total = sum(counts.values())
+        assert total == 96 * 112
+        assert sorted(word for word, _, _ in rows) == sorted(counts)  # every word on the slice, once
+        assert [share for _, share, _ in rows] == pytest.approx([counts[word] / total for word, _, _ in rows])
+        shares = [share for _, share, _ in rows]
+        assert shares == sorted(shares, reverse=True)  # largest area first
+        assert sum(shares) == pytest.approx(1.0, abs=1e-12)
+        table = widget.legend_table
+        assert [table.item(r, 2).text() for r in range(table.rowCount())] == [f"{100 * s:.1f} %" for s in shares]
+    assert widget.pyramid_layer == 1 and len(widget.legend_rows()) == len(set(expected.words(1)))
+
+
+def test_each_word_has_one_colour_on_the_slice_and_keeps_it(setup, qtbot, model):
+    viewer, image, widget = setup
+    widget.pyramid_layer = 3
+    wait_for(qtbot, widget, widget.show_tokens())
+    expected = token_pyramid(model, image.data[1], cache=False)
+    words_layer = viewer.layers[WORDS_NAME]
+    assert words_layer is widget.words_layer
+    # one slice, placed on the computed one: the colours show on slice 1 only
+    assert words_layer.data.shape == (1, 96, 112)
+    np.testing.assert_allclose(words_layer.data_to_world((0, 40, 50)), image.data_to_world((1, 40, 50)))
+    labels = np.asarray(words_layer.data[0])
+    colormap = words_layer.colormap
+    color_of_word: dict[str, tuple] = {}
+    for y in range(0, 96, 5):
+        for x in range(0, 112, 5):
+            word = expected.at(y, x)[2].word
+            rgba = tuple(np.round(colormap.map(labels[y, x]).ravel(), 6))
+            assert rgba[3] > 0
+            assert color_of_word.setdefault(word, rgba) == rgba  # a word, one colour
+    assert len(color_of_word) > 1
+    assert len(set(color_of_word.values())) == len(color_of_word)  # different words, different colours
+    for word, _, rgb in widget.legend_rows():  # the legend's swatches are the layer's colours
+        if word in color_of_word:
+            np.testing.assert_allclose(rgb, color_of_word[word][:3], atol=1 / 255)
+    assert viewer.layers.index(words_layer) < viewer.layers.index(widget.overlay)  # outlines drawn on top
+    assert viewer.layers.selection.active is image
+
+    widget._debounce.setInterval(1)
+    viewer.dims.set_current_step(0, 2)  # another slice: a word seen before keeps its colour
+    qtbot.waitUntil(lambda: widget.pyramid_index == (2,) and not widget.busy, timeout=30000)
+    np.testing.assert_allclose(words_layer.data_to_world((0, 40, 50)), image.data_to_world((2, 40, 50)))
+    other = token_pyramid(model, image.data[2], cache=False)
+    labels = np.asarray(words_layer.data[0])
+    for y in range(0, 96, 5):
+        for x in range(0, 112, 5):
+            word = other.at(y, x)[2].word
+            if word in color_of_word:
+                assert tuple(np.round(words_layer.colormap.map(labels[y, x]).ravel(), 6)) == color_of_word[word]
+
+
+def test_word_colours_are_distinct_for_many_words():
+    colors = WordColors()
+    words = [f"word{i}" for i in range(500)]
+    colors.add(words[:300])
+    colors.add(words)  # adding again keeps the first assignment
+    rgb = {tuple(round(255 * v) for v in colors.rgba(w)[:3]) for w in words}
+    assert len(rgb) == 500
+    assert sorted(colors.labels.values()) == list(range(1, 501))
+    assert colors.label("word0") == 1 and colors.label("word499") == 500
+
+
+def test_text_fits_needs_room_for_every_letter():
+    size = 10
+    one_char = CHAR_WIDTH_EM * size * POINT_PX
+    widths = np.array([100.0, 100.0, 100.0, 30.0])
+    heights = np.array([100.0, 100.0, 5.0, 100.0])
+    fits = text_fits(widths, heights, ["lung", "x" * int(100 / one_char) + "xx", "bone", "liver"], size)
+    assert fits.tolist() == [True, False, False, False]
+
+
+def test_words_are_written_only_where_they_fit_at_the_zoom(make_napari_viewer, qtbot, model):
+    viewer = make_napari_viewer()
+    # 100 x 150 px: the last row of fine regions is 4 px tall and the last column 6 px wide
+    image = viewer.add_image(volume(shape=(1, 100, 150))[0], name="slice")
+    widget = TokensWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.set_model(model, name="tiny")
+    widget.pyramid_layer = 3
+    wait_for(qtbot, widget, widget.show_tokens())
+    pyramid = widget.pyramid
+    words = pyramid.words(3)
+    boxes = pyramid.boxes(3)
+    full_cell = ((boxes[:, 2] - boxes[:, 0]) == 16) & ((boxes[:, 3] - boxes[:, 1]) == 16)
+    assert 0 < full_cell.sum() < len(words) and max(len(w) for w in words) <= 5
+
+    cam = camera(viewer)
+    cam.zoom = 20.0  # every region is 80+ screen px: every word is written
+    assert widget.shown_words() == words and widget.overlay.text.visible
+    cam.zoom = 3.0  # 16-px regions are 48 screen px wide (a 5-letter word at 8 pt needs ~37), 4-6 px ones 12-18
+    assert widget.shown_words() == [w if fits else "" for w, fits in zip(words, full_cell, strict=True)]
+    assert widget.overlay.text.visible
+    cam.zoom = 1.0  # 16 screen px per region: nothing fits, no text at all
+    assert not widget.overlay.text.visible and set(widget.shown_words()) == {""}
+    assert list(widget.overlay.features["word"]) == words  # hover and click still read every word
+
+    widget.pyramid_layer = 1  # quadrants: 50 x 75 screen px at zoom 1, room for a word at 14 pt
+    assert widget.shown_words() == pyramid.words(1)
+    assert TEXT_SIZE[1] > TEXT_SIZE[3]

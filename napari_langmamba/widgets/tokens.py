@@ -2,17 +2,23 @@
 
 Show tokens computes the token pyramid (:func:`napari_langmamba.tokens.iter_token_pyramid`) of
 the current slice of the chosen image layer in a worker and draws the regions of the chosen
-pyramid layer as a Shapes overlay: layers 1 and 2 with their words as text, layer 3 (one
-region per 16 x 16 pixels, too dense for text) as boxes only. Hovering shows the three words
-under the cursor; clicking anywhere in the image (a viewer mouse callback, whatever layer is
-active) lists the words of the three layers at that point with their nearest alternatives and
+pyramid layer in two layers: a Labels layer ("Token words") colours every region by its word
+(one colour per distinct word, kept for the session so a word keeps its colour across slices
+and pyramid layers), and a Shapes overlay ("Tokens") outlines the regions and writes each word
+only where it fits in its box at the current zoom (re-checked on every camera zoom), so the
+words never pile into an unreadable block. The legend in the widget lists the words of the slice
+with their colour and the share of the slice they cover, largest first. Hovering shows the three
+words under the cursor; clicking anywhere in the image (a viewer mouse callback, whatever layer
+is active) lists the words of the three layers at that point with their nearest alternatives and
 outlines the three regions. Changing the slice or the layer recomputes in a worker (debounced;
 results are cached by the core). Compare computes the pyramid of a second layer on the same
 slice and reports, per pyramid layer, the share of regions whose token agrees, with an overlay
 of the regions that disagree. Export writes the current pyramid as JSON or CSV.
 
 The overlays are nD Shapes layers with the image layer's transform (scale, translate, rotate,
-shear, affine), their rectangles placed on the computed slice, so they only show on that slice.
+shear, affine), their rectangles placed on the computed slice, so they only show on that slice;
+the word colours are a one-slice Labels layer translated onto that slice (napari draws nothing
+of a layer on slices outside its extent).
 """
 
 from __future__ import annotations
@@ -25,16 +31,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from napari.layers import Image, Shapes
-from qtpy.QtCore import QTimer
+from napari.layers import Image, Labels, Shapes
+from napari.utils.colormaps import DirectLabelColormap
+from napari.utils.transforms import CompositeAffine
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QComboBox,
     QFileDialog,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QPushButton,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QTreeWidget,
     QTreeWidgetItem,
     QWidget,
@@ -47,6 +60,7 @@ from napari_langmamba.tokens import (
     PyramidComparison,
     Region,
     TokenPyramid,
+    WordArea,
     box_corners,
     compare_pyramids,
     iter_token_pyramid,
@@ -67,7 +81,23 @@ NO_LAYER = "(none)"
 OVERLAY_NAME = "Tokens"
 SELECTION_NAME = "Token selection"
 DISAGREEMENT_NAME = "Token disagreement"
+WORDS_NAME = "Token words"
 TEXT_SIZE = {1: 14, 2: 10, 3: 8}  # points; readable at the default zoom of a 512 x 512 slice
+TEXT_COLOR = "white"
+WORDS_OPACITY = 0.45  # the colours tint the CT; the anatomy stays readable underneath
+# Text extent estimate (vispy draws text in points at 96 dpi): width of a character and height
+# of a line, in font sizes, plus a margin (px) kept free on each side of a word inside its box.
+POINT_PX = 96 / 72
+CHAR_WIDTH_EM = 0.62
+LINE_HEIGHT_EM = 1.25
+TEXT_MARGIN_PX = 2.0
+# Kelly's colours of maximum contrast (grey, white and black left out: they vanish on CT), then
+# hues spread by the golden angle.
+PALETTE = (
+    "#f3c300", "#875692", "#f38400", "#a1caf1", "#be0032", "#c2b280", "#008856", "#e68fac",
+    "#0067a5", "#f99379", "#604e97", "#f6a600", "#b3446c", "#dcd300", "#882d17", "#8db600",
+    "#654522", "#e25822", "#2b3d26",
+)
 EDGE_RGBA = np.array([1.0, 0.85, 0.1, 0.7])  # yellow boxes
 HIGHLIGHT_RGBA = np.array([1.0, 0.2, 0.2, 1.0])
 DISAGREE_RGBA = np.array([1.0, 0.0, 1.0, 0.9])
@@ -119,6 +149,103 @@ def _transform_kwargs(layer: Image) -> dict[str, Any]:
     }
 
 
+def distinct_color(i: int) -> tuple[float, float, float, float]:
+    """The ``i``-th colour of the word palette (RGBA in [0, 1]); different ``i``, different colour."""
+    if i < len(PALETTE):
+        rgb = QColor(PALETTE[i])
+        return (rgb.redF(), rgb.greenF(), rgb.blueF(), 1.0)
+    j = i - len(PALETTE)
+    hue = (j * 0.618033988749895) % 1.0
+    # three saturation/value rings so far-apart indices landing on close hues still differ
+    saturation, value = ((0.85, 0.95), (0.55, 0.85), (0.95, 0.65))[(j // 7) % 3]
+    color = QColor.fromHsvF(hue, saturation, value)
+    return (color.redF(), color.greenF(), color.blueF(), 1.0)
+
+
+class WordColors:
+    """One label value and one colour per distinct word, assigned in first-seen order.
+
+    The assignment lasts for the widget's life, so a word keeps its colour across slices and
+    pyramid layers; two different words never share a label or a colour.
+    """
+
+    def __init__(self) -> None:
+        self._labels: dict[str, int] = {}
+        self._colors: dict[str, tuple[float, float, float, float]] = {}
+        self._used: set[tuple[int, ...]] = set()
+        self._next = 0  # the next palette index to try
+
+    def add(self, words: Sequence[str]) -> None:
+        """Give every new word of ``words`` (in order) the next label and a colour no word has."""
+        for word in words:
+            if word in self._labels:
+                continue
+            while True:  # skip palette entries equal (in 8 bits) to a colour in use
+                color = distinct_color(self._next)
+                self._next += 1
+                key = tuple(round(255 * v) for v in color[:3])
+                if key not in self._used:
+                    break
+            self._used.add(key)
+            self._labels[word] = len(self._labels) + 1  # 0 is the transparent background
+            self._colors[word] = color
+
+    def label(self, word: str) -> int:
+        return self._labels[word]
+
+    def rgba(self, word: str) -> tuple[float, float, float, float]:
+        return self._colors[word]
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return dict(self._labels)
+
+    def colormap(self) -> DirectLabelColormap:
+        transparent = (0.0, 0.0, 0.0, 0.0)
+        colors: dict[int | None, Any] = {None: transparent, 0: transparent}
+        colors.update({self._labels[w]: c for w, c in self._colors.items()})
+        return DirectLabelColormap(color_dict=colors)
+
+
+def text_fits(widths_px: np.ndarray, heights_px: np.ndarray, words: Sequence[str], size: float) -> np.ndarray:
+    """Whether each word, drawn at ``size`` points, fits inside its box of ``widths x heights`` screen px."""
+    px = size * POINT_PX
+    text_w = np.array([len(w) for w in words], dtype=float) * CHAR_WIDTH_EM * px + 2 * TEXT_MARGIN_PX
+    text_h = LINE_HEIGHT_EM * px + 2 * TEXT_MARGIN_PX
+    return (np.asarray(widths_px, dtype=float) >= text_w) & (np.asarray(heights_px, dtype=float) >= text_h)
+
+
+def screen_pixels_per_pixel(layer: Image, zoom: float) -> tuple[float, float]:
+    """Screen pixels spanned by one image pixel along rows and along columns at a camera zoom."""
+    origin = np.zeros(layer.ndim)
+    steps = []
+    for axis in (layer.ndim - 2, layer.ndim - 1):
+        step = origin.copy()
+        step[axis] = 1.0
+        world = np.asarray(layer.data_to_world(step)) - np.asarray(layer.data_to_world(origin))
+        steps.append(float(np.linalg.norm(world)) * float(zoom))
+    return steps[0], steps[1]
+
+
+def _camera(viewer: Any) -> Any:
+    """napari >= 0.9 keeps the camera in ``viewer.scene``; older versions on the viewer."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
+
+
+def _slice_transform_kwargs(layer: Image, index: tuple[int, ...]) -> dict[str, Any]:
+    """``layer``'s transform for a one-slice layer holding its slice ``index`` (leading axes)."""
+    kwargs = _transform_kwargs(layer)
+    if index:
+        shift = np.zeros(layer.ndim)
+        shift[: len(index)] = index
+        linear = CompositeAffine(
+            scale=layer.scale, translate=layer.translate, rotate=layer.rotate, shear=layer.shear, ndim=layer.ndim
+        ).linear_matrix
+        kwargs["translate"] = np.asarray(layer.translate, dtype=float) + linear @ shift
+    return kwargs
+
+
 def _remove_callback(callbacks: list, callback: Any, *_: object) -> None:
     try:
         callbacks.remove(callback)
@@ -153,6 +280,11 @@ class TokensWidget(WidgetBase):
         self.overlay: Shapes | None = None
         self.selection_layer: Shapes | None = None
         self.disagreement_layer: Shapes | None = None
+        self.words_layer: Labels | None = None
+        self.word_colors = WordColors()
+        self.legend: list[WordArea] = []
+        """The words of the drawn pyramid layer on the slice, largest area first."""
+        self._text_boxes: dict[str, tuple[np.ndarray, list[str], float]] = {}
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(DEBOUNCE_MS)
@@ -189,6 +321,23 @@ class TokensWidget(WidgetBase):
         run_row.addWidget(self.bind("show_button", QPushButton("Show tokens"), add=False))
         run_row.addWidget(self.bind("cancel_button", QPushButton("Cancel"), add=False))
         self._form.addRow(run_row)
+
+        legend = self.bind("legend_table", QTableWidget(0, 3), label="Words")
+        legend.setHorizontalHeaderLabels(["", "Word", "Area"])
+        legend.verticalHeader().setVisible(False)
+        legend.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        legend.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        header = legend.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Fixed)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
+        legend.setColumnWidth(0, 22)
+        legend.setMinimumHeight(160)
+        if not legend.toolTip():
+            legend.setToolTip(
+                "The words of the drawn pyramid layer on this slice: the colour of their regions in the "
+                "'Token words' layer and the share of the slice they cover, largest first."
+            )
 
         hover = self.bind("hover_label", QLabel("Words under the cursor appear here."), label="Cursor")
         hover.setWordWrap(True)
@@ -259,6 +408,14 @@ class TokensWidget(WidgetBase):
                 except RuntimeError:
                     pass
 
+        def _zoomed(event: Any = None) -> None:
+            widget = ref()
+            if widget is not None:
+                try:
+                    widget._update_text()
+                except RuntimeError:
+                    pass
+
         self._mouse_press_callback = _mouse_press
         self._mouse_move_callback = _mouse_move
         viewer = self.viewer
@@ -268,6 +425,7 @@ class TokensWidget(WidgetBase):
         viewer.layers.events.inserted.connect(_layers_changed)
         viewer.layers.events.removed.connect(_layers_changed)
         viewer.layers.events.renamed.connect(_layers_changed)
+        _camera(viewer).events.zoom.connect(_zoomed)
         self.destroyed.connect(partial(_remove_callback, viewer.mouse_drag_callbacks, _mouse_press))
         self.destroyed.connect(partial(_remove_callback, viewer.mouse_move_callbacks, _mouse_move))
         for emitter, slot in (
@@ -275,6 +433,7 @@ class TokensWidget(WidgetBase):
             (viewer.layers.events.inserted, _layers_changed),
             (viewer.layers.events.removed, _layers_changed),
             (viewer.layers.events.renamed, _layers_changed),
+            (_camera(viewer).events.zoom, _zoomed),
         ):
             self.destroyed.connect(lambda *_, emitter=emitter, slot=slot: emitter.disconnect(slot))
 
@@ -596,25 +755,124 @@ class TokensWidget(WidgetBase):
 
     def _set_shapes(
         self, layer: Shapes, boxes: np.ndarray, words: list[str], *, edge_rgba: np.ndarray,
-        show_text: bool, text_color: str = "yellow",
+        show_text: bool, text_color: str = TEXT_COLOR, attr: str | None = None,
     ) -> None:
+        """Draw ``boxes``; with ``show_text``, each word where it fits its box at the current zoom."""
         n = len(boxes)
+        size = TEXT_SIZE[self.pyramid_layer]
         layer.data = (_rectangles(boxes, self.pyramid_index or ()), ["rectangle"] * n)
-        layer.features = {"word": list(words)}
+        shown = self._fitting_words(np.asarray(boxes), words, size) if show_text else [""] * n
+        layer.features = {"word": list(words), "label": shown}
         if n:
             layer.edge_color = np.tile(edge_rgba, (n, 1))
             layer.edge_width = [EDGE_WIDTH] * n
-        layer.text = {"string": "{word}", "size": TEXT_SIZE[self.pyramid_layer], "color": text_color,
-                      "anchor": "center", "visible": bool(show_text)}
+        layer.text = {"string": "{label}", "size": size, "color": text_color,
+                      "anchor": "center", "visible": any(shown)}
+        if attr is not None:
+            if show_text:
+                self._text_boxes[attr] = (np.asarray(boxes), list(words), size)
+            else:
+                self._text_boxes.pop(attr, None)
+
+    def _fitting_words(self, boxes: np.ndarray, words: Sequence[str], size: float) -> list[str]:
+        """Each word where it fits its box on screen at the current zoom, else ``""``."""
+        image = self._shown_layer()
+        if image is None or not len(boxes):
+            return [""] * len(words)
+        per_row, per_col = screen_pixels_per_pixel(image, _camera(self.viewer).zoom)
+        heights = (boxes[:, 2] - boxes[:, 0]) * per_row
+        widths = (boxes[:, 3] - boxes[:, 1]) * per_col
+        fits = text_fits(widths, heights, words, size)
+        return [w if f else "" for w, f in zip(words, fits, strict=True)]
+
+    def _update_text(self) -> None:
+        """Show each word where it fits at the current zoom (called on every camera zoom)."""
+        for attr, (boxes, words, size) in list(self._text_boxes.items()):
+            layer = getattr(self, attr)
+            if layer is None or layer not in self.viewer.layers or layer.nshapes != len(words):
+                continue
+            shown = self._fitting_words(boxes, words, size)
+            if list(layer.features["label"]) == shown:
+                continue
+            layer.features = {"word": list(words), "label": shown}
+            layer.text.visible = any(shown)
+            layer.refresh_text()
+
+    def shown_words(self) -> list[str]:
+        """The words written on the overlay now (``""`` where a word does not fit its box)."""
+        overlay = self.overlay
+        if overlay is None or overlay not in self.viewer.layers or not overlay.text.visible:
+            return [""] * (0 if overlay is None else overlay.nshapes)
+        return [str(v) for v in overlay.text.values]
+
+    def _draw_words(self, image: Image) -> None:
+        """Colour every region of the drawn pyramid layer by its word, and fill the legend."""
+        assert self.pyramid is not None
+        layer = self.pyramid_layer
+        self.legend = self.pyramid.word_areas(layer)
+        self.word_colors.add([entry.word for entry in self.legend])
+        labels = self.word_colors.labels
+        word_map = self.pyramid.word_map(layer, labels)
+        lead = len(self.pyramid_index or ())
+        data = word_map.reshape((1,) * lead + word_map.shape)
+        kwargs = _slice_transform_kwargs(image, self.pyramid_index or ())
+        words_layer = self.words_layer
+        if words_layer is None or words_layer not in self.viewer.layers or words_layer.ndim != image.ndim:
+            if words_layer is not None and words_layer in self.viewer.layers:
+                self.viewer.layers.remove(words_layer)
+            active = self.viewer.layers.selection.active
+            words_layer = self.viewer.add_labels(data, name=WORDS_NAME, opacity=WORDS_OPACITY, **kwargs)
+            words_layer.editable = False
+            self.words_layer = words_layer
+            if active is not None and active in self.viewer.layers:
+                self.viewer.layers.selection.active = active
+        else:
+            for key, value in kwargs.items():
+                setattr(words_layer, key, value)
+            words_layer.data = data
+        words_layer.colormap = self.word_colors.colormap()
+        # napari's status bar shows a label's features: the word under the cursor
+        words_layer.features = {"index": [0, *labels.values()], "word": ["", *labels]}
+        self._fill_legend()
+
+    def _fill_legend(self) -> None:
+        table = self.legend_table
+        table.setRowCount(len(self.legend))
+        for row, entry in enumerate(self.legend):
+            swatch = QTableWidgetItem("")
+            r, g, b, _ = self.word_colors.rgba(entry.word)
+            swatch.setBackground(QColor.fromRgbF(r, g, b))
+            swatch.setData(Qt.ItemDataRole.UserRole, entry.word)
+            word = QTableWidgetItem(entry.word)
+            word.setToolTip(f"{entry.word}: {entry.n_regions} region(s), {entry.pixels} pixels")
+            area = QTableWidgetItem(f"{100 * entry.share:.1f} %")
+            area.setData(Qt.ItemDataRole.UserRole, float(entry.share))
+            area.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            for column, item in enumerate((swatch, word, area)):
+                table.setItem(row, column, item)
+
+    def legend_rows(self) -> list[tuple[str, float, tuple[float, float, float]]]:
+        """What the legend shows, top to bottom: (word, share of the slice, swatch RGB in [0, 1])."""
+        out = []
+        table = self.legend_table
+        for row in range(table.rowCount()):
+            color = table.item(row, 0).background().color()
+            out.append((table.item(row, 1).text(), float(table.item(row, 2).data(Qt.ItemDataRole.UserRole)),
+                        (color.redF(), color.greenF(), color.blueF())))
+        return out
 
     def _draw_overlay(self) -> None:
         image = self._shown_layer()
         if self.pyramid is None or image is None:
             return
+        self._draw_words(image)
         overlay = self._ensure_shapes("overlay", OVERLAY_NAME, image)
+        layers = self.viewer.layers
+        if layers.index(self.words_layer) > layers.index(overlay):  # the outlines and words above the colours
+            layers.move(layers.index(self.words_layer), layers.index(overlay))
         layer = self.pyramid_layer
         self._set_shapes(overlay, self.pyramid.boxes(layer), self.pyramid.words(layer), edge_rgba=EDGE_RGBA,
-                         show_text=layer < 3)
+                         show_text=True, attr="overlay")
         self._highlight_overlay()
 
     def _highlight_overlay(self) -> None:
@@ -652,7 +910,7 @@ class TokensWidget(WidgetBase):
         layer = self._ensure_shapes("disagreement_layer", DISAGREEMENT_NAME, image)
         words = [f"{a} -> {b}" for a, b in comparison.disagreeing_words]
         self._set_shapes(layer, comparison.disagreeing_boxes, words, edge_rgba=DISAGREE_RGBA,
-                         show_text=self.pyramid_layer < 3, text_color="magenta")
+                         show_text=True, text_color="magenta", attr="disagreement_layer")
         if len(words):
             layer.edge_width = [2.0] * len(words)
 
