@@ -21,7 +21,9 @@ PLUGIN = "napari-langmamba"
 DOCK_WIDGETS: tuple[str, ...] = ("Load CT", "Denoise", "Compare", "Tokens", "Train")
 """Display names (napari.yaml) of the dock widgets opened, in order; the first is the loader."""
 STACKED_WIDGETS = 2
-"""The first widgets are stacked one above the other; the rest share tabs beside them."""
+"""The first widgets are stacked one above the other; the rest share tabs with the last of those."""
+FRONT_WIDGET = "Denoise"
+"""The tab in front at start: what a first user is looking for after loading a CT."""
 
 _SHARED_DATA = Path(os.environ.get("LANGMAMBA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SAMPLE_SERIES = _SHARED_DATA / "ct" / "abdomen_dicom_series"
@@ -29,13 +31,43 @@ SAMPLE_KEY = "abdomen"
 
 
 def dock_widgets(viewer: Any, names: Sequence[str] = DOCK_WIDGETS) -> dict[str, Any]:
-    """Dock the plugin's widgets named ``names`` and return them by name."""
-    docked = {}
+    """Dock the plugin's widgets named ``names`` and return them by name.
+
+    Load CT on top; below it one tab group (Denoise, Compare, Tokens, Train) with
+    :data:`FRONT_WIDGET` in front; the window then fits the screen (:func:`fit_window_to_screen`).
+    """
+    docked, docks = {}, {}
     for index, name in enumerate(names):
         tabify = index >= STACKED_WIDGETS
-        _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=tabify)
-        docked[name] = widget
+        docks[name], docked[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=tabify)
+    if FRONT_WIDGET in docks:  # tabifying raised the last one added
+        from qtpy.QtCore import QTimer
+
+        front = docks[FRONT_WIDGET]
+        front.raise_()
+        QTimer.singleShot(0, front.raise_)  # again once the window is shown: Qt applies it to the tab bar then
+    fit_window_to_screen(viewer)
     return docked
+
+
+def fit_window_to_screen(viewer: Any) -> tuple[int, int]:
+    """Size the viewer's window to the screen's available area (its frame included); return (w, h).
+
+    The dock widgets scroll when the room is short, so nothing asks for more than the screen.
+    """
+    from qtpy.QtGui import QGuiApplication
+
+    window = viewer.window._qt_window
+    screen = window.screen() or QGuiApplication.primaryScreen()
+    if screen is None:
+        return window.width(), window.height()
+    available = screen.availableGeometry()
+    frame_w = max(0, window.frameGeometry().width() - window.geometry().width())
+    frame_h = max(0, window.frameGeometry().height() - window.geometry().height())
+    width, height = available.width() - frame_w, available.height() - frame_h
+    window.resize(width, height)
+    window.move(available.topLeft())
+    return window.width(), window.height()
 
 
 def load_sample(viewer: Any, load_widget: Any, series: Path | None = SAMPLE_SERIES) -> Any:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from napari.qt.threading import GeneratorWorker, thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QSize, Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QVBoxLayout,
     QWidget,
 )
@@ -123,6 +124,37 @@ def error_message(exc: BaseException) -> str:
     )
 
 
+MIN_DOCK_HEIGHT = 72
+"""Pixels of height a widget needs at the least; the rest of its controls scroll."""
+
+
+class _FittingScrollArea(QScrollArea):
+    """A scroll area as wide as its content (no horizontal scrolling) and as tall as the room it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+
+    def _extra_width(self) -> int:
+        return self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+
+    def sizeHint(self) -> QSize:
+        content = self.widget()
+        if content is None:
+            return super().sizeHint()
+        hint = content.sizeHint()
+        return QSize(hint.width() + self._extra_width(), hint.height() + 2 * self.frameWidth())
+
+    def minimumSizeHint(self) -> QSize:
+        content = self.widget()
+        if content is None:
+            return super().minimumSizeHint()
+        width = content.minimumSizeHint().width() + self._extra_width()
+        return QSize(width, min(MIN_DOCK_HEIGHT, content.minimumSizeHint().height()))
+
+
 class WidgetBase(QWidget):
     """Base of the project's dock widgets (npe2: constructed with ``napari_viewer``).
 
@@ -144,7 +176,15 @@ class WidgetBase(QWidget):
         self._lifeline = _Lifeline()
         self.destroyed.connect(self._lifeline.on_widget_destroyed)
 
-        self._layout = QVBoxLayout(self)
+        # The controls live in a scroll area: a dock never asks for more height than the screen has
+        # (several docks stacked on a 1366 x 768 screen), it scrolls instead.
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        self.scroll_area = _FittingScrollArea()
+        self.content = QWidget()
+        self.scroll_area.setWidget(self.content)
+        outer.addWidget(self.scroll_area)
+        self._layout = QVBoxLayout(self.content)
         self._form = QFormLayout()
         self._layout.addLayout(self._form)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from napari.layers import Image, Layer
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
@@ -302,9 +302,15 @@ class LoadWidget(WidgetBase):
         data, meta, layer_type = ct_io.volume_to_layer_data(volume, window=window_arg)
         layer = self.viewer.add_layer(Layer.create(data, meta, layer_type))
         self.last_layer = layer
-        self.viewer.reset_view()
+        self.fit_view()
+        QTimer.singleShot(0, self.fit_view)  # again once the docks and the canvas have their final size
         shape = " x ".join(str(n) for n in np.shape(data))
         self.set_status(f"Loaded {layer.name}: {shape} voxels, spacing {_format_spacing(volume.spacing)} mm.")
+
+    def fit_view(self) -> None:
+        """Fit the viewer's camera to the layers (the loaded volume fills the canvas)."""
+        if self._lifeline.alive:
+            self.viewer.reset_view()
 
     def _on_load_failed(self, path: str, error: BaseException) -> None:
         # Several series and none chosen: offer them in the table instead of only failing.
