@@ -126,7 +126,7 @@ def test_candidates_lexicon_pools_hold_the_anatomy_words(pools_minilm, data_dir)
     from napari_langmamba.models.codebook import load_codebook
     from training.candidates import load_candidate_pools
 
-    codebook = load_codebook("minilm")
+    codebook = load_codebook("words:minilm")  # the candidates stage's default codebook
     doc = json.loads(pools_minilm.read_text())
     assert doc["scorer"] == "lexicon" and doc["thresholds"] == [0.95, 0.9, 0.8]
     assert doc["codebook"]["sha256"] == codebook.sha256
@@ -239,7 +239,7 @@ def test_langae_stage_trains_with_every_loss_term(data_dir, pools_minilm, tmp_pa
     _thin_vgg(vgg)
     run = tmp_path / "run"
     assert _train(["langae", "--data", str(data_dir / "ndct"), "--output", str(run), "--preset", "tiny",
-                   "--codebook", "minilm", "--candidates", str(pools_minilm), "--perceptual-weights", str(vgg),
+                   "--codebook", "words:minilm", "--candidates", str(pools_minilm), "--perceptual-weights", str(vgg),
                    "--epochs", "1", "--batch-size", "2", "--patch-size", "64", "--disc-start", "1",
                    "--disc-channels", "8", "--log-every", "1", "--val-fraction", "0.2"]) == 0
     records = read_metrics(run)
@@ -254,8 +254,10 @@ def test_langae_stage_trains_with_every_loss_term(data_dir, pools_minilm, tmp_pa
     epoch = [r for r in records if r["kind"] == "epoch"]
     assert len(epoch) == 1 and np.isfinite(epoch[0]["val"]["psnr"]) and epoch[0]["val"]["n_images"] == 2
     ckpt = load_checkpoint(run / "best")
-    assert ckpt.kind == "langae" and ckpt.meta["codebook"]["source"] == "minilm"
+    assert ckpt.kind == "langae" and ckpt.meta["codebook"]["source"] == "words:minilm"
     assert ckpt.meta["training"]["loss"]["semantic"] and ckpt.meta["training"]["loss"]["perceptual"]
+    assert ckpt.meta["training"]["semantic_prior"] == {"scorer": "lexicon", "per": "image"}
+    assert ckpt.meta["training"]["init"] is None and ckpt.meta["training"]["frozen"] == []
     assert ckpt.meta["training"]["data"]["n_slices"] == N_SLICES - 2  # ceil(0.2 * 6) held out
     assert ckpt.meta["metrics"]["validation"]["psnr"] == pytest.approx(epoch[0]["val"]["psnr"])
     model = build_model(ckpt)
@@ -267,7 +269,7 @@ def test_langae_stage_trains_with_every_loss_term(data_dir, pools_minilm, tmp_pa
 
 def test_langae_resume_continues_exactly(data_dir, tmp_path):
     args = ["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--codebook", "random:64x16",
-            "--epochs", "2", "--batch-size", "2", "--patch-size", "32", "--disc-start", "1", "--disc-channels", "8",
+            "--scorer", "none", "--epochs", "2", "--batch-size", "2", "--patch-size", "32", "--disc-start", "1", "--disc-channels", "8",
             "--log-every", "1", "--val-fraction", "0.3"]
     assert _train([*args, "--output", str(tmp_path / "a")]) == 0
     assert _train([*args, "--output", str(tmp_path / "b"), "--stop-at-step", "3"]) == 0
@@ -276,6 +278,96 @@ def test_langae_resume_continues_exactly(data_dir, tmp_path):
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     assert sorted(_losses(tmp_path / "b")) == [1, 2, 3, 4]
     _assert_same_tensors(tmp_path / "a" / "last", tmp_path / "b" / "last")  # weights, Adam x2, discriminator
+
+
+@pytest.fixture(scope="module")
+def minilm_langae_ckpt(tmp_path_factory) -> Path:
+    """An (untrained) tiny LangAE checkpoint on the full MiniLM table."""
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.langae import LangAE, LangAEConfig
+
+    torch.manual_seed(1)
+    model = LangAE(LangAEConfig.preset("tiny", codebook_dim=384), codebook=load_codebook("minilm"))
+    path = tmp_path_factory.mktemp("langae-minilm") / "ckpt"
+    save_checkpoint(path, model, kind="langae")
+    return path
+
+
+def test_langae_anatomy_prior_from_init_with_frozen_features(data_dir, minilm_langae_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    from napari_langmamba.anatomy import class_words
+
+    run = tmp_path / "run"
+    # the default prior (anatomy, no --candidates) on the displayable words, from a full-table checkpoint
+    assert _train(["langae", "--data", str(data_dir / "ndct"), "--output", str(run), "--preset", "tiny",
+                   "--codebook", "words:minilm", "--init", str(minilm_langae_ckpt), "--freeze-features",
+                   "--alpha", "0.3", "--epochs", "1", "--batch-size", "2", "--patch-size", "32", "--log-every", "1",
+                   "--val-fraction", "0.2", "--gamma", "0"]) == 0
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert len(train) == 2 and all(r["losses"]["semantic"] > 0 for r in train)
+    training = load_checkpoint(run / "last").meta["training"]
+    prior = training["semantic_prior"]
+    assert prior["scorer"] == "anatomy" and prior["per"] == "region" and prior["min_share"] == 0.25
+    assert prior["class_words"] == class_words() and prior["skipped_words"] == []
+    assert training["frozen"] == ["encoder.conv_in", "encoder.down[:-1]"] and training["loss"]["semantic"]
+    assert training["init"]["path"] == str(minilm_langae_ckpt) and training["init"]["codebook"] == "minilm"
+    assert training["codebook"]["source"] == "words:minilm"
+    # SEED's layers kept the initial weights exactly; the rest of the model trained
+    before = load_file(str(minilm_langae_ckpt / "model.safetensors"))
+    after = load_file(str(run / "last" / "model.safetensors"))
+    seed_layers = [k for k in before if k.startswith(("encoder.conv_in.", *(f"encoder.down.{i}." for i in range(4))))]
+    assert seed_layers and all(torch.equal(before[k], after[k]) for k in seed_layers)
+    others = [k for k in before if k not in seed_layers]
+    assert sum(not torch.equal(before[k], after[k]) for k in others) > len(others) // 2
+
+
+def test_langae_init_needs_the_same_language_table_and_architecture(data_dir, langae_ckpt, minilm_langae_ckpt,
+                                                                    tmp_path, capsys):
+    base = ["langae", "--data", str(data_dir / "ndct"), "--epochs", "1", "--batch-size", "2", "--patch-size", "32"]
+    assert _train([*base, "--output", str(tmp_path / "a"), "--preset", "tiny", "--codebook", "words:minilm",
+                   "--init", str(langae_ckpt)]) == 2
+    assert "random:64x16" in capsys.readouterr().err
+    assert _train([*base, "--output", str(tmp_path / "b"), "--preset", "lite", "--codebook", "minilm",
+                   "--init", str(minilm_langae_ckpt)]) == 2
+    assert "--preset" in capsys.readouterr().err
+    assert _train([*base, "--output", str(tmp_path / "c"), "--codebook", "random:64x16", "--preset", "tiny"]) == 2
+    assert "--scorer none" in capsys.readouterr().err  # no anatomy words in a random table
+    assert training_main(["candidates", "--data", str(data_dir / "ndct"), "--output", str(tmp_path / "p.json"),
+                          "--scorer", "anatomy"]) == 2
+    assert "while training" in capsys.readouterr().err
+
+
+def test_tissue_maps_are_cropped_and_turned_with_their_image(data_dir):
+    from napari_langmamba.anatomy import tissue_map
+    from napari_langmamba.windowing import MODEL_NORMALIZATION
+    from training.datasets import NDCTSlices
+    from training.langae import TissueNDCTDataset
+
+    source = NDCTSlices([data_dir / "ndct"])
+    dataset = TissueNDCTDataset(source, patch_size=32, train=True, repeat=4,
+                                generator=torch.Generator().manual_seed(3))
+    turns = set()
+    for index in range(len(dataset)):
+        item = dataset[index]
+        full_hu = source.slice_hu(item["index"])
+        full_image, full_map = MODEL_NORMALIZATION.to_model(full_hu), tissue_map(full_hu)
+        crop = item["image"][0].numpy()
+        # find the crop in the 8 flips/rotations of the whole slice, then compare the maps there
+        found = []
+        for k in range(4):
+            for flip in (False, True):
+                image, labels = np.rot90(full_image, k), np.rot90(full_map, k)
+                if flip:
+                    image, labels = image[:, ::-1], labels[:, ::-1]
+                for y in range(SIZE - 31):
+                    for x in range(SIZE - 31):
+                        if np.array_equal(image[y:y + 32, x:x + 32], crop):
+                            found.append(labels[y:y + 32, x:x + 32])
+                            turns.add((k, flip))
+        assert found and any(np.array_equal(item["tissue"].numpy(), labels) for labels in found)
+        assert item["tissue"].dtype == torch.uint8 and (item["tissue"] > 0).any()
+    assert len(turns) > 1  # the augmentation did turn some crops
 
 
 # ----------------------------------------------------------------------------------------- stage 2

@@ -527,7 +527,7 @@ class CandidateOptions:
     output: Path | None = None
     npy_layout: str = "hu"
     slice_step: int = 1
-    codebook: str = "minilm"
+    codebook: str = "words:minilm"
     scorer: str = "lexicon"
     thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS
     window: str = "abdomen"

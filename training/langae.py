@@ -13,8 +13,21 @@ Loss (LangMamba, Eq. 3-5; taming-transformers' VQGAN recipe)::
   the discriminator is trained with the hinge loss on the same steps;
 - ``L_perceptual``: LPIPS-style VGG16 distance, only with ``--perceptual-weights`` (local
   safetensors; nothing is downloaded); without them the term is off and the log says so;
-- ``L_semantic``: the pyramid semantic loss against the candidate pools of ``--candidates``
-  (stage 0); without a pools file the term is off and the log says so.
+- ``L_semantic``: the pyramid semantic loss. With ``--candidates FILE`` (stage 0: ``lexicon`` or
+  the paper's ``clip:<dir>`` PubMedCLIP pools) one pool per image and layer; otherwise, with
+  ``--scorer anatomy`` (the default), **one pool per region of every pyramid layer** from the
+  tissue map of the normal-dose slice (:mod:`napari_langmamba.anatomy`, a physical tissue prior,
+  not organ segmentation): the map is made on the whole slice and cropped, flipped and rotated
+  with the image, and each region's pool holds the words of the tissue classes covering it
+  (:class:`training.candidates.AnatomyScorer`). ``--scorer none`` turns the term off.
+
+Fine-tuning: ``--init DIR`` starts from the weights of a LangAE checkpoint (fresh optimizer and
+step count) whose codebook is the same language-model table (e.g. a ``minilm`` checkpoint for a
+``words:minilm`` run: the displayable words are rows of the full table); ``--freeze-features``
+freezes ``conv_in`` and ``encoder.down[:-1]``, exactly the layers SEED's frozen encoder uses
+(``Encoder.forward_features``), so a SEED trained on that encoder stays valid. The run's
+``config.json`` records the scorer with its class words, the initial checkpoint and the frozen
+parts.
 
 Defaults are the paper's: alpha 0.3, beta 0.3, gamma 0.1, eta 0.1, Adam with betas (0.5, 0.9)
 and learning rate 4.5e-6 x (batch size x processes), taming's scaling.
@@ -26,10 +39,12 @@ import argparse
 import dataclasses
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,20 +64,27 @@ from training.common import (
     validation,
 )
 from training.config import add_option
+from training.datasets import NDCTDataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LangAEOptions", "add_arguments", "main"]
+__all__ = ["LangAEOptions", "TissueNDCTDataset", "add_arguments", "freeze_features", "init_from_checkpoint", "main"]
 
 STAGE = "langae"
+SCORERS = ("anatomy", "none")
+FROZEN_FEATURES = ("encoder.conv_in", "encoder.down[:-1]")
 
 
 @dataclass(frozen=True, kw_only=True)
 class LangAEOptions(TrainOptions):
     """Options of ``python -m training langae`` (defaults are the documented defaults)."""
 
-    codebook: str = "minilm"
+    codebook: str = "words:minilm"
     candidates: Path | None = None
+    scorer: str = "anatomy"
+    min_share: float = 0.25
+    init: Path | None = None
+    freeze_features: bool = False
     alpha: float = 0.3
     beta: float = 0.3
     gamma: float = 0.1
@@ -80,7 +102,14 @@ class LangAEOptions(TrainOptions):
         super().__post_init__()
         if not self.data:
             raise ConfigError("--data is required: normal-dose CT (DICOM folders, NIfTI, .npy, Mayo or simulate folders).")
-        self._optional_paths("candidates", "perceptual_weights")
+        self._optional_paths("candidates", "perceptual_weights", "init")
+        if self.scorer not in SCORERS:
+            raise ConfigError(
+                f"--scorer must be one of {', '.join(SCORERS)}; got {self.scorer!r} (PubMedCLIP pools come from "
+                "`python -m training candidates --scorer clip:<dir>`, given here as --candidates)."
+            )
+        if not 0.0 < float(self.min_share) <= 1.0:
+            raise ConfigError(f"--min-share must be in (0, 1]; got {self.min_share}.")
         for name in ("alpha", "beta", "gamma", "eta", "base_lr"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value >= 0.0):
@@ -120,8 +149,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help=f"frozen language codebook: minilm (offline), clip:<local dir or hub id> (PubMedCLIP), "
                     f"random:<n>x<d> (default {d('codebook')})")
     add_option(model, "--candidates", type=Path, metavar="FILE",
-               help="candidate token pools from `python -m training candidates` (made with the same --codebook); "
-                    "without it the semantic loss is off")
+               help="per-image candidate token pools from `python -m training candidates` (lexicon, or clip:<dir> "
+                    "for PubMedCLIP; made with the same --codebook); replaces --scorer")
+    add_option(model, "--scorer", choices=SCORERS,
+               help="semantic prior without --candidates: anatomy (a pool per region from the slice's tissue map "
+                    f"in HU: a physical prior, not organ segmentation) or none (default {d('scorer')})")
+    add_option(model, "--min-share", type=float, metavar="SHARE",
+               help="anatomy scorer: a tissue class's words join a region's pool when it covers this share of "
+                    f"the region (default {d('min_share')})")
+    add_option(model, "--init", type=Path, metavar="DIR",
+               help="start from this LangAE checkpoint's weights (fresh optimizer); its codebook must be the same "
+                    "language-model table (minilm weights may train a words:minilm model)")
+    add_option(model, "--freeze-features", action="store_true",
+               help="freeze encoder.conv_in and encoder.down[:-1], the layers SEED uses, so a SEED trained on this "
+                    "encoder stays valid")
     loss = parser.add_argument_group("loss and optimizer")
     add_option(loss, "--alpha", type=float, help=f"weight of the semantic loss (default {d('alpha')})")
     add_option(loss, "--beta", type=float, help=f"weight of the commitment loss (default {d('beta')})")
@@ -151,6 +192,94 @@ def _ndct_sources(options: LangAEOptions) -> tuple[Any, Any | None]:
     return split_source(source, options.val_fraction)
 
 
+class TissueNDCTDataset(NDCTDataset):
+    """:class:`NDCTDataset` whose items also carry ``"tissue"``: the (h, w) uint8 tissue map
+    (:func:`napari_langmamba.anatomy.tissue_map`) of the whole slice, cut and turned with the same
+    crop, flips and rotation as the image (a map made from a crop could not tell lungs touching the
+    crop's edge from outside air). Maps are cached per slice (``cache`` slices per process)."""
+
+    def __init__(self, *args: Any, cache: int = 512, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_size = int(cache)
+        self._last_transform: Any = None
+
+    def _transform(self, shape: tuple[int, int], key: str) -> Any:
+        self._last_transform = super()._transform(shape, key)
+        return self._last_transform
+
+    def slice_tissue(self, i: int) -> np.ndarray:
+        """The tissue map of whole slice ``i`` of the source."""
+        from napari_langmamba.anatomy import tissue_map
+
+        cached = self._cache.get(i)
+        if cached is None:
+            spacing = getattr(self.source, "pixel_spacing", None)
+            cached = tissue_map(self.source.slice_hu(i), pixel_spacing=spacing(i) if callable(spacing) else None)
+            self._cache[i] = cached
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(i)
+        return cached
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        item["tissue"] = torch.from_numpy(self._last_transform(self.slice_tissue(item["index"])))
+        return item
+
+
+def _stage_dataset(tissue: bool) -> Any:
+    """The dataset factory of :func:`make_stage_data`: tissue maps for training items only."""
+
+    def make(source: Any, *, train: bool, **kwargs: Any) -> NDCTDataset:
+        cls = TissueNDCTDataset if tissue and train else NDCTDataset
+        return cls(source, train=train, **kwargs)
+
+    return make
+
+
+def _same_language_table(old: Any, new: Any) -> bool:
+    """Whether every row of ``new`` is a row of ``old`` (the same table, or a word subset of it)."""
+    if old.sha256 == new.sha256:
+        return True
+    if old.d != new.d or new.n > old.n:
+        return False
+    rows = {bytes(r) for r in old.embeddings.numpy().astype("<f4")}
+    return all(bytes(r) in rows for r in new.embeddings.numpy().astype("<f4"))
+
+
+def init_from_checkpoint(model: Any, path: Path, codebook: Any) -> dict[str, Any]:
+    """Load a LangAE checkpoint's weights into ``model`` (``--init``); returns what to record."""
+    from napari_langmamba.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if ckpt.kind != "langae":
+        raise ConfigError(f"--init {path} is a {ckpt.kind} checkpoint; it must be a LangAE checkpoint.")
+    if not _same_language_table(ckpt.codebook, codebook):
+        raise ConfigError(
+            f"--init {path} was trained with the codebook {ckpt.codebook.source!r} ({ckpt.codebook.n} x "
+            f"{ckpt.codebook.d}); --codebook {codebook.source!r} ({codebook.n} x {codebook.d}) is not that table "
+            "or a word subset of it, so its weights would map to other words. Use the same language model."
+        )
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as exc:
+        preset = ckpt.config.get("name", "another preset")
+        raise ConfigError(
+            f"--init {path} holds a LangAE of another architecture ({preset}); give the matching --preset ({exc})."
+        ) from exc
+    return {"path": str(path), "sha256": file_sha256(path / "model.safetensors") if path.is_dir() else file_sha256(path),
+            "codebook": ckpt.codebook.source, "preset": ckpt.config.get("name")}
+
+
+def freeze_features(model: Any) -> list[str]:
+    """Freeze ``encoder.conv_in`` and ``encoder.down[:-1]`` (SEED's encoder); returns their names."""
+    for module in (model.encoder.conv_in, *list(model.encoder.down)[:-1]):
+        module.requires_grad_(False)
+    return list(FROZEN_FEATURES)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the ``langae`` stage; returns the exit code (errors raise :class:`LangMambaError`)."""
     return run_stage(LangAEOptions, args, stage=STAGE, train=_train)
@@ -162,8 +291,7 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     from napari_langmamba.models.langae import LangAE, LangAEConfig
     from napari_langmamba.models.quantizer import pyramid_semantic_loss
     from napari_langmamba.windowing import MODEL_NORMALIZATION
-    from training.candidates import load_candidate_pools
-    from training.datasets import NDCTDataset
+    from training.candidates import AnatomyScorer, load_candidate_pools
     from training.distributed import make_amp, wrap_ddp
     from training.gan import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
     from training.runs import CheckpointSpec, StepOutput
@@ -171,16 +299,24 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     device = ctx.device
     window = parse_window(options.window)
 
-    # -- data
-    train_source, val_source = _ndct_sources(options)
-    data = make_stage_data(NDCTDataset, train_source, val_source, options, ctx,
-                           source_summary={"source": [str(p) for p in options.data]}, val_label="--data")
-
-    # -- model, losses
+    # -- model, semantic prior
     codebook = load_codebook(options.codebook)
     model_config = dataclasses.replace(LangAEConfig.preset(options.preset, codebook_dim=codebook.d),
                                        commitment_beta=float(options.beta))
-    model = LangAE(model_config, codebook=codebook).to(device)
+    model = LangAE(model_config, codebook=codebook)
+    init_info = init_from_checkpoint(model, options.init, codebook) if options.init is not None else None
+    frozen = freeze_features(model) if options.freeze_features else []
+    model = model.to(device)
+    anatomy = None
+    if options.candidates is None and options.scorer == "anatomy" and options.alpha > 0:
+        anatomy = AnatomyScorer(codebook, min_share=options.min_share)
+
+    # -- data
+    train_source, val_source = _ndct_sources(options)
+    data = make_stage_data(_stage_dataset(anatomy is not None), train_source, val_source, options, ctx,
+                           source_summary={"source": [str(p) for p in options.data]}, val_label="--data")
+
+    # -- losses
     pools = None
     if options.candidates is not None:
         pools = load_candidate_pools(options.candidates, codebook=codebook)
@@ -191,8 +327,11 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
                 f"--candidates {options.candidates} has pools for none of the {total} training slices (ids such as "
                 f"{train_source.key(0)!r}); make it with `python -m training candidates` on the same --data."
             )
+    elif anatomy is not None:
+        logger.info("semantic prior: anatomy (a pool per region from the tissue map of each slice; %s)",
+                    ", ".join(f"{k}: {len(v)} words" for k, v in anatomy.class_words.items()))
     elif options.alpha > 0:
-        logger.warning("semantic loss off: no --candidates pools file given (alpha ignored)")
+        logger.warning("semantic loss off: --scorer none and no --candidates pools file (alpha ignored)")
     perceptual = None
     if options.perceptual_weights is not None and options.eta > 0:
         from training.perceptual import load_perceptual_loss
@@ -234,10 +373,15 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
             vq = nll + commit + options.gamma * d_weight * g_loss
             sem = zero
             total = vq
+            layer_pools = None
             if pools is not None and options.alpha > 0:
-                masks = pools.layer_masks(keys, codebook.n, device=device)
+                layer_pools = pools.layer_masks(keys, codebook.n, device=device)
+            elif anatomy is not None:
+                tissue = batch["tissue"] if "tissue" in batch else anatomy.tissue_maps(x)
+                layer_pools = anatomy.position_pools(tissue, pyramid.layer_embeddings[2].shape[-2:], device=device)
+            if layer_pools is not None:
                 sem = pyramid_semantic_loss([e.float() for e in pyramid.layer_embeddings],
-                                            model.quantizer.codebook, masks)
+                                            model.quantizer.codebook, layer_pools)
                 if float(sem.detach()) > 0:
                     omega = (vq / sem).detach()
                     total = vq + options.alpha * omega * sem
@@ -289,15 +433,26 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     if options.candidates is not None:
         candidates_info = {"path": str(options.candidates), "sha256": file_sha256(options.candidates)}
 
+    semantic_on = options.alpha > 0 and (pools is not None or anatomy is not None)
+    if pools is not None:
+        semantic_prior: dict[str, Any] = {"scorer": pools.meta.get("scorer", "candidates"), "per": "image"}
+    elif anatomy is not None:
+        semantic_prior = {**anatomy.info(), "per": "region"}
+    else:
+        semantic_prior = {"scorer": "none"}
+
     def extra(state: Any) -> dict:
         return {"training": {
             "command_line": command_line(STAGE, options),
             "data": data.summary,
             "codebook": codebook.info(),
             "candidates": candidates_info,
+            "semantic_prior": semantic_prior,
+            "init": init_info,
+            "frozen": frozen,
             "loss": {"alpha": options.alpha, "beta": options.beta, "gamma": options.gamma,
                      "eta": options.eta if perceptual is not None else 0.0, "disc_start": options.disc_start,
-                     "semantic": pools is not None and options.alpha > 0, "perceptual": perceptual is not None},
+                     "semantic": semantic_on, "perceptual": perceptual is not None},
             "optimizer": {"name": "Adam", "lr": lr, "betas": [0.5, 0.9]},
             "world_size": ctx.world_size,
             "amp": amp.name,
@@ -310,7 +465,9 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
         amp=amp, optimizer=optimizer,
         checkpoint=CheckpointSpec(model=model, kind="langae", config=model_config.to_dict, extra=extra),
         start_event={
-            "lr": lr, "codebook": codebook.source, "preset": options.preset, "semantic": pools is not None,
+            "lr": lr, "codebook": codebook.source, "preset": options.preset,
+            "semantic": semantic_prior["scorer"] if semantic_on else None,
+            "init": str(options.init) if options.init is not None else None, "frozen": frozen,
             "perceptual": perceptual is not None, "gan": use_gan, "disc_start": options.disc_start,
             "n_slices": len(train_source), "amp": amp.name,
         },
