@@ -107,7 +107,10 @@ def test_side_by_side_and_back_restores_layers_grid_and_camera(viewer_widget, no
     assert viewer.canvas.grid.enabled
     assert viewer.canvas.grid.shape == (2, 3)
     shown = [layer.name for layer in viewer.layers if layer.visible]
-    assert shown == ["low dose", "denoised", "normal dose", "denoised - low dose", "denoised - normal dose"]
+    cells = ["low dose", "denoised", "normal dose", "denoised - low dose", "denoised - normal dose"]
+    # each cell: its image with an ROI layer drawn over it (issue 13: the ROI never gets a cell of its own)
+    assert shown == [name for cell in cells for name in (cell, "ROI" if cell == "low dose" else f"ROI ({cell})")]
+    assert viewer.canvas.grid.stride == 2
     difference = viewer.layers["denoised - low dose"]
     lo, hi = difference.contrast_limits
     assert lo == pytest.approx(-hi) and hi > 0
@@ -245,3 +248,44 @@ def test_every_control_has_a_tooltip(viewer_widget):
     _viewer, widget = viewer_widget
     missing = [name for name, control in widget.bound_controls.items() if not control.toolTip()]
     assert missing == []
+
+
+def test_side_by_side_draws_the_roi_over_every_image_and_moving_one_moves_all(viewer_widget, noisy_pair):
+    viewer, widget = viewer_widget
+    before, after, reference = noisy_pair
+    for data, name in ((before, "low dose"), (after, "denoised"), (reference, "normal dose")):
+        viewer.add_image(data, name=name)
+    widget.set_layers("low dose", "denoised", "normal dose")
+    widget.add_background_roi()
+    widget.grid_button.click()
+    grid = viewer.canvas.grid
+    layers = list(viewer.layers)
+    cell_of = {layer.name: grid.position(i, layers) for i, layer in enumerate(layers) if layer.visible}
+    images = ["low dose", "denoised", "normal dose", "denoised - low dose", "denoised - normal dose"]
+    rois = [widget.roi_layer, *widget.roi_copies]
+    assert len(rois) == len(images) and grid.actual_shape(layers) == (2, 3)
+    assert len({cell_of[name] for name in images}) == len(images)  # one cell per image ...
+    for image, roi in zip(images, rois, strict=True):
+        assert cell_of[roi.name] == cell_of[image]  # ... and its ROI layer in that same cell
+        assert len(roi.data) == 2  # the ROI and the background ROI
+        np.testing.assert_allclose(roi.data[0], widget.roi_layer.data[0])
+    assert not any(layer.visible and name not in images and not name.startswith("ROI")
+                   for name, layer in ((lyr.name, lyr) for lyr in layers))
+
+    # moving the ROI in any cell moves it in all, and the metrics follow
+    moved = np.asarray(widget.roi_copies[1].data[0]) + np.array([10.0, -6.0])
+    widget.roi_copies[1].data = [moved, widget.roi_copies[1].data[1]]
+    for roi in rois:
+        np.testing.assert_allclose(roi.data[0], moved)
+        assert len(roi.data) == 2
+    old_roi = widget.rois()[0]
+    widget.roi_layer.data = [np.asarray(widget.roi_layer.data[0]) + np.array([-4.0, 4.0]), widget.roi_layer.data[1]]
+    for roi in widget.roi_copies:
+        np.testing.assert_allclose(roi.data[0], widget.roi_layer.data[0])
+    assert widget.rois()[0] != old_roi
+
+    # back to the single view: one ROI layer with the moved rectangles, no copies left
+    widget.grid_button.click()
+    assert not viewer.canvas.grid.enabled and widget.roi_copies == []
+    assert [layer.name for layer in viewer.layers if layer.name.startswith("ROI")] == ["ROI"]
+    np.testing.assert_allclose(widget.roi_layer.data[0], moved + np.array([-4.0, 4.0]))

@@ -103,6 +103,9 @@ class CompareWidget(WidgetBase):
         self.comparison: Comparison | None = None
         self.roi_layer: Shapes | None = None
         self.difference_layers: list[Image] = []
+        self.roi_copies: list[Shapes] = []
+        """In side-by-side mode: the ROI drawn over every grid cell but the first (which has ``roi_layer``)."""
+        self._syncing_rois = False
         self._saved_view: ViewState | None = None
         self._linked: list[Image] = []
         self._dirty = False
@@ -215,6 +218,8 @@ class CompareWidget(WidgetBase):
             self.roi_layer = None
         if layer in self.difference_layers:
             self.difference_layers.remove(layer)
+        if layer in self.roi_copies:
+            self.roi_copies.remove(layer)
         self.refresh_layers()
 
     def _on_layer_renamed(self, event: Any = None) -> None:
@@ -329,6 +334,7 @@ class CompareWidget(WidgetBase):
                 metadata={METADATA_KEY: "roi"},
             )
             self.roi_layer.events.data.connect(self._on_view_changed)
+            self.roi_layer.events.data.connect(self._on_roi_data)
             self.roi_layer.mode = "select"
         elif recentre or len(self.roi_layer.data) == 0:
             self.set_roi(Roi.centred(shape), background=self.background_roi())
@@ -559,19 +565,23 @@ class CompareWidget(WidgetBase):
         images = [chosen[r] for r in ("before", "after", "reference") if r in chosen]
         differences = self._make_differences(chosen)
         try:
+            cells = [*images, *differences]
+            rois = [self.add_roi(), *self._make_roi_copies(cells[1:])]
             for layer in viewer.layers:
                 layer.visible = False
-            # grid cells fill in layer-list order (bottom first): before, after, reference, differences
-            for layer in [*images, *differences]:
-                viewer.layers.move(viewer.layers.index(layer), len(viewer.layers))
-                layer.visible = True
+            # Two layers per grid cell (stride 2), at the bottom of the list in cell order: each image
+            # with an ROI layer over it: before, after, reference, then the differences.
+            for k, (image, roi) in enumerate(zip(cells, rois, strict=True)):
+                for offset, layer in enumerate((image, roi)):
+                    viewer.layers.move(viewer.layers.index(layer), 2 * k + offset)
+                    layer.visible = True
             images[0].contrast_limits = window.limits
             for layer in images[1:]:
                 layer.contrast_limits = window.limits
             viewer.layers.link_layers(images, ("contrast_limits",))
             self._linked = images
             _grid(viewer).update(
-                {"enabled": True, "stride": 1, "shape": (2 if differences else 1, len(images)), "spacing": 0.02}
+                {"enabled": True, "stride": 2, "shape": (2 if differences else 1, len(images)), "spacing": 0.02}
             )
             viewer.layers.selection.active = images[0]
         except Exception:
@@ -609,6 +619,60 @@ class CompareWidget(WidgetBase):
         self.difference_layers = created
         return created
 
+    def _make_roi_copies(self, cells: list[Image]) -> list[Shapes]:
+        """One Shapes layer per cell in ``cells`` showing the ROI (and background ROI) of :attr:`roi_layer`."""
+        roi = self.roi_layer
+        copies = []
+        for cell in cells:
+            copy = self.viewer.add_shapes(
+                name=f"{ROI_LAYER_NAME} ({cell.name})",
+                scale=roi.scale,
+                translate=roi.translate,
+                face_color="transparent",
+                metadata={METADATA_KEY: "roi copy"},
+            )
+            copy.events.data.connect(self._on_roi_data)
+            copies.append(copy)
+        self.roi_copies = copies
+        self._sync_rois(roi)
+        for copy in copies:
+            copy.mode = "select"
+        return copies
+
+    def _on_roi_data(self, event: Any = None) -> None:
+        source = getattr(event, "source", None)
+        if isinstance(source, Shapes):
+            self._sync_rois(source)
+
+    def _sync_rois(self, source: Shapes) -> None:
+        """Give every ROI layer of the grid the rectangles of ``source``: moving one moves all."""
+        if self._syncing_rois or not self.roi_copies:
+            return
+        layers = [layer for layer in (self.roi_layer, *self.roi_copies) if layer is not None]
+        if source not in layers:
+            return
+        data = [np.asarray(v, dtype=float) for v in source.data]
+        colours = np.asarray(source.edge_color)
+        widths = list(source.edge_width)
+        self._syncing_rois = True
+        try:
+            for layer in layers:
+                if layer is source:
+                    continue
+                same = len(layer.data) == len(data) and all(
+                    np.array_equal(a, b) for a, b in zip(layer.data, data, strict=True)
+                )
+                if same:
+                    continue
+                layer.selected_data = set()
+                layer.data = []
+                if data:
+                    layer.add_rectangles(data, edge_color=list(colours), edge_width=widths)
+        finally:
+            self._syncing_rois = False
+        if source is not self.roi_layer and self.roi_layer is not None:
+            self.schedule_update()  # the master ROI changed without an event of its own
+
     def _leave_grid(self) -> None:
         state = self._saved_view
         viewer = self.viewer
@@ -617,10 +681,11 @@ class CompareWidget(WidgetBase):
             if len(present) > 1:
                 viewer.layers.unlink_layers(present, ("contrast_limits",))
             self._linked = []
-        for layer in list(self.difference_layers):
+        for layer in [*self.difference_layers, *self.roi_copies]:
             if layer in viewer.layers:
                 viewer.layers.remove(layer)
         self.difference_layers = []
+        self.roi_copies = []
         if state is None:
             return
         self._saved_view = None
