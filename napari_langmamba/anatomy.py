@@ -8,11 +8,11 @@ mask morphology. It is a *physical tissue prior*, **not organ segmentation**: it
 the liver from the spleen or a muscle (all are "soft tissue / organ"), nor a lung from gas in
 the bowel (both are "air inside the body", called lung), and contrast-enhanced blood is only
 told from enhancing organs by its higher HU (a non-contrast scan has no "blood" pixels: its
-blood is soft tissue). It exists so that the pyramid semantic loss of the LangAE can give each
-image region a pool of words describing what the region physically shows
-(:class:`training.candidates.AnatomyScorer`) on machines without a vision-language model; a
-PubMedCLIP prior (``python -m training candidates --scorer clip:<dir>``) replaces it where one
-is at hand.
+blood is soft tissue; arterial-phase contrast above 300 HU reads as bone). It exists so that
+the pyramid semantic loss of the LangAE can give each image region a pool of words describing
+what the region physically shows (:class:`training.candidates.AnatomyScorer`) on machines
+without a vision-language model; a PubMedCLIP prior
+(``python -m training candidates --scorer clip:<dir>``) replaces it where one is at hand.
 
 The classes, in order (the value stored in the map)
 ----------------------------------------------------
