@@ -104,6 +104,7 @@ class Tally:
         self.confusion = {layer: np.zeros((k, k + 1), dtype=np.int64) for layer in LAYERS}
         self.regions = dict.fromkeys(LAYERS, 0)
         self.words: dict[int, dict[int, Counter]] = {layer: {c: Counter() for c in range(k)} for layer in LAYERS}
+        self.all_words: dict[int, Counter] = {layer: Counter() for layer in LAYERS}
         self.slices = 0
 
     def add(self, pyramid: Any, tissue: np.ndarray, word_classes: dict[str, int], threshold: float) -> dict:
@@ -116,6 +117,7 @@ class Tally:
             counts = region_class_counts(tissue, tl.row_edges, tl.col_edges, k)
             dominant = dominant_classes(counts, threshold).ravel()
             words = [w.strip().lower() for w in pyramid.words(layer)]
+            self.all_words[layer].update(words)
             word_class = np.array([word_classes.get(w, k) for w in words])
             dominated = dominant >= 0
             np.add.at(self.confusion[layer], (dominant[dominated], word_class[dominated]), 1)
@@ -140,6 +142,9 @@ class Tally:
                 "dominated": dominated,
                 "matched": matched,
                 "agreement": matched / dominated if dominated else None,
+                "distinct_words": len(self.all_words[layer]),
+                "most_common_word_share": (self.all_words[layer].most_common(1)[0][1] / self.regions[layer]
+                                           if self.regions[layer] else None),
                 "per_class": {
                     name: {
                         "dominated": int(confusion[i].sum()),
@@ -159,12 +164,19 @@ class Tally:
         return out
 
 
-def pair_agreement(a: Any, b: Any) -> dict[int, tuple[int, int]]:
-    """``{layer: (identical words, regions)}`` between two pyramids of the same geometry."""
+def pair_agreement(a: Any, b: Any) -> dict[int, tuple[int, int, float]]:
+    """``{layer: (identical words, regions, chance)}`` between two pyramids of the same geometry.
+
+    ``chance`` is the agreement expected if each region's two words were drawn independently from
+    the words of each slice (sum over words of the product of their shares): a vocabulary that
+    collapses onto a few words agrees with itself by chance alone.
+    """
     out = {}
     for layer in LAYERS:
         wa, wb = a.words(layer), b.words(layer)
-        out[layer] = (sum(x == y for x, y in zip(wa, wb, strict=True)), len(wa))
+        ca, cb = Counter(wa), Counter(wb)
+        chance = sum(ca[w] * cb[w] for w in ca) / (len(wa) * len(wb))
+        out[layer] = (sum(x == y for x, y in zip(wa, wb, strict=True)), len(wa), chance)
     return out
 
 
@@ -243,19 +255,22 @@ def markdown(result: dict) -> str:
     lines = [f"## Word-anatomy agreement ({result['langae']['path']})", ""]
     lines += ["Tissue agreement: share of regions dominated (>= "
               f"{100 * result['dominance']:.0f} % of pixels) by one tissue class whose word is in that class's list.",
+              "(distinct words on those slices in brackets)",
               "", "| set | slices | layer 1 | layer 2 | layer 3 |", "|---|---|---|---|---|"]
     for name, group in result["sets"].items():
         cells = []
         for layer in LAYERS:
             g = group["layers"][str(layer)]
-            cells.append(f"{pct(g['agreement'])} ({g['matched']}/{g['dominated']})")
+            cells.append(f"{pct(g['agreement'])} ({g['matched']}/{g['dominated']}; {g['distinct_words']} words)")
         lines.append(f"| {name} | {group['slices']} | " + " | ".join(cells) + " |")
     if result["pairs"]:
-        lines += ["", "Identical words per region between two versions of the same slice:", "",
+        lines += ["", "Identical words per region between two versions of the same slice "
+                  "(in brackets: the agreement expected by chance from each slice's word shares):", "",
                   "| pair | slices | layer 1 | layer 2 | layer 3 |", "|---|---|---|---|---|"]
         for name, pair in result["pairs"].items():
             cells = [f"{pct(pair['layers'][str(layer)]['agreement'])} "
-                     f"({pair['layers'][str(layer)]['identical']}/{pair['layers'][str(layer)]['regions']})"
+                     f"({pair['layers'][str(layer)]['identical']}/{pair['layers'][str(layer)]['regions']}; "
+                     f"chance {pct(pair['layers'][str(layer)]['chance'])})"
                      for layer in LAYERS]
             lines.append(f"| {name} | {pair['slices']} | " + " | ".join(cells) + " |")
     full = result["sets"].get("L192 full")
@@ -334,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     if denoiser is not None:
         sets["L192 denoised"] = Tally(class_names)
     pair_names = ["quarter vs full"] + (["denoised vs full"] if denoiser is not None else [])
-    pair_counts = {name: {layer: [0, 0] for layer in LAYERS} for name in pair_names}
+    pair_counts = {name: {layer: [0, 0, 0.0] for layer in LAYERS} for name in pair_names}
     per_slice = []
 
     def pyramid(hu: np.ndarray) -> Any:
@@ -358,10 +373,11 @@ def main(argv: list[str] | None = None) -> dict:
             if other not in pyramids:
                 continue
             agree = pair_agreement(pyramids[other], pyramids["full"])
-            for layer, (same, n) in agree.items():
+            for layer, (same, n, chance) in agree.items():
                 pair_counts[pair_name][layer][0] += same
                 pair_counts[pair_name][layer][1] += n
-            record[f"{other}_vs_full"] = {str(k): same / n for k, (same, n) in agree.items()}
+                pair_counts[pair_name][layer][2] += chance * n
+            record[f"{other}_vs_full"] = {str(k): same / n for k, (same, n, _) in agree.items()}
         per_slice.append(record)
 
     chest_info = None
@@ -378,8 +394,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     pairs_out = {
         name: {"slices": len(pairs), "layers": {
-            str(layer): {"identical": same, "regions": n, "agreement": same / n if n else None}
-            for layer, (same, n) in counts.items()
+            str(layer): {"identical": same, "regions": n, "agreement": same / n if n else None,
+                         "chance": chance / n if n else None}
+            for layer, (same, n, chance) in counts.items()
         }}
         for name, counts in pair_counts.items()
     }

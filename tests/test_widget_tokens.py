@@ -333,15 +333,26 @@ def test_words_are_written_only_where_they_fit_at_the_zoom(make_napari_viewer, q
     assert 0 < full_cell.sum() < len(words) and max(len(w) for w in words) <= 5
 
     cam = camera(viewer)
-    cam.zoom = 20.0  # every region is 80+ screen px: every word is written
-    assert widget.shown_words() == words and widget.overlay.text.visible
-    cam.zoom = 3.0  # 16-px regions are 48 screen px wide (a 5-letter word at 8 pt needs ~37), 4-6 px ones 12-18
-    assert widget.shown_words() == [w if fits else "" for w, fits in zip(words, full_cell, strict=True)]
+
+    def zoom_to(zoom: float, expected: list[str]) -> None:  # the words are re-fitted once the zoom pauses
+        cam.zoom = zoom
+        qtbot.waitUntil(lambda: widget.shown_words() == expected, timeout=5000)
+
+    zoom_to(20.0, words)  # every region is 80+ screen px: every word is written
     assert widget.overlay.text.visible
-    cam.zoom = 1.0  # 16 screen px per region: nothing fits, no text at all
-    assert not widget.overlay.text.visible and set(widget.shown_words()) == {""}
+    # 16-px regions are 48 screen px wide (a 5-letter word at 8 pt needs ~37), the 4-6 px ones 12-18
+    zoom_to(3.0, [w if fits else "" for w, fits in zip(words, full_cell, strict=True)])
+    assert widget.overlay.text.visible
+    zoom_to(1.0, [""] * len(words))  # 16 screen px per region: nothing fits, no text at all
+    assert not widget.overlay.text.visible
     assert list(widget.overlay.features["word"]) == words  # hover and click still read every word
 
+    # text colour: white over air; black everywhere once the window makes the whole slice white
+    air = [(image.data[y0:y1, x0:x1] < -500).all() for y0, x0, y1, x1 in boxes]
+    colors = list(widget.overlay.features["text_color"])
+    assert any(air) and all(c == "white" for c, a in zip(colors, air, strict=True) if a)
+    image.contrast_limits = (-3000.0, -2000.0)
     widget.pyramid_layer = 1  # quadrants: 50 x 75 screen px at zoom 1, room for a word at 14 pt
     assert widget.shown_words() == pyramid.words(1)
+    assert set(widget.overlay.features["text_color"]) == {"black"}
     assert TEXT_SIZE[1] > TEXT_SIZE[3]

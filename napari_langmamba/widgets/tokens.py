@@ -83,7 +83,8 @@ SELECTION_NAME = "Token selection"
 DISAGREEMENT_NAME = "Token disagreement"
 WORDS_NAME = "Token words"
 TEXT_SIZE = {1: 14, 2: 10, 3: 8}  # points; readable at the default zoom of a 512 x 512 slice
-TEXT_COLOR = "white"
+TEXT_COLORS = ("white", "black")  # on dark / light regions (the CT in its window, tinted by the word colour)
+ZOOM_DEBOUNCE_MS = 120  # re-fit the words once a zoom pauses (napari re-lays all texts: ~0.3 s for 1024)
 WORDS_OPACITY = 0.45  # the colours tint the CT; the anatomy stays readable underneath
 # Text extent estimate (vispy draws text in points at 96 dpi): width of a character and height
 # of a line, in font sizes, plus a margin (px) kept free on each side of a word inside its box.
@@ -99,6 +100,7 @@ PALETTE = (
     "#654522", "#e25822", "#2b3d26",
 )
 EDGE_RGBA = np.array([1.0, 0.85, 0.1, 0.7])  # yellow boxes
+FINE_EDGE_RGBA = np.array([1.0, 0.85, 0.1, 0.3])  # layer 3: dense boxes, the colours already part them
 HIGHLIGHT_RGBA = np.array([1.0, 0.2, 0.2, 1.0])
 DISAGREE_RGBA = np.array([1.0, 0.0, 1.0, 0.9])
 SELECTION_RGBA = {1: (1.0, 0.2, 0.2, 1.0), 2: (0.2, 1.0, 1.0, 1.0), 3: (1.0, 1.0, 1.0, 1.0)}
@@ -285,6 +287,10 @@ class TokensWidget(WidgetBase):
         self.legend: list[WordArea] = []
         """The words of the drawn pyramid layer on the slice, largest area first."""
         self._text_boxes: dict[str, tuple[np.ndarray, list[str], float]] = {}
+        self._zoom_timer = QTimer(self)
+        self._zoom_timer.setSingleShot(True)
+        self._zoom_timer.setInterval(ZOOM_DEBOUNCE_MS)
+        self._zoom_timer.timeout.connect(self._update_text)
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(DEBOUNCE_MS)
@@ -412,7 +418,7 @@ class TokensWidget(WidgetBase):
             widget = ref()
             if widget is not None:
                 try:
-                    widget._update_text()
+                    widget._zoom_timer.start()
                 except RuntimeError:
                     pass
 
@@ -755,18 +761,19 @@ class TokensWidget(WidgetBase):
 
     def _set_shapes(
         self, layer: Shapes, boxes: np.ndarray, words: list[str], *, edge_rgba: np.ndarray,
-        show_text: bool, text_color: str = TEXT_COLOR, attr: str | None = None,
+        show_text: bool, text_color: str | Sequence[str] = TEXT_COLORS[0], attr: str | None = None,
     ) -> None:
         """Draw ``boxes``; with ``show_text``, each word where it fits its box at the current zoom."""
         n = len(boxes)
         size = TEXT_SIZE[self.pyramid_layer]
+        colors = [text_color] * n if isinstance(text_color, str) else list(text_color)
         layer.data = (_rectangles(boxes, self.pyramid_index or ()), ["rectangle"] * n)
         shown = self._fitting_words(np.asarray(boxes), words, size) if show_text else [""] * n
-        layer.features = {"word": list(words), "label": shown}
+        layer.features = {"word": list(words), "label": shown, "text_color": colors}
         if n:
             layer.edge_color = np.tile(edge_rgba, (n, 1))
             layer.edge_width = [EDGE_WIDTH] * n
-        layer.text = {"string": "{label}", "size": size, "color": text_color,
+        layer.text = {"string": "{label}", "size": size, "color": {"feature": "text_color"},
                       "anchor": "center", "visible": any(shown)}
         if attr is not None:
             if show_text:
@@ -786,17 +793,42 @@ class TokensWidget(WidgetBase):
         return [w if f else "" for w, f in zip(words, fits, strict=True)]
 
     def _update_text(self) -> None:
-        """Show each word where it fits at the current zoom (called on every camera zoom)."""
+        """Write each word where it fits at the current zoom (after each zoom, debounced)."""
+        self._zoom_timer.stop()
         for attr, (boxes, words, size) in list(self._text_boxes.items()):
             layer = getattr(self, attr)
             if layer is None or layer not in self.viewer.layers or layer.nshapes != len(words):
                 continue
             shown = self._fitting_words(boxes, words, size)
             if list(layer.features["label"]) == shown:
-                continue
-            layer.features = {"word": list(words), "label": shown}
+                continue  # napari re-lays every text on a change: skip when nothing changes
+            features = layer.features.copy()
+            features["label"] = shown
+            layer.features = features
             layer.text.visible = any(shown)
-            layer.refresh_text()
+
+    def _text_colors(self, image: Image, layer: int) -> list[str]:
+        """Black or white text per region of ``layer``: whichever reads on the region as shown.
+
+        The shade of a region is its mean grey in the image's contrast limits, tinted by the
+        word colour at the words layer's opacity.
+        """
+        assert self.pyramid is not None
+        tl = self.pyramid.layer(layer)
+        data = image.data[0] if image.multiscale else image.data
+        hu = np.asarray(data[self.pyramid_index or ()], dtype=np.float32)
+        if hu.shape != self.pyramid.image_shape:
+            return [TEXT_COLORS[0]] * tl.n_regions
+        lo, hi = (float(v) for v in image.contrast_limits)
+        grey = np.clip((hu - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+        sums = np.add.reduceat(np.add.reduceat(grey, tl.row_edges[:-1], axis=0), tl.col_edges[:-1], axis=1)
+        mean = (sums / np.outer(np.diff(tl.row_edges), np.diff(tl.col_edges))).ravel()
+        rgb = np.array([self.word_colors.rgba(w)[:3] for w in self.pyramid.words(layer)]).reshape(-1, 3)
+        tint = rgb @ np.array([0.2126, 0.7152, 0.0722])  # relative luminance of the word colour
+        words_layer = self.words_layer
+        alpha = words_layer.opacity if words_layer is not None and words_layer.visible else 0.0
+        shade = (1.0 - alpha) * mean + alpha * tint
+        return [TEXT_COLORS[int(v > 0.5)] for v in shade]
 
     def shown_words(self) -> list[str]:
         """The words written on the overlay now (``""`` where a word does not fit its box)."""
@@ -871,16 +903,20 @@ class TokensWidget(WidgetBase):
         if layers.index(self.words_layer) > layers.index(overlay):  # the outlines and words above the colours
             layers.move(layers.index(self.words_layer), layers.index(overlay))
         layer = self.pyramid_layer
-        self._set_shapes(overlay, self.pyramid.boxes(layer), self.pyramid.words(layer), edge_rgba=EDGE_RGBA,
-                         show_text=True, attr="overlay")
+        self._set_shapes(overlay, self.pyramid.boxes(layer), self.pyramid.words(layer),
+                         edge_rgba=self._edge_rgba(), show_text=True, text_color=self._text_colors(image, layer),
+                         attr="overlay")
         self._highlight_overlay()
+
+    def _edge_rgba(self) -> np.ndarray:
+        return FINE_EDGE_RGBA if self.pyramid_layer == 3 else EDGE_RGBA
 
     def _highlight_overlay(self) -> None:
         overlay = self.overlay
         if overlay is None or self.pyramid is None or overlay not in self.viewer.layers or overlay.nshapes == 0:
             return
         n = overlay.nshapes
-        colors = np.tile(EDGE_RGBA, (n, 1))
+        colors = np.tile(self._edge_rgba(), (n, 1))
         widths = [EDGE_WIDTH] * n
         layer = self.pyramid_layer
         for region in self.selected:
