@@ -24,6 +24,11 @@ turns that into something a reader can check against the image:
   residual, not against the chosen word's embedding, so they describe the image, not the
   vocabulary's geometry.
 
+**Words by area.** :meth:`TokenPyramid.word_areas` lists the distinct words of a layer with the
+share of the slice their regions cover (largest first; the shares sum to 1 because the regions
+tile the slice) and :meth:`TokenPyramid.word_map` paints a per-pixel label image of the words:
+the Tokens widget's legend and colour overlay.
+
 Pixel coordinates follow napari: pixel ``(row, col)`` is centred at data coordinate
 ``(row, col)`` and spans ``[row - 0.5, row + 0.5)``; :func:`world_to_pixel` maps a world
 position through a layer's scale and translate.
