@@ -48,11 +48,13 @@ def corpus() -> dict[str, list[_fuzz.Seed]]:
 
 @pytest.fixture(scope="module")
 def factory(corpus, request) -> _fuzz.CaseFactory:
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
     line = f"fuzz seed {CI_SEED} (replay: {SEED_VARIABLE}={CI_SEED} pytest tests/test_fuzz_readers.py)"
-    if reporter is not None:  # shown even when output is captured
-        reporter.write_line(line)
-    print(line)
+    if reporter is not None and capture is not None:  # shown even while output is captured
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+    print(line)  # and in the captured output of a failure
     return _fuzz.CaseFactory(corpus, seed=CI_SEED)
 
 
