@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import gdcm  # python-gdcm: a declared dependency (pyproject.toml), so never skipped
 import numpy as np
 import pydicom
 import pytest
@@ -18,8 +19,6 @@ from pydicom import uid
 
 from napari_langmamba.errors import CTReadError, DependencyError
 from napari_langmamba.io import read_ct
-
-gdcm = pytest.importorskip("gdcm", reason="python-gdcm is a declared dependency: pip install -e .")
 
 MAYO_SERIES = Path("mayo2016_pairs") / "L192" / "quarter_3mm_D45"  # under ../shared/data/ct
 NEAR = 2  # JPEG-LS near-lossless: every stored value within +-NEAR
