@@ -343,10 +343,11 @@ class DenoiseWidget(WidgetBase):
         }
         if ct is not None:
             metadata["ct"] = ct
+        # the strength chosen now (it may have moved while the model ran)
         self._last_input = np.asarray(data, dtype=np.float32)
         self._last_denoised = hu
         out = self.viewer.add_image(
-            blend(self._last_input, hu, settings.strength),
+            blend(self._last_input, hu, self.strength),
             name=self._unique_name(f"{layer.name} denoised"),
             scale=layer.scale,
             translate=translate,
@@ -363,7 +364,7 @@ class DenoiseWidget(WidgetBase):
         if layer in self.viewer.layers:  # the input may have been closed while we worked
             self.viewer.layers.link_layers([layer, out], ("contrast_limits",))
         self.result_layer = out
-        self._record_strength(out, settings.strength)
+        self._record_strength(out, self.strength)
         where = "" if settings.slice_index is None else f" (slice {settings.slice_index})"
         self.set_status(
             f"Added '{out.name}'{where}: {info.get('kind')} {info.get('preset') or ''} on "
