@@ -339,10 +339,10 @@ BASELINE_GRIDS: dict[str, tuple[dict[str, float], ...]] = {
     # Gaussian smoothing: sigma in pixels.
     "gaussian": tuple({"sigma_px": s} for s in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5)),
     # NLM: h a multiple of the slice's estimated noise SD (sigma = the estimate), or h = sigma fixed in HU.
-    "nlm": tuple({"h_factor": f} for f in (0.6, 0.8, 1.0, 1.2, 1.5))
+    "nlm": tuple({"h_factor": f} for f in (0.6, 0.8, 1.0, 1.2, 1.5, 2.0))
     + tuple({"h_hu": h} for h in (20.0, 30.0, 40.0, 55.0, 70.0)),
     # BM3D: the noise SD it assumes, in HU.
-    "bm3d": tuple({"sigma_hu": s} for s in (20.0, 35.0, 50.0, 70.0)),
+    "bm3d": tuple({"sigma_hu": s} for s in (20.0, 35.0, 50.0, 70.0, 100.0)),
 }
 
 
