@@ -49,7 +49,7 @@ ANATOMY_PIXELS = {
     "subcutaneous fat": (188, 272),
 }
 ZOOM_CENTRE = (290, 210)  # (row, column) between the liver, the spine and the aorta
-ZOOM_FACTOR = 4.0  # times the fitted view: fine (16 px) regions wide enough for their words
+ZOOM_FACTOR = 3.0  # times the fitted view: fine (16 px) regions wide enough for their words
 TOKENS_LEFT_WIDTH, TOKENS_RIGHT_WIDTH = 250, 420  # dock columns (px) narrowed: room for the words
 
 
