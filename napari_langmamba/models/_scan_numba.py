@@ -428,6 +428,280 @@ def es2d_forward(x, order, xdbl, WdtT, bias, At, Dv, y, nb, nk, seqlen, dg, npix
 
 
 @njit(parallel=True, nogil=True, fastmath=True, error_model="numpy", cache=True)
+def es2d_train_forward(xs, order, xdbl, WdtT, bias, At, Dv, y, h_chunks, nb, nk, seqlen, dg, npix, r, n, blk, chunk):
+    """ES2D's scan for training: output in image order, step from the low-rank input.
+
+    ``xs`` (b, K, L, dg) the input in scan order; ``y`` (b, P, dg) the output in image order;
+    ``order`` int64 (K, L), the pixel of step t of direction k (no padding: every pixel in
+    exactly one direction); ``xdbl`` (b, K, L, r + 2n):
+    per step the low-rank step input, then B, then C; ``WdtT`` (K, r, dg); ``bias``, ``Dv``
+    (K * dg); ``At`` (n, K * dg). The step is ``softplus(bias + sum_q xdbl_q WdtT_q)``.
+    ``h_chunks`` (b, K, ceil(L / chunk), n, dg) receives the state before every chunk.
+    """
+    d = nk * dg
+    nblk = (dg + blk - 1) // blk
+    width = r + 2 * n
+    nchunks = (seqlen + chunk - 1) // chunk
+    for item in prange(nb * nk * nblk):
+        bi = item // (nk * nblk)
+        ki = (item // nblk) % nk
+        j0 = (item % nblk) * blk
+        w = min(dg - j0, blk)
+        c0 = ki * dg + j0
+        seq = bi * nk + ki
+        h = np.zeros((n, w), np.float32)
+        a_loc = np.empty((n, w), np.float32)
+        for k in range(n):
+            a_loc[k, :] = At[k * d + c0 : k * d + c0 + w]
+        w_loc = np.empty((r, w), np.float32)
+        for q in range(r):
+            w_loc[q, :] = WdtT[(ki * r + q) * dg + j0 : (ki * r + q) * dg + j0 + w]
+        d_loc = Dv[c0 : c0 + w].copy()
+        b_loc = bias[c0 : c0 + w].copy()
+        acc = np.empty(w, np.float32)
+        dtu = np.empty(w, np.float32)
+        dtl = np.empty(w, np.float32)
+        for t in range(seqlen):
+            if t % chunk == 0:
+                hc = ((seq * nchunks + t // chunk) * n) * dg + j0
+                for k in range(n):
+                    h_chunks[hc + k * dg : hc + k * dg + w] = h[k]
+            o = (bi * npix + order[ki * seqlen + t]) * dg + j0
+            os = (seq * seqlen + t) * dg + j0
+            ob = (seq * seqlen + t) * width
+            ur = xs[os : os + w]
+            xr = xdbl[ob : ob + width]
+            for j in range(w):
+                dtl[j] = b_loc[j]
+            for q in range(r):
+                v = xr[q]
+                wq = w_loc[q]
+                for j in range(w):
+                    dtl[j] += v * wq[j]
+            for j in range(w):
+                dv = _softplus(dtl[j])
+                dtl[j] = dv
+                acc[j] = d_loc[j] * ur[j]
+                dtu[j] = dv * ur[j]
+            for k in range(n):
+                bk = xr[r + k]
+                hk = h[k]
+                ak = a_loc[k]
+                for j in range(w):
+                    hk[j] = _exp(dtl[j] * ak[j]) * hk[j] + dtu[j] * bk
+            for k in range(n):
+                ck = xr[r + n + k]
+                hk = h[k]
+                for j in range(w):
+                    acc[j] += ck * hk[j]
+            y[o : o + w] = acc
+
+
+@njit(parallel=True, nogil=True, fastmath=True, error_model="numpy", cache=True)
+def es2d_train_backward(
+    xs,
+    order,
+    xdbl,
+    WdtT,
+    bias,
+    At,
+    Dv,
+    dy,
+    h_chunks,
+    du,
+    dA_part,
+    dD_part,
+    dbias_part,
+    dW_part,
+    dX_part,
+    nb,
+    nk,
+    seqlen,
+    dg,
+    npix,
+    r,
+    n,
+    blk,
+    chunk,
+):
+    """Gradients of :func:`es2d_train_forward` (the recurrence of :func:`scan_backward`).
+
+    Inputs in the layouts of the forward (``dy`` like ``y``). Outputs, all fully overwritten:
+    ``du`` (b, K, L, dg) in scan order (the scan's part of the input gradient); per batch element ``dA_part`` (b, K*dg, n), ``dD_part`` and
+    ``dbias_part`` (b, K*dg) and ``dW_part`` (b, K*dg, r), the step projection's gradient;
+    per sub-block of ``SUM_BLOCK`` channels ``dX_part`` (b, K, L, ceil(dg / SUM_BLOCK), r + 2n),
+    the gradient of ``xdbl`` (sums over channels). The gradient of the step before its bias
+    and softplus is never stored. Same reproducibility contract as :func:`scan_backward`
+    (``blk`` a multiple of ``SUM_BLOCK`` or at least ``dg``).
+    """
+    d = nk * dg
+    nblk = (dg + blk - 1) // blk
+    nsub = (dg + SUM_BLOCK - 1) // SUM_BLOCK
+    width = r + 2 * n
+    nchunks = (seqlen + chunk - 1) // chunk
+    for item in prange(nb * nk * nblk):
+        bi = item // (nk * nblk)
+        ki = (item // nblk) % nk
+        j0 = (item % nblk) * blk
+        w = min(dg - j0, blk)
+        c0 = ki * dg + j0
+        seq = bi * nk + ki
+        s0 = j0 // SUM_BLOCK
+        nsub_w = (w + SUM_BLOCK - 1) // SUM_BLOCK
+        a_loc = np.empty((n, w), np.float32)
+        for k in range(n):
+            a_loc[k, :] = At[k * d + c0 : k * d + c0 + w]
+        w_loc = np.empty((r, w), np.float32)
+        for q in range(r):
+            w_loc[q, :] = WdtT[(ki * r + q) * dg + j0 : (ki * r + q) * dg + j0 + w]
+        d_loc = Dv[c0 : c0 + w].copy()
+        b_loc = bias[c0 : c0 + w].copy()
+        hbuf = np.empty((chunk + 1, n, w), np.float32)  # hbuf[i] = state before step t0 + i
+        abuf = np.empty((chunk, n, w), np.float32)  # abuf[i] = decay at step t0 + i
+        dtbuf = np.empty((chunk, w), np.float32)  # step after softplus
+        slbuf = np.empty((chunk, w), np.float32)  # its slope (sigmoid)
+        carry = np.zeros((n, w), np.float32)  # a_{t+1} * dh_{t+1}
+        dA_acc = np.zeros((n, w), np.float32)
+        dD_acc = np.zeros(w, np.float32)
+        dbias_acc = np.zeros(w, np.float32)
+        dW_acc = np.zeros((r, w), np.float32)
+        ddr = np.empty(w, np.float32)
+        ul = np.empty(w, np.float32)
+        dtl = np.empty(w, np.float32)
+        dtu = np.empty(w, np.float32)
+        du_l = np.empty(w, np.float32)
+        ddt_l = np.empty(w, np.float32)
+        dh = np.empty(w, np.float32)
+        sv = np.empty(w, np.float32)
+        for c in range(nchunks - 1, -1, -1):
+            t0 = c * chunk
+            t1 = min(seqlen, t0 + chunk)
+            hc = ((seq * nchunks + c) * n) * dg + j0
+            for k in range(n):
+                hbuf[0, k, :] = h_chunks[hc + k * dg : hc + k * dg + w]
+            # Recompute the chunk's steps, decays and states.
+            for t in range(t0, t1):
+                i = t - t0
+                os = (seq * seqlen + t) * dg + j0
+                ob = (seq * seqlen + t) * width
+                ur = xs[os : os + w]
+                xr = xdbl[ob : ob + width]
+                dl = dtbuf[i]
+                sl = slbuf[i]
+                for j in range(w):
+                    dtl[j] = b_loc[j]
+                for q in range(r):
+                    v = xr[q]
+                    wq = w_loc[q]
+                    for j in range(w):
+                        dtl[j] += v * wq[j]
+                for j in range(w):
+                    v = dtl[j]
+                    dv = _softplus(v)
+                    dl[j] = dv
+                    sl[j] = _sigmoid(v)
+                    dtu[j] = dv * ur[j]
+                for k in range(n):
+                    bk = xr[r + k]
+                    ak = a_loc[k]
+                    ab = abuf[i, k]
+                    hp = hbuf[i, k]
+                    hn = hbuf[i + 1, k]
+                    for j in range(w):
+                        ab[j] = _exp(dl[j] * ak[j])
+                    for j in range(w):
+                        hn[j] = ab[j] * hp[j] + dtu[j] * bk
+            # Walk the chunk backwards.
+            for t in range(t1 - 1, t0 - 1, -1):
+                i = t - t0
+                o = (bi * npix + order[ki * seqlen + t]) * dg + j0
+                os = (seq * seqlen + t) * dg + j0
+                ob = (seq * seqlen + t) * width
+                ur = xs[os : os + w]
+                gr = dy[o : o + w]
+                xr = xdbl[ob : ob + width]
+                dl = dtbuf[i]
+                sl = slbuf[i]
+                for j in range(w):
+                    ul[j] = ur[j]
+                    dtu[j] = dl[j] * ur[j]
+                    du_l[j] = d_loc[j] * gr[j]
+                    ddt_l[j] = _F32(0.0)
+                for j in range(w):
+                    dD_acc[j] += gr[j] * ur[j]
+                pr = ((seq * seqlen + t) * nsub + s0) * width  # this item's first partial of step t
+                for k in range(n):
+                    bk = xr[r + k]
+                    ck = xr[r + n + k]
+                    ab = abuf[i, k]
+                    hp = hbuf[i, k]
+                    hn = hbuf[i + 1, k]
+                    cy = carry[k]
+                    ak = a_loc[k]
+                    dak = dA_acc[k]
+                    for j in range(w):  # the state adjoint at step t
+                        dh[j] = ck * gr[j] + cy[j]
+                    for s in range(nsub_w):  # dC = sum dy h, dB = sum dh dt u, per sub-block
+                        lo = s * SUM_BLOCK
+                        dc = _F32(0.0)
+                        db = _F32(0.0)
+                        if lo + SUM_BLOCK <= w:
+                            gs = gr[lo : lo + SUM_BLOCK]
+                            hs = hn[lo : lo + SUM_BLOCK]
+                            es = dh[lo : lo + SUM_BLOCK]
+                            vs = dtu[lo : lo + SUM_BLOCK]
+                            for j in range(SUM_BLOCK):
+                                dc += gs[j] * hs[j]
+                                db += es[j] * vs[j]
+                        else:  # the ragged end of a direction's channels
+                            gs = gr[lo:w]
+                            hs = hn[lo:w]
+                            es = dh[lo:w]
+                            vs = dtu[lo:w]
+                            for j in range(w - lo):
+                                dc += gs[j] * hs[j]
+                                db += es[j] * vs[j]
+                        dX_part[pr + s * width + r + k] = db
+                        dX_part[pr + s * width + r + n + k] = dc
+                    for j in range(w):
+                        du_l[j] += dh[j] * dl[j] * bk
+                    for j in range(w):  # adjoint of the exponent dt * A
+                        sv[j] = dh[j] * hp[j] * ab[j]
+                    for j in range(w):
+                        ddt_l[j] += sv[j] * ak[j] + dh[j] * bk * ul[j]
+                    for j in range(w):
+                        dak[j] += sv[j] * dl[j]
+                    for j in range(w):
+                        cy[j] = ab[j] * dh[j]
+                du[os : os + w] = du_l
+                for j in range(w):  # w.r.t. the step before bias and softplus
+                    ddr[j] = ddt_l[j] * sl[j]
+                for j in range(w):
+                    dbias_acc[j] += ddr[j]
+                for q in range(r):
+                    v = xr[q]
+                    dwq = dW_acc[q]
+                    for j in range(w):
+                        dwq[j] += ddr[j] * v
+                    wq = w_loc[q]
+                    for s in range(nsub_w):  # d xdbl_q = sum ddr W_q, per sub-block
+                        lo = s * SUM_BLOCK
+                        hi = min(w, lo + SUM_BLOCK)
+                        acc = _F32(0.0)
+                        for j in range(lo, hi):
+                            acc += ddr[j] * wq[j]
+                        dX_part[pr + s * width + q] = acc
+        for j in range(w):  # (b, K*dg, n): the layout of A
+            for k in range(n):
+                dA_part[(bi * d + c0 + j) * n + k] = dA_acc[k, j]
+        dD_part[bi * d + c0 : bi * d + c0 + w] = dD_acc
+        dbias_part[bi * d + c0 : bi * d + c0 + w] = dbias_acc
+        for j in range(w):  # (b, K*dg, r): the layout of the step projection
+            for q in range(r):
+                dW_part[(bi * d + c0 + j) * r + q] = dW_acc[q, j]
+
+
+@njit(parallel=True, nogil=True, fastmath=True, error_model="numpy", cache=True)
 def norm_gate(y, z, weight, bias, eps, rows, d):
     """In place, per row of d channels: y = LayerNorm(y) * silu(z) (ESSM's output gate).
 

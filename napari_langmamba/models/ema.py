@@ -39,6 +39,8 @@ from torch import nn
 
 from napari_langmamba.models.scan import (
     es2d_scan_fused,
+    es2d_scan_train,
+    legacy_training_paths,
     norm_gate_,
     scan_backend,
     selective_scan_channels_last,
@@ -68,6 +70,12 @@ def _lean(module: nn.Module, x: torch.Tensor) -> bool:
     if not torch.is_grad_enabled():
         return True
     return not (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def _fused_training(x: torch.Tensor) -> bool:
+    """Whether a differentiable call may take the fused CPU training kernels (float32, no
+    autocast, not switched off by :func:`~napari_langmamba.models.scan.legacy_training_paths`)."""
+    return x.dtype == torch.float32 and not legacy_training_paths() and not _autocast_on(x.device.type)
 
 
 # --------------------------------------------------------------------------- scan orders
@@ -231,11 +239,31 @@ class ES2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(b, h, w, d_inner) -> (b, h, w, d_inner)."""
-        if self.step == 2 and _lean(self, x) and scan_backend(x.device) == "numba":
-            y = self._forward_fused(x)
+        if self.step == 2 and scan_backend(x.device) == "numba":
+            if _lean(self, x):
+                y = self._forward_fused(x)
+            elif _fused_training(x) and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+                y = self._forward_fused_train(x)
+            else:
+                y = None
             if y is not None:
                 return y
         return self._forward_generic(x)
+
+    def _forward_fused_train(self, x: torch.Tensor) -> torch.Tensor | None:
+        """CPU training (even h and w): one differentiable fused scan in image order.
+
+        The same function as :meth:`_forward_generic`, without its (b, 4, L, d) step and
+        merge tensors or their gradients (see :func:`~napari_langmamba.models.scan.es2d_scan_train`).
+        """
+        b, h, w, d = x.shape
+        order, inverse = _orders(h, w, 2, x.device)  # (K, L), (P,)
+        A = -torch.exp(self.A_logs.float())  # (K * d, n)
+        y = es2d_scan_train(
+            x.reshape(b, h * w, d), order, inverse, self.x_proj_weight, self.dt_projs_weight,
+            self.dt_projs_bias, A, self.Ds,
+        )
+        return y.view(b, h, w, d) if y is not None else None
 
     def _forward_fused(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """CPU inference: one fused kernel, no (b, 4, L, d) intermediates, any h and w.

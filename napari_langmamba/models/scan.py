@@ -35,6 +35,7 @@ import functools
 import importlib.util
 import logging
 import math
+import os
 import threading
 
 import torch
@@ -52,6 +53,35 @@ _NUMBA_CHUNK = 32
 # numba's default "workqueue" threading layer must not be entered from two threads at
 # once (a napari worker and a test thread, say); the OpenMP layer would not mind.
 _NUMBA_LOCK = threading.Lock()
+
+# The previous (unfused) training paths stay selectable, so that a benchmark measures the
+# fused ones against them in one process: NAPARI_LANGMAMBA_LEGACY_TRAINING=1 in the
+# environment, or legacy_training_paths(True).
+_LEGACY_TRAINING_ENV = "NAPARI_LANGMAMBA_LEGACY_TRAINING"
+_legacy_training = os.environ.get(_LEGACY_TRAINING_ENV, "").strip() not in ("", "0")
+
+
+def legacy_training_paths(enabled: bool | None = None) -> bool:
+    """Query, or set, whether training takes the previous unfused CPU code paths.
+
+    The fused paths (ES2D's scan in image order with its own backward, the fused LayerNorm x
+    SiLU gate) compute the same function within float rounding; the legacy ones are kept
+    only to measure against (``benchmarks/training.py``). Inference is not affected.
+
+    Parameters
+    ----------
+    enabled
+        True: legacy paths; False: fused paths; None: leave as is.
+
+    Returns
+    -------
+    bool
+        The setting in force after the call.
+    """
+    global _legacy_training
+    if enabled is not None:
+        _legacy_training = bool(enabled)
+    return _legacy_training
 
 
 # --------------------------------------------------------------------------- backends
@@ -526,6 +556,125 @@ def es2d_scan_fused(
         b, k, seqlen, d, npix, r, n, _numba_block(b * k, d, max_block=1024),
     )  # fmt: skip
     return y
+
+
+def es2d_scan_train(
+    x: torch.Tensor,
+    order: torch.Tensor,
+    inverse: torch.Tensor,
+    x_proj_weight: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor | None:
+    """ES2D's scan for CPU training, fused and differentiable: image order in and out.
+
+    The same function as ES2D's generic path (split, projections, selective scan, merge),
+    computed without its (b, K, L, d) step, split and merge tensors: the numba kernels read
+    the input and write the output (and, backwards, the input gradient) in image order
+    through ``order``, and compute the step from the low-rank projection themselves.
+    Gradients are the same bits for any thread count.
+
+    Parameters
+    ----------
+    x
+        (b, P, d) float32, the pixels of an even-sized map in image order.
+    order, inverse
+        (K, L) int64 step-2 scan order (every pixel in exactly one direction) and its
+        inverse permutation (P,) (:func:`~napari_langmamba.models.ema.es2d_order`).
+    x_proj_weight
+        (K, r + 2n, d): per direction, the low-rank step input, B and C of a pixel.
+    dt_weight, dt_bias
+        (K, d, r) and (K, d): the step is softplus(dt_weight[k] @ low-rank input + dt_bias[k]).
+    A, D
+        (K * d, n) and (K * d,).
+
+    Returns
+    -------
+    torch.Tensor or None
+        (b, P, d); None when numba is unusable (the caller then takes the generic path).
+    """
+    if _numba_kernels() is None:
+        return None
+    return _ES2DTrain.apply(x, x_proj_weight, dt_weight, dt_bias, A, D, order, inverse)
+
+
+class _ES2DTrain(torch.autograd.Function):
+    """:func:`es2d_scan_train`: saves the float32 inputs, the gathered sequences, the
+    projected ones and the state before every chunk of ``_NUMBA_CHUNK`` steps."""
+
+    @staticmethod
+    def forward(ctx, x, x_proj_weight, dt_weight, dt_bias, A, D, order, inverse):
+        kernels = _numba_kernels()
+        b, npix, d = x.shape
+        k, seqlen = order.shape
+        n = A.shape[1]
+        r = dt_weight.shape[2]
+        x32 = _f32(x)
+        order = order.contiguous()
+        flat_order = order.view(-1)
+        proj32 = _f32(x_proj_weight)  # (K, m, d), m = r + 2n
+        xs = x32.index_select(1, flat_order).view(b, k, seqlen, d)  # (b, K, L, d): scan order
+        xdbl = torch.matmul(xs, proj32.transpose(1, 2))  # (b, K, L, m)
+        dtw32 = _f32(dt_weight)  # (K, d, r)
+        wT = dtw32.transpose(1, 2).contiguous()  # (K, r, d)
+        bias32 = _f32(dt_bias).view(-1)  # (K * d,)
+        At = _f32(A).t().contiguous()  # (n, K * d)
+        D32 = _f32(D)
+        y = torch.empty(b, npix, d)
+        h_chunks = torch.empty(b, k, math.ceil(seqlen / _NUMBA_CHUNK), n, d)
+        blk = _numba_block(b * k, d, min_block=kernels.SUM_BLOCK)
+        _run_numba(
+            kernels.es2d_train_forward,
+            _flat(xs), flat_order.numpy(), _flat(xdbl), _flat(wT), _flat(bias32), _flat(At), _flat(D32),
+            _flat(y), _flat(h_chunks),
+            b, k, seqlen, d, npix, r, n, blk, _NUMBA_CHUNK,
+        )  # fmt: skip
+        ctx.npix = npix
+        ctx.save_for_backward(xs, xdbl, proj32, wT, bias32, At, D32, h_chunks, order, inverse)
+        ctx.dtypes = tuple(t.dtype for t in (x, x_proj_weight, dt_weight, dt_bias, A, D))
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        kernels = _numba_kernels()
+        xs, xdbl, proj32, wT, bias32, At, D32, h_chunks, order, inverse = ctx.saved_tensors
+        b, npix, d = xs.shape[0], ctx.npix, xs.shape[3]
+        k, seqlen = order.shape
+        n = At.shape[0]
+        r = wT.shape[1]
+        sub = kernels.SUM_BLOCK
+        nsub = math.ceil(d / sub)
+        du = torch.empty(b, k, seqlen, d)  # scan order
+        # Partial sums in separate slots, added up below in a fixed order (reproducible bits).
+        dA_part = torch.empty(b, k * d, n)  # per batch element
+        dD_part = torch.empty(b, k * d)
+        dbias_part = torch.empty(b, k * d)
+        dW_part = torch.empty(b, k * d, r)
+        dX_part = torch.empty(b, k, seqlen, nsub, r + 2 * n)  # per sub-block of channels
+        _run_numba(
+            kernels.es2d_train_backward,
+            _flat(xs), order.view(-1).numpy(), _flat(xdbl), _flat(wT), _flat(bias32), _flat(At), _flat(D32),
+            _flat(_f32(dy)), _flat(h_chunks),
+            _flat(du), _flat(dA_part), _flat(dD_part), _flat(dbias_part), _flat(dW_part), _flat(dX_part),
+            b, k, seqlen, d, npix, r, n, _numba_block(b * k, d, min_block=sub), _NUMBA_CHUNK,
+        )  # fmt: skip
+        dxdbl = _sum_in_order(dX_part, 3)  # (b, K, L, m)
+        d_proj = _sum_in_order(torch.matmul(dxdbl.transpose(2, 3), xs), 0)  # (K, m, d)
+        du.view(b * k, seqlen, d).baddbmm_(dxdbl.view(b * k, seqlen, -1), proj32.repeat(b, 1, 1))  # + dxdbl @ W
+        dx = du.view(b, k * seqlen, d).index_select(1, inverse)  # back to image order
+        x_t, proj_t, dtw_t, bias_t, A_t, D_t = ctx.dtypes
+        return (
+            dx.to(x_t),
+            d_proj.to(proj_t),
+            _sum_in_order(dW_part, 0).view(k, d, r).to(dtw_t),
+            _sum_in_order(dbias_part, 0).view(k, d).to(bias_t),
+            _sum_in_order(dA_part, 0).to(A_t),
+            _sum_in_order(dD_part, 0).to(D_t),
+            None,
+            None,
+        )
 
 
 def norm_gate_(
