@@ -9,7 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# Idle OpenMP threads yield their core instead of spinning: on a shared or busy CPU, spinning
+# threads made training steps 2-3x slower (benchmarks/training.py compares thread settings).
+# Set before torch is imported; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from napari_langmamba.errors import LangMambaError
 
