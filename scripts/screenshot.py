@@ -1,24 +1,22 @@
 """Screenshots of the plugin for the README, made under Xvfb.
 
-    xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python scripts/screenshot.py [--out docs/images]
-    xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python scripts/screenshot.py --tokens-only
+    xvfb-run -a .venv/bin/python scripts/screenshot.py [--out docs/images]
 
 1. ``load_ct.png``: napari with the dock widgets of the main job (``napari_langmamba.demo``,
    Denoise in front) and the real abdominal series of ``../shared/data`` loaded through the
-   Load CT widget.
+   Load CT widget, on a 1920 x 1080 screen (the main job sizes its window to the screen).
+   ``denoise.png``: the Denoise widget's result for the current slice (the bundled default
+   model) shown at 50 % strength, set after the run (the model runs once). ``--no-tokens``
+   makes only these and the compare images.
 2. ``compare.png`` and ``compare_figure.png``: the Compare widget on one real slice: the
    normal-dose slice (reference), a low-dose version simulated by the project's projection-
    domain simulator (``training.simulate``) and its denoised result (the bundled default
    model; with ``--stand-in`` when no weights are available, a Gaussian filter clearly named
    as a stand-in), side by side with the ROI crops and metrics; the second file is the
    widget's PNG export.
-3. ``tokens.png`` and ``tokens_zoom.png`` (``--tokens-only`` makes just these two): the Tokens
-   widget on the same real slice in a fresh 1920 x 1080 window, with the token pyramid of the
-   bundled default LangAE. ``tokens.png``: pyramid layer 2, its regions coloured by word with
-   the legend of the slice's words by area, words written where they fit, and a click on the
-   liver, so the list shows the words of the three layers there. ``tokens_zoom.png``: pyramid
-   layer 3 zoomed onto the liver, spine and aorta, where the fine words fit their regions.
-   The words at the liver, spine, aorta, air outside the body and subcutaneous fat are logged.
+3. ``tokens.png``: the Tokens widget on the same real slice, in a fresh viewer: the token
+   pyramid of the bundled default LangAE, the words of pyramid layer 2 drawn over the image
+   and a click on the liver, so the list shows the words of the three layers there.
 
 PNGs larger than ``--max-kb`` are saved with a 256-colour palette (and downscaled if that is
 not enough), so the README stays light.
@@ -28,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,21 +36,14 @@ from typing import Any
 
 import numpy as np
 
+from napari_langmamba.widgets._settings import SETTINGS_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("screenshot")
 
 LIVER_PIXEL = (250, 150)  # (row, column) of a liver pixel on the 512 x 512 slices
-# (row, column) on slice 10 of the real series (checked on the image and its tissue map)
-ANATOMY_PIXELS = {
-    "liver": LIVER_PIXEL,
-    "spine (vertebral body)": (324, 238),
-    "aorta": (296, 265),
-    "air outside the body": (20, 20),
-    "subcutaneous fat": (188, 272),
-}
-ZOOM_CENTRE = (290, 210)  # (row, column) between the liver, the spine and the aorta
-ZOOM_FACTOR = 3.0  # times the fitted view: fine (16 px) regions wide enough for their words
-TOKENS_LEFT_WIDTH, TOKENS_RIGHT_WIDTH = 250, 420  # dock columns (px) narrowed: room for the words
+TOKENS_TEXT_SIZE = 11  # points; the widget's default for layer 2 (10) is small in a README image
+TOKENS_LEFT_WIDTH, TOKENS_RIGHT_WIDTH = 250, 400  # dock columns (px) narrowed: room for the words
 
 
 def wait(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
@@ -119,7 +112,9 @@ def open_viewer(size: tuple[int, int]) -> tuple[Any, dict[str, Any], Any]:
     from napari_langmamba import demo
 
     viewer, widgets = demo.build_viewer(show=True)
-    viewer.window._qt_window.resize(*size)
+    window = viewer.window._qt_window
+    if (window.width(), window.height()) != tuple(size):
+        window.resize(*size)
     load = widgets["Load CT"]
     wait(lambda: not load.busy and len(viewer.layers) > 0, timeout=300, what="the series to load")
     return viewer, widgets, viewer.layers[0]
@@ -180,6 +175,7 @@ def shoot_load_and_compare(args: argparse.Namespace) -> None:
     load.show_value_at(tuple(centre))
     wait(lambda: True, timeout=5, what="repaint")
     screenshot(viewer, args.out / "load_ct.png", max_kb=args.max_kb)
+    shoot_denoise(args, viewer, widgets)
 
     # --- comparison on one real slice ----------------------------------------------------
     sys.path.insert(0, str(REPO))
@@ -189,7 +185,8 @@ def shoot_load_and_compare(args: argparse.Namespace) -> None:
     scale = tuple(ct.scale[-2:])
     low = simulate_low_dose(reference, pixel_mm=float(scale[-1]), dose=args.dose, seed=0)
     after, after_name = denoised(low, weights=args.weights, stand_in=args.stand_in)
-    ct.visible = False
+    for layer in viewer.layers:
+        layer.visible = False
     low_name = f"low dose ({args.dose:.0%}, simulated)"
     viewer.add_image(low, name=low_name, scale=scale, contrast_limits=(-160, 240))
     viewer.add_image(after, name=after_name, scale=scale, contrast_limits=(-160, 240))
@@ -211,21 +208,30 @@ def shoot_load_and_compare(args: argparse.Namespace) -> None:
     viewer.close()
 
 
-def fit_table(table: Any, *, max_rows: int) -> None:
-    """Make a ``QTableWidget`` tall enough for up to ``max_rows`` rows without scrolling."""
-    rows = min(table.rowCount(), max_rows)
-    height = table.horizontalHeader().height() + rows * table.verticalHeader().defaultSectionSize()
-    table.setMinimumHeight(height + 2 * table.frameWidth() + 2)
+def shoot_denoise(args: argparse.Namespace, viewer: Any, widgets: dict[str, Any]) -> None:
+    """``denoise.png``: the current slice denoised with the bundled weights, then shown at 50 % strength."""
+    raise_dock(widgets["Denoise"])
+    denoise = widgets["Denoise"]
+    denoise.scope_combo.setCurrentIndex(denoise.scope_combo.findData("slice"))
+    denoise.device_combo.setCurrentText("cpu")
+    denoise.strength_spin.setValue(100)
+    if denoise.run() is None:
+        raise RuntimeError(f"Denoise refused to run: {denoise.status_label.text()}")
+    wait(lambda: not denoise.busy, timeout=600, what="the denoised slice")
+    if denoise.result_layer is None:
+        raise RuntimeError(f"Denoise failed: {denoise.status_label.text()}")
+    denoise.strength_spin.setValue(50)  # re-blended at once, the model does not run again
+    wait(lambda: True, timeout=5, what="repaint")
+    logger.info("denoise: %s", denoise.status_label.text())
+    screenshot(viewer, args.out / "denoise.png", max_kb=args.max_kb)
 
 
 def shoot_tokens(args: argparse.Namespace) -> None:
-    """``tokens.png`` (layer 2, legend, a click on the liver) and ``tokens_zoom.png`` (layer 3 zoomed)."""
-    from qtpy.QtWidgets import QApplication
-
+    """``tokens.png``: the Tokens widget on the slice, layer-2 words, a click on the liver."""
     viewer, widgets, ct = open_viewer(args.tokens_size)
     tokens = widgets["Tokens"]
     raise_dock(tokens)
-    # the Tokens dock gets the whole column: its legend and list of three layers are tall
+    # the Tokens dock gets the whole column: its list of three layers with alternatives is tall
     dock_of(widgets["Load CT"]).hide()
     viewer.dims.set_current_step(0, args.slice)
     tokens.set_image_layer(ct)
@@ -234,51 +240,23 @@ def shoot_tokens(args: argparse.Namespace) -> None:
     tokens.show_tokens()
     wait(lambda: not tokens.busy and tokens.pyramid is not None and tokens.pyramid_index == (args.slice,),
          timeout=600, what="the token pyramid")
-    for name, pixel in ANATOMY_PIXELS.items():
-        hits = tokens.pyramid.at(*pixel)
-        logger.info("%s %s: %s", name, pixel, " / ".join(f"{h.layer}: {h.word}" for h in hits))
     viewer.layers.selection.active = ct
     click = ct.data_to_world((args.slice, *LIVER_PIXEL))  # the viewer gives world positions
     regions = tokens.select_at(click)
     tokens.hover_at(click)
     if len(regions) != 3:
         raise RuntimeError(f"expected the regions of 3 pyramid layers at the liver pixel, got {len(regions)}")
+    tokens.overlay.text.size = TOKENS_TEXT_SIZE
     fit_tree(tokens.hits_tree)
-    fit_table(tokens.legend_table, max_rows=12)
     widen_canvas(viewer, left=TOKENS_LEFT_WIDTH, right=TOKENS_RIGHT_WIDTH)
-    window = viewer.window._qt_window
-    window.resize(*args.tokens_size)  # raising the tall dock may have grown it
-    screen = QApplication.primaryScreen()
-    if screen is not None:  # the whole window on the screen, as a user would place it
-        window.move(screen.availableGeometry().topLeft())
+    viewer.window._qt_window.resize(*args.tokens_size)  # raising the tall dock may have grown it
     viewer.reset_view()
     wait(lambda: True, timeout=5, what="repaint")
     for region in regions:
-        logger.info("layer %d at the liver %s: %s (alternatives %s)", region.layer, LIVER_PIXEL, region.word,
+        logger.info("layer %d at %s: %s (alternatives %s)", region.layer, LIVER_PIXEL, region.word,
                     ", ".join(a.word for a in region.alternatives))
-    written = sum(bool(w) for w in tokens.shown_words())
-    logger.info("layer 2: %d of %d words written at zoom %.2f; legend: %s", written, len(tokens.shown_words()),
-                tokens_camera(viewer).zoom,
-                ", ".join(f"{e.word} {100 * e.share:.0f}%" for e in tokens.legend[:8]))
     screenshot(viewer, args.out / "tokens.png", max_kb=args.max_kb)
-
-    tokens.pyramid_layer = 3
-    camera = tokens_camera(viewer)
-    camera.center = tuple(ct.data_to_world((args.slice, *ZOOM_CENTRE)))[-2:]
-    camera.zoom = camera.zoom * ZOOM_FACTOR
-    fit_table(tokens.legend_table, max_rows=12)
-    wait(lambda: True, timeout=5, what="repaint")
-    written = sum(bool(w) for w in tokens.shown_words())
-    logger.info("layer 3 zoomed: %d of %d words written at zoom %.2f", written, len(tokens.shown_words()),
-                camera.zoom)
-    screenshot(viewer, args.out / "tokens_zoom.png", max_kb=args.max_kb)
     viewer.close()
-
-
-def tokens_camera(viewer: Any) -> Any:
-    """napari >= 0.9 keeps the camera in ``viewer.scene``; older versions on the viewer."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None else viewer.camera
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,24 +266,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dose", type=float, default=0.25, help="simulated dose fraction")
     parser.add_argument("--weights", default="default", help="denoiser checkpoint")
     parser.add_argument("--stand-in", action="store_true", help="Gaussian filter when no weights exist")
-    parser.add_argument("--size", type=int, nargs=2, default=(1700, 1050), metavar=("W", "H"))
-    parser.add_argument("--tokens-size", type=int, nargs=2, default=(1920, 1080), metavar=("W", "H"),
-                        help="window of tokens.png and tokens_zoom.png (the Xvfb screen's size)")
-    parser.add_argument("--tokens-only", action="store_true",
-                        help="make only tokens.png and tokens_zoom.png (e.g. after the bundled LangAE changed)")
+    parser.add_argument("--size", type=int, nargs=2, default=(1920, 1080), metavar=("W", "H"),
+                        help="window of load_ct.png, denoise.png and compare.png (the Xvfb screen's size)")
+    parser.add_argument("--no-tokens", action="store_true",
+                        help="make only load_ct.png, denoise.png and the compare images")
+    parser.add_argument("--tokens-size", type=int, nargs=2, default=(1700, 1150), metavar=("W", "H"),
+                        help="window of tokens.png (taller: the words need large regions)")
     parser.add_argument("--max-kb", type=int, default=480, help="largest PNG written, in KB")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
+    # the widgets' defaults, whatever this machine's user chose before; their settings stay untouched
+    os.environ[SETTINGS_ENV] = tempfile.mkdtemp(prefix="screenshot-settings-")
 
     from napari_langmamba import demo
 
     if not demo.SAMPLE_SERIES.is_dir():
         print(f"The real series is missing ({demo.SAMPLE_SERIES}); screenshots need it.", file=sys.stderr)
         return 1
-    if not args.tokens_only:
-        shoot_load_and_compare(args)
-    shoot_tokens(args)
+    shoot_load_and_compare(args)
+    if not args.no_tokens:
+        shoot_tokens(args)
     return 0
 
 
