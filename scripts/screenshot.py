@@ -1,6 +1,7 @@
 """Screenshots of the plugin for the README, made under Xvfb.
 
-    xvfb-run -a .venv/bin/python scripts/screenshot.py [--out docs/images]
+    xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python scripts/screenshot.py [--out docs/images]
+    xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python scripts/screenshot.py --tokens-only
 
 1. ``load_ct.png``: napari with the dock widgets of the main job (``napari_langmamba.demo``,
    Denoise in front) and the real abdominal series of ``../shared/data`` loaded through the
@@ -14,9 +15,13 @@
    model; with ``--stand-in`` when no weights are available, a Gaussian filter clearly named
    as a stand-in), side by side with the ROI crops and metrics; the second file is the
    widget's PNG export.
-3. ``tokens.png``: the Tokens widget on the same real slice, in a fresh viewer: the token
-   pyramid of the bundled default LangAE, the words of pyramid layer 2 drawn over the image
-   and a click on the liver, so the list shows the words of the three layers there.
+3. ``tokens.png`` and ``tokens_zoom.png`` (``--tokens-only`` makes just these two): the Tokens
+   widget on the same real slice in a fresh 1920 x 1080 window, with the token pyramid of the
+   bundled default LangAE. ``tokens.png``: pyramid layer 2, its regions coloured by word with
+   the legend of the slice's words by area, words written where they fit, and a click on the
+   liver, so the list shows the words of the three layers there. ``tokens_zoom.png``: pyramid
+   layer 3 zoomed onto the liver, spine and aorta, where the fine words fit their regions.
+   The words at the liver, spine, aorta, air outside the body and subcutaneous fat are logged.
 
 PNGs larger than ``--max-kb`` are saved with a 256-colour palette (and downscaled if that is
 not enough), so the README stays light.
@@ -42,8 +47,17 @@ REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("screenshot")
 
 LIVER_PIXEL = (250, 150)  # (row, column) of a liver pixel on the 512 x 512 slices
-TOKENS_TEXT_SIZE = 11  # points; the widget's default for layer 2 (10) is small in a README image
-TOKENS_LEFT_WIDTH, TOKENS_RIGHT_WIDTH = 250, 400  # dock columns (px) narrowed: room for the words
+# (row, column) on slice 10 of the real series (checked on the image and its tissue map)
+ANATOMY_PIXELS = {
+    "liver": LIVER_PIXEL,
+    "spine (vertebral body)": (324, 238),
+    "aorta": (296, 265),
+    "air outside the body": (20, 20),
+    "subcutaneous fat": (188, 272),
+}
+ZOOM_CENTRE = (290, 210)  # (row, column) between the liver, the spine and the aorta
+ZOOM_FACTOR = 3.0  # times the fitted view: fine (16 px) regions wide enough for their words
+TOKENS_LEFT_WIDTH, TOKENS_RIGHT_WIDTH = 250, 420  # dock columns (px) narrowed: room for the words
 
 
 def wait(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
@@ -208,6 +222,13 @@ def shoot_load_and_compare(args: argparse.Namespace) -> None:
     viewer.close()
 
 
+def fit_table(table: Any, *, max_rows: int) -> None:
+    """Make a ``QTableWidget`` tall enough for up to ``max_rows`` rows without scrolling."""
+    rows = min(table.rowCount(), max_rows)
+    height = table.horizontalHeader().height() + rows * table.verticalHeader().defaultSectionSize()
+    table.setMinimumHeight(height + 2 * table.frameWidth() + 2)
+
+
 def shoot_denoise(args: argparse.Namespace, viewer: Any, widgets: dict[str, Any]) -> None:
     """``denoise.png``: the current slice denoised with the bundled weights, then shown at 50 % strength."""
     raise_dock(widgets["Denoise"])
@@ -227,11 +248,13 @@ def shoot_denoise(args: argparse.Namespace, viewer: Any, widgets: dict[str, Any]
 
 
 def shoot_tokens(args: argparse.Namespace) -> None:
-    """``tokens.png``: the Tokens widget on the slice, layer-2 words, a click on the liver."""
+    """``tokens.png`` (layer 2, legend, a click on the liver) and ``tokens_zoom.png`` (layer 3 zoomed)."""
+    from qtpy.QtWidgets import QApplication
+
     viewer, widgets, ct = open_viewer(args.tokens_size)
     tokens = widgets["Tokens"]
     raise_dock(tokens)
-    # the Tokens dock gets the whole column: its list of three layers with alternatives is tall
+    # the Tokens dock gets the whole column: its legend and list of three layers are tall
     dock_of(widgets["Load CT"]).hide()
     viewer.dims.set_current_step(0, args.slice)
     tokens.set_image_layer(ct)
@@ -240,23 +263,51 @@ def shoot_tokens(args: argparse.Namespace) -> None:
     tokens.show_tokens()
     wait(lambda: not tokens.busy and tokens.pyramid is not None and tokens.pyramid_index == (args.slice,),
          timeout=600, what="the token pyramid")
+    for name, pixel in ANATOMY_PIXELS.items():
+        hits = tokens.pyramid.at(*pixel)
+        logger.info("%s %s: %s", name, pixel, " / ".join(f"{h.layer}: {h.word}" for h in hits))
     viewer.layers.selection.active = ct
     click = ct.data_to_world((args.slice, *LIVER_PIXEL))  # the viewer gives world positions
     regions = tokens.select_at(click)
     tokens.hover_at(click)
     if len(regions) != 3:
         raise RuntimeError(f"expected the regions of 3 pyramid layers at the liver pixel, got {len(regions)}")
-    tokens.overlay.text.size = TOKENS_TEXT_SIZE
     fit_tree(tokens.hits_tree)
+    fit_table(tokens.legend_table, max_rows=12)
     widen_canvas(viewer, left=TOKENS_LEFT_WIDTH, right=TOKENS_RIGHT_WIDTH)
-    viewer.window._qt_window.resize(*args.tokens_size)  # raising the tall dock may have grown it
+    window = viewer.window._qt_window
+    window.resize(*args.tokens_size)  # raising the tall dock may have grown it
+    screen = QApplication.primaryScreen()
+    if screen is not None:  # the whole window on the screen, as a user would place it
+        window.move(screen.availableGeometry().topLeft())
     viewer.reset_view()
     wait(lambda: True, timeout=5, what="repaint")
     for region in regions:
-        logger.info("layer %d at %s: %s (alternatives %s)", region.layer, LIVER_PIXEL, region.word,
+        logger.info("layer %d at the liver %s: %s (alternatives %s)", region.layer, LIVER_PIXEL, region.word,
                     ", ".join(a.word for a in region.alternatives))
+    written = sum(bool(w) for w in tokens.shown_words())
+    logger.info("layer 2: %d of %d words written at zoom %.2f; legend: %s", written, len(tokens.shown_words()),
+                tokens_camera(viewer).zoom,
+                ", ".join(f"{e.word} {100 * e.share:.0f}%" for e in tokens.legend[:8]))
     screenshot(viewer, args.out / "tokens.png", max_kb=args.max_kb)
+
+    tokens.pyramid_layer = 3
+    camera = tokens_camera(viewer)
+    camera.center = tuple(ct.data_to_world((args.slice, *ZOOM_CENTRE)))[-2:]
+    camera.zoom = camera.zoom * ZOOM_FACTOR
+    fit_table(tokens.legend_table, max_rows=12)
+    wait(lambda: True, timeout=5, what="repaint")
+    written = sum(bool(w) for w in tokens.shown_words())
+    logger.info("layer 3 zoomed: %d of %d words written at zoom %.2f", written, len(tokens.shown_words()),
+                camera.zoom)
+    screenshot(viewer, args.out / "tokens_zoom.png", max_kb=args.max_kb)
     viewer.close()
+
+
+def tokens_camera(viewer: Any) -> Any:
+    """napari >= 0.9 keeps the camera in ``viewer.scene``; older versions on the viewer."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="window of load_ct.png, denoise.png and compare.png (the Xvfb screen's size)")
     parser.add_argument("--no-tokens", action="store_true",
                         help="make only load_ct.png, denoise.png and the compare images")
-    parser.add_argument("--tokens-size", type=int, nargs=2, default=(1700, 1150), metavar=("W", "H"),
-                        help="window of tokens.png (taller: the words need large regions)")
+    parser.add_argument("--tokens-size", type=int, nargs=2, default=(1920, 1080), metavar=("W", "H"),
+                        help="window of tokens.png and tokens_zoom.png (the Xvfb screen's size)")
+    parser.add_argument("--tokens-only", action="store_true",
+                        help="make only tokens.png and tokens_zoom.png (e.g. after the bundled LangAE changed)")
     parser.add_argument("--max-kb", type=int, default=480, help="largest PNG written, in KB")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -284,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if not demo.SAMPLE_SERIES.is_dir():
         print(f"The real series is missing ({demo.SAMPLE_SERIES}); screenshots need it.", file=sys.stderr)
         return 1
-    shoot_load_and_compare(args)
+    if not args.tokens_only:
+        shoot_load_and_compare(args)
     if not args.no_tokens:
         shoot_tokens(args)
     return 0
