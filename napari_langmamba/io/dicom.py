@@ -36,7 +36,13 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from napari_langmamba import __version__
-from napari_langmamba.errors import CTReadError, CTWriteError, DependencyError, LangMambaError, SeriesChoiceError
+from napari_langmamba.errors import (
+    CTReadError,
+    CTWriteError,
+    DependencyError,
+    LangMambaError,
+    SeriesChoiceError,
+)
 from napari_langmamba.events import Progress
 from napari_langmamba.io._files import atomic_dir
 from napari_langmamba.io.volume import CTVolume, SeriesInfo, to_jsonable, warn
@@ -766,6 +772,27 @@ def _packages_for(syntax: UID) -> str:
     return f"python-gdcm or pylibjpeg with its plugins, {reinstall}"
 
 
+# Decoders tried first, per syntax: those that fail cleanly on corrupt data (fuzzing showed GDCM
+# aborting the process or hanging on damaged JPEG 2000 streams that openjpeg simply refuses).
+# GDCM stays the decoder of JPEG Lossless and JPEG-LS, which nothing else permissive decodes.
+_PREFERRED_PLUGINS = (("pylibjpeg", _J2K_SYNTAXES), ("pydicom", {"1.2.840.10008.1.2.5"}),
+                      ("pillow", {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}))
+
+
+def _preferred_plugin(syntax: UID) -> str:
+    """The decoder plugin to use for ``syntax`` when it is available, else "" (pydicom's choice)."""
+    from pydicom.pixels import get_decoder
+
+    for plugin, syntaxes in _PREFERRED_PLUGINS:
+        if syntax in syntaxes:
+            try:
+                available = get_decoder(syntax).available_plugins
+            except NotImplementedError:
+                return ""
+            return plugin if plugin in available else ""
+    return ""
+
+
 def _is_native(syntax: UID) -> bool:
     """True for uncompressed pixel data (its size is known); False for compressed, deflated or unknown."""
     if not syntax.is_transfer_syntax:  # a damaged or private UID: nothing can be assumed
@@ -815,6 +842,11 @@ def _check_file(frame: _Frame) -> None:
     name = Path(path).name
     if (_optional_int(header, "SamplesPerPixel") or 1) != 1:
         raise CTReadError(f"{name} is a colour image ({header.get('SamplesPerPixel')} samples per pixel), not CT.")
+    photometric = str(header.get("PhotometricInterpretation", "") or "MONOCHROME2").strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        # CT is greyscale; a colour interpretation on one sample per pixel is a damaged header, and
+        # decoders (GDCM) may abort or hang on it rather than fail.
+        raise CTReadError(f"{name} is not a greyscale image (PhotometricInterpretation {photometric}), not CT.")
     if frame.rows <= 0 or frame.columns <= 0:
         raise CTReadError(f"{name} has an empty image ({frame.rows} x {frame.columns} pixels); the header is damaged.")
     expected = _expected_bytes(frame)
@@ -855,6 +887,9 @@ def _decode_file(frame: _Frame) -> np.ndarray:
     if "PixelData" not in ds:
         raise CTReadError(f"{name} has no pixel data; it is not an image or it is truncated.")
     try:
+        plugin = _preferred_plugin(syntax)
+        if plugin:
+            ds.pixel_array_options(decoding_plugin=plugin)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pixels = ds.pixel_array
@@ -873,6 +908,15 @@ def _decode_file(frame: _Frame) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise ValueError, OSError, ...
         raise CTReadError(
             f"The pixel data of {name} could not be decoded ({exc}); the file may be corrupt or truncated."
+        ) from exc
+    except BaseException as exc:
+        # A decoder plugin written in Rust (pyo3) reports a panic on a corrupt stream as PanicException,
+        # which is not an Exception: still a damaged file, not a reason to end the program.
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        raise CTReadError(
+            f"The pixel data of {name} could not be decoded (the {syntax.name} decoder failed: "
+            f"{type(exc).__name__}); the file is corrupt."
         ) from exc
     pixels = np.asarray(pixels)
     if pixels.ndim == 2:
