@@ -5,8 +5,11 @@ and the LangAE it was trained with in ``langae/`` (the Tokens widget reads it), 
 float16 to stay small. The training record of each run, the evaluation table and a provenance
 note go into their ``config.json``. Usage::
 
-    python scripts/bundle_weights.py --seed-run RUN --langae-run RUN \
-        --evaluation EVAL.json [--baseline-evaluation EVAL.json] [--overwrite]
+    python scripts/bundle_weights.py --seed-run RUN --langae-run RUN [--langae-init-run RUN ...] \
+        --evaluation EVAL.json [EVAL.json ...] [--overwrite]
+
+Each run's validation curve (every epoch's validation metrics from its ``metrics.jsonl``) and
+where it stopped improving are recorded beside its training record.
 """
 
 from __future__ import annotations
@@ -24,13 +27,34 @@ from napari_langmamba.checkpoint import build_model, load_checkpoint, save_check
 from napari_langmamba.inference import DEFAULT_WEIGHTS_DIR
 
 PROVENANCE = (
-    "Research weights, not a medical device. Trained on CPU with the bundled training package on "
-    "17 slices of one contrast-enhanced abdominal CT series (Siemens Biograph40 mCT, 120 kVp, "
-    "kernel Br38f; TotalSegmentator test data, Apache-2.0), with quarter-dose pairs simulated by "
-    "projection-domain noise insertion; 3 further slices of the same series were held out for "
-    "validation. The codebook is the MiniLM vocabulary and the candidate pools come from the "
-    "text-only lexicon scorer, a weaker prior than the paper's PubMedCLIP image-text pools."
+    "Research weights, not a medical device. Trained on CPU with the bundled training package. "
+    "SEED: real quarter-/full-dose pairs of Mayo-2016 patients L096, L143, L286 (Siemens SOMATOM "
+    "Definition AS+, 120 kVp, 3 mm, kernels D45 and B30; AAPM-Mayo Low Dose CT Grand Challenge) and "
+    "pairs simulated at 5 % and 10 % dose by projection-domain noise insertion from 84 slices of a "
+    "contrast chest CT (Siemens Sensation 16, 100 kVp, B70f; TCIA C3N-00247), every 7th slice. "
+    "Patient L192 was never trained on: it selected the checkpoints and gives every reported number. "
+    "LangAE: all normal-dose CT of ../shared/data except L192 and 15 held-out chest slices (Mayo L096 "
+    "volume and full-dose slices of L096/L143/L286, the chest volume, a Siemens Biograph40 mCT "
+    "abdominal series (Br38f), three GE LightSpeed slices), the displayable-word MiniLM vocabulary, "
+    "and the anatomy prior (tissue classes from HU physics, not organ segmentation). Not seen: other "
+    "vendors' low-dose data, doses other than 5/10/25 %, children, non-contrast chest, head, metal "
+    "implants; expect less on them."
 )
+
+
+def validation_curve(run: Path) -> dict:
+    """Every epoch's validation metrics of a run and where its selection metric peaked."""
+    curve = []
+    metrics = run / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        record = json.loads(line)
+        if record.get("kind") == "epoch" and record.get("val"):
+            curve.append({"step": record["step"], **{k: round(float(v), 5) for k, v in record["val"].items()}})
+    if not curve:
+        return {"curve": []}
+    best = max(curve, key=lambda r: r.get("psnr", float("-inf")))
+    return {"curve": curve, "best_step": best["step"], "best_psnr": best.get("psnr"),
+            "last_step": curve[-1]["step"], "steps_without_improvement": curve[-1]["step"] - best["step"]}
 
 
 def best_checkpoint(run: Path) -> Path:
@@ -48,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed-run", type=Path, required=True, help="run folder of the SEED + LangDA training")
     parser.add_argument("--langae-run", type=Path, required=True, help="run folder of the LangAE training")
-    parser.add_argument("--evaluation", type=Path, help="JSON written by `python -m training evaluate` for this model")
-    parser.add_argument("--baseline-evaluation", type=Path, help="the same for the MSE-only model trained the same way")
+    parser.add_argument("--langae-init-run", type=Path, nargs="+", default=[],
+                        help="the LangAE runs that --langae-run started from (--init), oldest first")
+    parser.add_argument("--evaluation", type=Path, nargs="+", default=[],
+                        help="JSON files written by `python -m training evaluate` for this model")
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS_DIR, help="destination (default: the package's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     args = parser.parse_args(argv)
@@ -60,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
     seed_ckpt = load_checkpoint(best_checkpoint(args.seed_run))
     langae_ckpt = load_checkpoint(best_checkpoint(args.langae_run))
-    seed_training = dict(seed_ckpt.meta.get("training") or {})
-    langae_training = dict(langae_ckpt.meta.get("training") or {})
+    seed_training = dict(seed_ckpt.meta.get("training") or {}, validation=validation_curve(args.seed_run))
+    langae_training = dict(langae_ckpt.meta.get("training") or {}, validation=validation_curve(args.langae_run))
+    langae_training["init_runs"] = [
+        dict(load_checkpoint(run / "last").meta.get("training") or {}, validation=validation_curve(run))
+        for run in args.langae_init_run
+    ]
     metrics = {
         "validation": (seed_ckpt.meta.get("metrics") or {}).get("validation"),
-        "evaluation": read_json(args.evaluation),
-        "baseline_mse_only_evaluation": read_json(args.baseline_evaluation),
+        "evaluation": {path.parent.name: read_json(path) for path in args.evaluation},
     }
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,7 @@ DEFAULT_PATCH = {"langae": 256, "seed": 64}
 DEFAULT_LR = {"seed": "1e-4", "langae": ""}  # langae: empty = 4.5e-6 x batch size (taming's scaling)
 DEFAULT_LAMBDA = 0.1  # LangMamba; LEDA used 0.5
 DEFAULT_DOSE = 0.25
-DEFAULT_CODEBOOK = "minilm"
+DEFAULT_CODEBOOK = "words:minilm"
 
 PERSISTED_FIELDS = (
     "stage_combo", "data_edit", "val_edit", "output_edit", "preset_combo", "epochs_spin", "steps_spin",
