@@ -608,7 +608,10 @@ class Denoiser:
                 f"The model returned shape {tuple(y.shape)} for an input of shape {tuple(x.shape)}; "
                 "this checkpoint is not an image-to-image denoiser."
             )
-        hu = self.normalization.to_hu(y.float()[:, 0])  # (b, h, w)
+        # The model predicts within its normalisation range (its targets were clipped to it); what lies
+        # outside comes back from the input (_outside_range), so a prediction past the edge would
+        # count twice, e.g. shift air at -1024 HU further down.
+        hu = self.normalization.to_hu(y.float()[:, 0].clamp(0.0, 1.0))  # (b, h, w)
         return hu.cpu().numpy().astype(np.float32, copy=False)
 
 

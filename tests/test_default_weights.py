@@ -22,12 +22,21 @@ def test_bundle_is_small_and_documents_its_making():
     training = config["training"]
     assert "python -m training seed" in training["seed"]["command_line"]
     assert "python -m training langae" in training["langae"]["command_line"]
-    assert training["seed"]["data"]["n_slices"] > 0
-    assert training["seed"]["codebook"]["source"] == "minilm"
+    # Split by patient: real pairs of three patients train, L192 validates and is never trained on.
+    data = training["seed"]["data"]
+    assert set(data["train"]["patients"]) == {"L096", "L143", "L286"}
+    assert data["validation"]["patients"] == {"L192": {"n_slices": 11, "kernels": ["B30f", "D45f"], "doses": [0.25],
+                                                       "origins": ["real"]}}
+    assert training["seed"]["codebook"]["source"] == "words:minilm"
+    assert training["seed"]["validation"]["best_psnr"] > 30.0
     assert "not a medical device" in config["extra"]["provenance"]
+    assert "L192" in json.dumps(config["metrics"]["evaluation"])
     langae = json.loads((DEFAULT_WEIGHTS_DIR / "langae" / "config.json").read_text())
     assert langae["kind"] == "langae"
-    assert langae["codebook"]["source"] == "minilm"
+    assert langae["codebook"]["source"] == "words:minilm"
+    langae_training = langae["training"]
+    assert langae_training["loss"]["semantic"] is True and "anatomy" in json.dumps(langae_training)
+    assert len(langae_training["validation"]["curve"]) >= 5
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +72,42 @@ def test_values_outside_the_model_range_keep_their_own_level(held_out_pair):
     air = low < -1010
     assert air.sum() > 1000
     assert abs(float(out[air].mean() - low[air].mean())) < 5.0
+
+
+# NLM as tuned by `python -m training evaluate --baselines nlm --tune-patients L096,L143,L286` (best
+# mean PSNR in the abdomen window on slices of the training patients; never on L192).
+TUNED_NLM = {"h_factor": 1.5}
+
+
+@pytest.fixture(scope="module")
+def l192_pair():
+    """A real quarter-/full-dose pair of the validation patient L192 (never trained on)."""
+    from napari_langmamba.io import read_ct
+
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "ct" / "mayo2016_pairs" / "L192"
+    if not folder.is_dir():
+        pytest.skip(f"real low-dose pairs not found at {folder} (../shared/data is absent)")
+    low = read_ct(folder / "quarter_3mm_D45")
+    full = read_ct(folder / "full_3mm_D45")
+    assert low.hu.shape == full.hu.shape == (4, 512, 512)
+    return low.hu[1].astype(np.float32), full.hu[1].astype(np.float32), full.spacing[1]
+
+
+def test_default_model_beats_tuned_nlm_on_a_real_low_dose_pair(l192_pair):
+    from scipy import ndimage
+
+    from napari_langmamba.anatomy import SOFT_TISSUE, tissue_map
+    from napari_langmamba.metrics import psnr, ssim
+    from training.evaluate import baseline_denoiser
+
+    low, full, pixel_mm = l192_pair
+    out = Denoiser.load("default", device="cpu").denoise(low)
+    nlm = baseline_denoiser("nlm", TUNED_NLM)(low[None])[0]
+    for metric in (psnr, ssim):
+        assert metric(out, full, "abdomen") > metric(nlm, full, "abdomen") > metric(low, full, "abdomen") - 1.0
+    # A soft-tissue ROI (organs and muscle by HU, eroded away from edges) keeps its mean HU.
+    roi = ndimage.binary_erosion(tissue_map(full, pixel_spacing=pixel_mm) == SOFT_TISSUE, iterations=4)
+    assert roi.sum() > 5000
+    assert abs(float(out[roi].mean() - full[roi].mean())) < 5.0

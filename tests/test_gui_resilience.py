@@ -355,7 +355,7 @@ def tokens_setup(make_napari_viewer, qtbot, langae):
 def test_token_model_error_is_a_notification_and_tokens_work_again(
     tokens_setup, qtbot, monkeypatch, notifications, langae
 ):
-    from napari_langmamba.widgets.tokens import OVERLAY_NAME
+    from napari_langmamba.widgets.tokens import OVERLAY_NAME, WORDS_NAME
 
     viewer, widget, image = tokens_setup
     before = snapshot(viewer)
@@ -391,7 +391,7 @@ def test_token_model_error_is_a_notification_and_tokens_work_again(
     assert_no_exceptions(exceptions)
     assert widget.state is WorkerState.DONE, widget.status_label.text()
     assert widget.pyramid is not None and widget.pyramid.image_shape == (48, 64)
-    assert [layer.name for layer in viewer.layers] == ["low dose", OVERLAY_NAME]
+    assert [layer.name for layer in viewer.layers] == ["low dose", WORDS_NAME, OVERLAY_NAME]
     np.testing.assert_array_equal(image.data, before[0][2])
 
 
@@ -474,7 +474,7 @@ def test_removing_the_image_layer_mid_tokens_raises_nothing_and_draws_nothing(
     tokens_setup, qtbot, monkeypatch, langae, notifications
 ):
     from napari_langmamba.tokens import token_pyramid
-    from napari_langmamba.widgets.tokens import OVERLAY_NAME
+    from napari_langmamba.widgets.tokens import OVERLAY_NAME, WORDS_NAME
 
     viewer, widget, image = tokens_setup
     second = viewer.add_image(phantom((2, 48, 64), seed=3), name="second")
@@ -500,7 +500,7 @@ def test_removing_the_image_layer_mid_tokens_raises_nothing_and_draws_nothing(
         qtbot.waitUntil(lambda: widget.overlay is not None and not widget.busy, timeout=TIMEOUT_MS)
     assert_no_exceptions(exceptions)
     assert widget.state is WorkerState.DONE
-    assert [layer.name for layer in viewer.layers] == ["second", OVERLAY_NAME]
+    assert [layer.name for layer in viewer.layers] == ["second", WORDS_NAME, OVERLAY_NAME]
     assert widget.pyramid.to_records() == token_pyramid(langae, second.data[0], cache=False).to_records()
     assert messages(notifications, "error") == []
 
