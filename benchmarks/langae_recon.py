@@ -56,7 +56,7 @@ def measure(langae_dir: Path, slices: list[np.ndarray]) -> dict:
     return {
         "path": str(langae_dir),
         "codebook": checkpoint.meta["codebook"]["source"],
-        "steps": (training.get("steps") if isinstance(training, dict) else None),
+        "step": training.get("step") if isinstance(training, dict) else None,
         "psnr_mean": float(np.mean(psnr)), "psnr_std": float(np.std(psnr)),
         "ssim_mean": float(np.mean(ssim)), "ssim_std": float(np.std(ssim)),
         "seconds": time.perf_counter() - start,
