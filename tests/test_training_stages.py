@@ -429,6 +429,36 @@ def test_seed_resume_continues_exactly(data_dir, langae_ckpt, tmp_path):
     assert events.count("resume") == 1 and events[-1] == "end"
 
 
+def test_seed_init_fine_tunes_a_checkpoint_and_refuses_a_mismatch(data_dir, langae_ckpt, tmp_path, capsys):
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.langae import LangAE, LangAEConfig
+
+    base = ["seed", "--data", str(data_dir), "--preset", "tiny", "--epochs", "1", "--batch-size", "2",
+            "--patch-size", "32", "--lambda", "0", "--val-fraction", "0.2"]
+    assert _train([*base, "--langae", str(langae_ckpt), "--output", str(tmp_path / "a")]) == 0
+    first = load_checkpoint(tmp_path / "a" / "last")
+    # a learning rate too small to move float32 weights: the fine-tune starts exactly where --init ended
+    assert _train([*base, "--langae", str(langae_ckpt), "--output", str(tmp_path / "b"), "--init",
+                   str(tmp_path / "a" / "last"), "--lr", "1e-30", "--lr-min", "1e-30"]) == 0
+    tuned = load_checkpoint(tmp_path / "b" / "last")
+    assert tuned.meta["training"]["init"]["path"] == str(tmp_path / "a" / "last")
+    assert tuned.meta["metrics"]["validation"]["psnr"] == pytest.approx(first.meta["metrics"]["validation"]["psnr"])
+    changed = [k for k in first.state_dict if not torch.equal(first.state_dict[k], tuned.state_dict[k])]
+    assert changed == []
+    # another LangAE's encoder, another backbone or another preset are refused before training
+    torch.manual_seed(5)
+    other = tmp_path / "other-langae"
+    save_checkpoint(other, LangAE(LangAEConfig.preset("tiny", codebook_dim=16), codebook=load_codebook("random:64x16")),
+                    kind="langae")
+    assert _train([*base, "--langae", str(other), "--output", str(tmp_path / "c"), "--init",
+                   str(tmp_path / "a" / "last")]) == 2
+    assert "another LangAE encoder" in capsys.readouterr().err
+    assert _train([*base, "--backbone", "redcnn", "--output", str(tmp_path / "d"), "--init",
+                   str(tmp_path / "a" / "last")]) == 2
+    assert "'seed' checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "last").exists() and not (tmp_path / "d" / "last").exists()
+
+
 def test_redcnn_mse_only_baseline_needs_no_langae(data_dir, tmp_path):
     run = tmp_path / "run"
     assert _train(["seed", "--backbone", "redcnn", "--lambda", "0", "--data", str(data_dir), "--output", str(run),

@@ -66,6 +66,7 @@ class SeedOptions(TrainOptions, PairDataOptions):
     split: str | None = None
     backbone: str = "seed"
     langae: Path | None = None
+    init: Path | None = None
     langda_weight: float = 0.1
     lr: float = 1e-4
     lr_min: float = 1e-6
@@ -75,7 +76,7 @@ class SeedOptions(TrainOptions, PairDataOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_pair_data()
-        self._optional_paths("langae")
+        self._optional_paths("langae", "init")
         if not self.data and not self.has_pair_inputs():
             raise ConfigError(
                 "Training pairs are required: --pairs FOLDER (<patient>/full…/ + quarter…/ DICOM series), "
@@ -125,6 +126,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(model, "--backbone", choices=BACKBONES, help=f"denoiser (default {d('backbone')})")
     add_option(model, "--langae", type=Path, metavar="CHECKPOINT",
                help="trained LangAE checkpoint (folder or .zip): SEED's frozen encoder and the LangDA loss")
+    add_option(model, "--init", type=Path, metavar="CHECKPOINT",
+               help="start from this SEED or RED-CNN checkpoint's weights (fresh optimizer and schedule), e.g. to "
+                    "fine-tune the bundled model on your own pairs; same --backbone and --preset, and for SEED the "
+                    "--langae whose encoder it was trained with")
     add_option(model, "--lambda", "--langda-weight", dest="langda_weight", type=float, metavar="W",
                help=f"LangDA weight lambda; 0 = MSE only (LangMamba 0.1, LEDA 0.5) (default {d('langda_weight')})")
     add_option(model, "--lr", type=float, metavar="LR", help=f"initial AdamW learning rate (default {d('lr')})")
@@ -186,8 +191,8 @@ def main(args: argparse.Namespace) -> int:
     return run_stage(SeedOptions, args, stage=STAGE, train=_train, flags=FLAGS)
 
 
-def _build(options: SeedOptions, device: torch.device) -> tuple[torch.nn.Module, str, Any, dict | None]:
-    """(denoiser, kind, frozen LangAE or None, LangAE provenance or None)."""
+def _build(options: SeedOptions, device: torch.device) -> tuple[torch.nn.Module, str, Any, dict | None, dict | None]:
+    """(denoiser, kind, frozen LangAE or None, LangAE provenance or None, --init provenance or None)."""
     from napari_langmamba.checkpoint import build_model, load_checkpoint
     from napari_langmamba.models import model_config
     from napari_langmamba.models.redcnn import REDCNN, REDCNNConfig
@@ -211,9 +216,42 @@ def _build(options: SeedOptions, device: torch.device) -> tuple[torch.nn.Module,
         model = REDCNN(REDCNNConfig.preset(options.preset))
         kind = "redcnn"
     model_config(kind, model)  # fails early if the model cannot be described in a checkpoint
+    init = _init_from_checkpoint(model, kind, options) if options.init is not None else None
     if langae is not None:
         langae.to(device)
-    return model.to(device), kind, langae, provenance
+    return model.to(device), kind, langae, provenance, init
+
+
+def _init_from_checkpoint(model: torch.nn.Module, kind: str, options: SeedOptions) -> dict[str, Any]:
+    """Load ``--init``'s weights into ``model``; SEED's frozen encoder must be the ``--langae`` one."""
+    from napari_langmamba.checkpoint import load_checkpoint
+
+    path = options.init
+    ckpt = load_checkpoint(path)
+    if ckpt.kind != kind:
+        raise ConfigError(f"--init {path} is a {ckpt.kind!r} checkpoint; --backbone {options.backbone} needs {kind!r}.")
+    if kind == "seed":
+        # The encoder stays frozen, so a model trained on another LangAE's encoder would silently change.
+        current = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+        for name, value in current.items():
+            stored = ckpt.state_dict.get(name)
+            if stored is None or stored.shape != value.shape or not torch.allclose(
+                    stored.float(), value.float(), rtol=2e-3, atol=1e-4):
+                raise ConfigError(
+                    f"--init {path} was trained on another LangAE encoder than --langae {options.langae} "
+                    f"(they differ at {name}); give the LangAE named in its training record "
+                    f"({(ckpt.meta.get('training') or {}).get('langae', {}) or 'not recorded'})."
+                )
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as exc:
+        preset = ckpt.config.get("seed", ckpt.config).get("name", "another preset")
+        raise ConfigError(
+            f"--init {path} holds a {kind} of another architecture ({preset}); give the matching --preset."
+        ) from exc
+    weights = path / "model.safetensors" if path.is_dir() else path
+    return {"path": str(path), "sha256": file_sha256(weights), "kind": ckpt.kind,
+            "metrics": ckpt.meta.get("metrics")}
 
 
 def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
@@ -237,7 +275,7 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
     )
 
     # -- model, loss, optimizer
-    model, kind, langae, langae_info = _build(options, device)
+    model, kind, langae, langae_info, init_info = _build(options, device)
     langda = LangDALoss(langae, weight=options.langda_weight).to(device) \
         if langae is not None and options.langda_weight > 0 else None
     if langda is None:
@@ -299,6 +337,7 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
             "backbone": options.backbone,
             "langda_weight": options.langda_weight,
             "langae": langae_info,
+            "init": init_info,
             "codebook": (langae_info or {}).get("codebook"),
             "optimizer": {"name": "AdamW", "lr": options.lr, "lr_min": options.lr_min, "betas": [0.9, 0.99],
                           "weight_decay": options.weight_decay, "schedule": "cosine"},
@@ -316,6 +355,7 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
         start_event={
             "backbone": options.backbone, "model_kind": kind, "preset": options.preset,
             "lambda": options.langda_weight, "n_slices": len(train_source), "trainable_parameters": n_trainable,
+            "init": str(options.init) if options.init is not None else None,
             "data": {k: data.summary[k] for k in ("train", "validation", "val_source")},
             "amp": amp.name,
         },
