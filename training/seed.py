@@ -232,7 +232,10 @@ def _init_from_checkpoint(model: torch.nn.Module, kind: str, options: SeedOption
         raise ConfigError(f"--init {path} is a {ckpt.kind!r} checkpoint; --backbone {options.backbone} needs {kind!r}.")
     if kind == "seed":
         # The encoder stays frozen, so a model trained on another LangAE's encoder would silently change.
-        current = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+        # Only the layers SEED runs count (conv_in, down[:-1]): a LangAE fine-tuned with
+        # --freeze-features keeps them, and its later layers may differ.
+        used = ("encoder.conv_in.", *(f"encoder.down.{i}." for i in range(len(model.encoder.down) - 1)))
+        current = {k: v for k, v in model.state_dict().items() if k.startswith(used)}
         for name, value in current.items():
             stored = ckpt.state_dict.get(name)
             if stored is None or stored.shape != value.shape or not torch.allclose(
