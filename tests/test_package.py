@@ -84,3 +84,26 @@ def test_reader_module_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_manifest_entry_modules_import_neither_training_nor_torch():
+    """What napari imports at start-up (every module the manifest names) loads no model code.
+
+    torch, transformers and the bundled ``training`` package are imported only when a model runs
+    or a run starts, so opening napari and listing the plugin's widgets stays fast.
+    """
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_file(REPO_ROOT / "napari.yaml")
+    modules = sorted({command.python_name.split(":")[0] for command in manifest.contributions.commands})
+    assert "napari_langmamba.widgets.train" in modules
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "heavy = ('training', 'torch', 'transformers')\n"
+        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"the manifest's modules pulled in {result.stdout.strip()}"

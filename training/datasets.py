@@ -988,30 +988,6 @@ class SimulatedPairDataset(PairedSliceDataset):
         )
 
 
-class DicomPairDataset(PairedSliceDataset):
-    """:class:`PairedSliceDataset` over a low-dose and a normal-dose series matched by position."""
-
-    def __init__(
-        self,
-        low: str | os.PathLike,
-        full: str | os.PathLike,
-        *,
-        patch_size: int | None = None,
-        train: bool = True,
-        augment: bool = True,
-        repeat: int = 1,
-        generator: torch.Generator | None = None,
-    ):
-        super().__init__(
-            DicomPairs(low, full),
-            patch_size=patch_size,
-            train=train,
-            augment=augment,
-            repeat=repeat,
-            generator=generator,
-        )
-
-
 class NDCTDataset(_AugmentedDataset):
     """Normal-dose slices as normalised tensors (for the LangAE), with crops and augmentation.
 

@@ -55,7 +55,6 @@ __all__ = [
     "wrap_ddp",
 ]
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
@@ -198,15 +197,6 @@ def all_gather_objects(obj: object, ctx: DistContext) -> list:
     out: list = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: object, ctx: DistContext) -> object:
-    """Rank 0's ``obj`` on every rank."""
-    if not ctx.is_distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def shard_indices(n: int, ctx: DistContext) -> list[int]:

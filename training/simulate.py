@@ -615,23 +615,6 @@ def iter_simulate_dataset(
     return out
 
 
-def simulate_dataset(
-    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    options: SimulationOptions | None = None,
-    workers: int | None = None,
-    slice_step: int = 1,
-    overwrite: bool = False,
-) -> Path:
-    """:func:`iter_simulate_dataset` run to its end (no progress reporting)."""
-    return run(
-        iter_simulate_dataset(
-            inputs, out_dir, options=options, workers=workers, slice_step=slice_step, overwrite=overwrite
-        )
-    )
-
-
 # ---------------------------------------------------------------------------------------
 # Command line
 
