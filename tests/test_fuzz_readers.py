@@ -354,6 +354,18 @@ def test_a_lying_or_unknown_transfer_syntax_is_a_read_error(corpus, tmp_path, ui
             read_ct(path)
 
 
+def test_damaged_jpeg_ls_streams_are_clear_errors_not_hangs_or_aborts(corpus, sandbox):
+    # benchmarks/fuzz.py --cases 1000: GDCM hung on these MR_small_jpeg_ls_lossless.dcm mutations
+    # (seeds 11, 42, 303) or aborted the process (seed 23, "An invalid logic behavior occurred");
+    # pyjpegls (CharLS), now the preferred JPEG-LS decoder, refuses the stream at once.
+    found = [(11, 487), (23, 23), (42, 619), (303, 913)]
+    results = [sandbox.run(_fuzz.CaseFactory(corpus, seed=seed).make("dicom", index)) for seed, index in found]
+    assert all(r.description.startswith("MR_small_jpeg_ls_lossless.dcm: ") for r in results)
+    assert [r.outcome for r in results] == ["clear_error"] * len(found), _explain(results)
+    assert all("pixel data of MR_small_jpeg_ls_lossless.dcm could not be decoded" in r.message for r in results)
+    assert max(r.seconds for r in results) < 10
+
+
 @pytest.mark.parametrize("depth", [1000, 100_000])
 def test_deeply_nested_sequences_are_a_clear_error_or_ignored(corpus, sandbox, depth):
     blob = _fuzz._nested_sequences(depth, "undelimited", True, False)

@@ -3,7 +3,8 @@
 Two real, uncompressed Mayo slices (``../shared/data``) are re-encoded here with GDCM (the
 declared ``python-gdcm`` dependency, which also decodes them) and read back through
 ``read_ct``: every lossless syntax gives the same HU to the unit, JPEG-LS near-lossless stays
-within its NEAR bound. Nothing encoded is committed.
+within its NEAR bound. JPEG-LS is decoded by CharLS (the declared ``pyjpegls``), GDCM being the
+fallback. Nothing encoded is committed.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import shutil
 from pathlib import Path
 
 import gdcm  # python-gdcm: a declared dependency (pyproject.toml), so never skipped
+import jpeg_ls  # pyjpegls: a declared dependency too
 import numpy as np
 import pydicom
 import pytest
 from pydicom import uid
 
 from napari_langmamba.errors import CTReadError, DependencyError
+from napari_langmamba.io import dicom as dicom_reader
 from napari_langmamba.io import read_ct
 
 MAYO_SERIES = Path("mayo2016_pairs") / "L192" / "quarter_3mm_D45"  # under ../shared/data/ct
@@ -103,6 +106,25 @@ def test_jpeg_ls_near_lossless_stays_within_its_bound(uncompressed, tmp_path):
     error = np.abs(volume.hu - hu)
     assert error.max() <= NEAR  # slope 1: NEAR stored values are NEAR HU
     assert error.max() > 0  # it really is lossy
+
+
+@pytest.mark.parametrize("syntax", [uid.JPEGLSLossless, uid.JPEGLSNearLossless], ids=["lossless", "near-lossless"])
+def test_jpeg_ls_is_decoded_by_charls_and_by_gdcm_without_it(uncompressed, tmp_path, monkeypatch, syntax):
+    # CharLS refuses the damaged JPEG-LS streams GDCM aborts or hangs on (benchmarks/fuzz.py), so it
+    # decodes first; where pyjpegls is missing, GDCM decodes the same values.
+    from pydicom.pixels import get_decoder
+
+    native, hu = uncompressed
+    folder = _encoded_series(native, tmp_path / "jls", syntax)
+    assert jpeg_ls.__name__ == "jpeg_ls" and dicom_reader._preferred_plugin(uid.UID(syntax)) == "pyjpegls"
+    by_charls = read_ct(folder).hu
+    monkeypatch.delitem(get_decoder(syntax)._available, "pyjpegls")  # as if pyjpegls were not installed
+    assert dicom_reader._preferred_plugin(uid.UID(syntax)) == ""
+    assert get_decoder(syntax).available_plugins == ("gdcm",)
+    by_gdcm = read_ct(folder).hu
+    np.testing.assert_array_equal(by_charls, by_gdcm)
+    error = np.abs(by_charls - hu).max()
+    assert error == 0 if syntax == uid.JPEGLSLossless else 0 < error <= NEAR
 
 
 def test_jpeg_baseline_of_a_real_slice_decodes_close_to_its_source(uncompressed, tmp_path):

@@ -134,6 +134,7 @@ _JPEG_SYNTAXES = {
     "1.2.840.10008.1.2.4.80",
     "1.2.840.10008.1.2.4.81",
 }
+_JPEG_LS_SYNTAXES = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 
 
 # --------------------------------------------------------------------------------------
@@ -764,6 +765,8 @@ def _packages_for(syntax: UID) -> str:
     reinstall = "declared dependencies of napari-langmamba (pip install --force-reinstall napari-langmamba)"
     if syntax in _J2K_SYNTAXES:
         return f"python-gdcm or pylibjpeg-openjpeg, {reinstall}"
+    if syntax in _JPEG_LS_SYNTAXES:
+        return f"pyjpegls or python-gdcm, {reinstall}"
     if syntax in _JPEG_SYNTAXES:
         return (
             f"python-gdcm, a {reinstall[:-1]}; 12-bit JPEG Extended (process 4) is decoded only by "
@@ -773,10 +776,12 @@ def _packages_for(syntax: UID) -> str:
 
 
 # Decoders tried first, per syntax: those that fail cleanly on corrupt data (fuzzing showed GDCM
-# aborting the process or hanging on damaged JPEG 2000 streams that openjpeg simply refuses).
-# GDCM stays the decoder of JPEG Lossless and JPEG-LS, which nothing else permissive decodes.
+# aborting the process or hanging on damaged JPEG 2000 and JPEG-LS streams that openjpeg and
+# pyjpegls/CharLS simply refuse). GDCM stays the decoder of JPEG Lossless, which nothing else
+# permissive decodes, and the fallback for every syntax whose preferred plugin is not installed.
 _PREFERRED_PLUGINS = (("pylibjpeg", _J2K_SYNTAXES), ("pydicom", {"1.2.840.10008.1.2.5"}),
-                      ("pillow", {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}))
+                      ("pillow", {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}),
+                      ("pyjpegls", _JPEG_LS_SYNTAXES))
 
 
 def _preferred_plugin(syntax: UID) -> str:
