@@ -32,7 +32,8 @@ CI_CASES = 110  # per format, seeds included: a few hundred in all, well under a
 SEED_VARIABLE = "LANGMAMBA_FUZZ_SEED"
 """Set to replay a run's cases; unset, every developer run draws a fresh seed so coverage grows with
 each run. Under CI (CI=true) the default is the fixed seed 0: a landing gate must not fail by chance
-on a finding nobody has fixed yet (seed 1331482537, dicom-00079, is such a finding)."""
+on a finding nobody has fixed yet (seed 1331482537, dicom-00079, was such a finding: see
+test_a_length_beyond_the_file_is_refused_without_reserving_it)."""
 if os.environ.get(SEED_VARIABLE, "").strip():
     CI_SEED = int(os.environ[SEED_VARIABLE])
 elif os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
@@ -364,6 +365,36 @@ def test_damaged_jpeg_ls_streams_are_clear_errors_not_hangs_or_aborts(corpus, sa
     assert [r.outcome for r in results] == ["clear_error"] * len(found), _explain(results)
     assert all("pixel data of MR_small_jpeg_ls_lossless.dcm could not be decoded" in r.message for r in results)
     assert max(r.seconds for r in results) < 10
+
+
+def test_a_length_beyond_the_file_is_refused_without_reserving_it(corpus, sandbox, tmp_path):
+    # benchmarks/fuzz.py --seed 1331482537, case dicom-00079: 8 bytes deleted from the Pixel Data
+    # element's length field of liver_1frame.dcm derail the parser into the pixel bytes, where an
+    # "element" at byte 13620 claims 3 GB; pydicom's fp.read(3 GB) reserved it all (a MemoryError
+    # under the sandbox's address-space cap) before finding the file 37 KB long. The header (read
+    # up to the pixel data) is intact, so the file is listed; reading its pixels is refused.
+    case = _fuzz.CaseFactory(corpus, seed=1331482537).make("dicom", 79)
+    assert case.description == "liver_1frame.dcm: deleted bytes 4312..4320"
+    result = sandbox.run(case)
+    assert result.outcome == "clear_error", _explain([result])
+    assert result.message == ("liver_1frame.dcm is corrupt: an element at byte 13620 claims 3221225472 bytes "
+                              "(3072 MB) but the whole file has 37076 bytes. Copy the file again from the archive.")
+    assert result.rss_growth_mb < 100
+    # in this process: the reader never asks Python for more than the file holds
+    import tracemalloc
+
+    path = _fuzz.materialise(case, tmp_path)
+    tracemalloc.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(CTReadError, match="claims 3221225472 bytes"):
+                read_ct(path)
+            assert [s.rows for s in list_series(path)] == [512]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20
 
 
 @pytest.mark.parametrize("depth", [1000, 100_000])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
+import io
 import logging
 import math
 import os
@@ -170,6 +171,12 @@ class _Scan:
     no_image: list[str]
     reasons: dict[str, str] = field(default_factory=dict)  # why a file is unreadable, when known
 
+    def impossible(self, file: str, exc: CTReadError) -> None:
+        """``file``'s header cannot be true: unreadable, with the reason."""
+        logger.debug("impossible DICOM header in %s: %s", file, exc)
+        self.unreadable.append(file)
+        self.reasons[file] = str(exc)
+
 
 def looks_like_dicom(path: str | os.PathLike) -> bool:
     """Cheap test: the ``DICM`` magic at byte 128, or a DICOM file-name suffix."""
@@ -250,16 +257,61 @@ def _pydicom_failures_are_read_errors(func: Callable[..., Generator[Progress, No
     return wrapper
 
 
+class _BoundedFile(io.BufferedReader):
+    """A file that never hands pydicom a read larger than the bytes left in it.
+
+    pydicom reads an element's value with ``fp.read(length)`` for whatever length the header
+    gives, and ``read(n)`` reserves ``n`` bytes before reading: a damaged length field (3 GB in
+    a 37 KB file, found by fuzzing) made a single header read allocate 3 GB. Reads are clamped
+    to the file's end; a request for more than the whole file (beyond pydicom's delimiter search,
+    which reads ahead in chunks of at most 8 KiB) is remembered, and :func:`_dcmread` refuses it.
+    """
+
+    READ_AHEAD = 2**16
+
+    def __init__(self, path: str) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self.size = os.fstat(self.fileno()).st_size
+        self.impossible: tuple[int, int] | None = None  # (offset, length) of the first impossible read
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size >= 0:
+            offset = self.tell()
+            left = max(self.size - offset, 0)
+            if size > left:
+                if size > max(self.size, self.READ_AHEAD) and self.impossible is None:
+                    self.impossible = (offset, size)
+                size = left
+        return super().read(size)
+
+
+def _dcmread(path: str, **kwargs: Any) -> Dataset:
+    """``pydicom.dcmread(path, **kwargs)`` without reserving memory for lengths the file cannot hold.
+
+    Raises CTReadError when an element claims more bytes than the whole file has.
+    """
+    with _BoundedFile(path) as fp:
+        ds = pydicom.dcmread(fp, **kwargs)
+        if fp.impossible is not None:
+            offset, length = fp.impossible
+            raise CTReadError(
+                f"{Path(path).name} is corrupt: an element at byte {offset} claims {length} bytes "
+                f"({length / 2**20:.0f} MB) but the whole file has {fp.size} bytes. Copy the file again "
+                f"from the archive."
+            )
+    return ds
+
+
 def _read_header(path: str) -> Dataset | None:
-    """The header of ``path``, None if it is not DICOM; raises OSError/ValueError if corrupt."""
+    """The header of ``path``, None if it is not DICOM; raises OSError/ValueError/CTReadError if corrupt."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = _dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         if not path.lower().endswith(DICOM_SUFFIXES):
             return None
         # Old files without the 128-byte preamble: accept only if they parse into an image header.
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = _dcmread(path, stop_before_pixels=True, force=True)
         except Exception:  # noqa: BLE001 - anything pydicom raises on garbage means "not DICOM"
             return None
         _drop_damaged_all(ds, path)
@@ -454,6 +506,9 @@ def iter_scan(path: str | os.PathLike | Sequence[str | os.PathLike]) -> Generato
     for n, file in enumerate(files, start=1):
         try:
             ds = _read_header(file)
+        except CTReadError as exc:  # a header that cannot be true
+            scan.impossible(file, exc)
+            ds = None
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt files
             logger.debug("unreadable DICOM header in %s: %s", file, exc)
             scan.unreadable.append(file)
@@ -470,9 +525,7 @@ def iter_scan(path: str | os.PathLike | Sequence[str | os.PathLike]) -> Generato
                 try:
                     scan.frames.extend(_frames_of(file, ds))
                 except CTReadError as exc:
-                    logger.debug("impossible DICOM header in %s: %s", file, exc)
-                    scan.unreadable.append(file)
-                    scan.reasons[file] = str(exc)
+                    scan.impossible(file, exc)
         if n % 16 == 0 or n == len(files):
             yield Progress(n, len(files), f"Reading DICOM headers ({n} of {len(files)} files)")
     return scan
@@ -884,7 +937,9 @@ def _decode_file(frame: _Frame) -> np.ndarray:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path)
+            ds = _dcmread(path)
+    except CTReadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
         raise CTReadError(f"{name} is corrupt and could not be read ({exc}).") from exc
     if any("End of file" in str(w.message) for w in caught):
