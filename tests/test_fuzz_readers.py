@@ -415,6 +415,29 @@ def test_nifti_with_a_nan_affine_is_a_read_error(corpus, tmp_path):
         list_series(tmp_path / "nan.nii")
 
 
+def test_nifti_with_coplanar_axes_is_a_read_error_whatever_the_voxel_size(corpus, tmp_path):
+    # benchmarks/fuzz.py --seed 303, case nifti-00848: bytes overwritten in oblique_uint16.nii's srow_x
+    # and srow_y give axis k a length of 8e11 mm in the plane of i and j. The determinant of the
+    # scaled axes (2.8) hid it; the volume came out with a singular direction (a 'bad volume').
+    case = _fuzz.CaseFactory(corpus, seed=303).make("nifti", 848)
+    assert case.description == "oblique_uint16.nii: overwrote 2c3bd3a61b486cd11515 at byte 289"
+    path = _fuzz.materialise(case, tmp_path / "fuzzed")
+    for reader in (read_ct, list_series):
+        with pytest.raises(CTReadError, match="degenerate affine .*axes parallel or in one plane"):
+            reader(path)
+    # a real shear stays readable: a 30 degree gantry tilt, |det| of the unit axes = cos(30)
+    hu = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
+    tilt = math.radians(30)
+    affine = np.array([[-0.7, 0, 0, 0], [0, -0.7, -2.5 * math.sin(tilt), 0], [0, 0, 2.5 * math.cos(tilt), 0],
+                       [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), affine), str(tmp_path / "tilted.nii"))
+    volume = read_ct(tmp_path / "tilted.nii")
+    np.testing.assert_array_equal(volume.hu, hu)
+    np.testing.assert_allclose(volume.spacing, (2.5, 0.7, 0.7))
+    assert abs(np.linalg.det(volume.direction)) == pytest.approx(math.cos(tilt))
+    assert _fuzz.check_volume(volume, [], list_series(tmp_path / "tilted.nii"), "nifti") is None
+
+
 @pytest.mark.parametrize(("offset", "value"), [(116, math.inf), (108, math.inf), (108, math.nan)])
 def test_nifti_with_impossible_scaling_or_offset_is_a_read_error(corpus, tmp_path, offset, value):
     raw = bytearray(_seed(corpus, "nifti", "int16.nii").files[0][1])

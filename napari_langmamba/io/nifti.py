@@ -33,6 +33,9 @@ MAX_COMPRESSION_RATIO = 1000
 MIN_SUSPICIOUS_BYTES = 64 * 2**20
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _LPS_AXCODES = ("L", "P", "S")
+# The voxel axes' unit vectors must span space: |det| of the direction matrix (1 for orthogonal
+# axes, cos(tilt) for a gantry tilt) below this means axes within ~0.06 degrees of a plane.
+MIN_AXES_DETERMINANT = 1e-3
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
@@ -153,8 +156,11 @@ def _geometry(path: Path, affine_ras: np.ndarray):
     lps = _RAS_TO_LPS @ affine_ras
     columns = lps[:3, :3]  # column c: LPS step of voxel axis c (i, j, k)
     norms = np.linalg.norm(columns, axis=0)
-    if not np.all(np.isfinite(lps)) or np.any(norms < 1e-9) or abs(np.linalg.det(columns)) < 1e-12:
-        raise CTReadError(f"{path.name} has a degenerate affine (voxel size zero or axes parallel): {affine_ras.tolist()}.")
+    # The determinant is taken on unit axes: on the scaled ones a huge voxel size along one axis
+    # (a damaged srow, fuzzing found 8e11 mm) hides axes that are coplanar.
+    if (not np.all(np.isfinite(lps)) or np.any(norms < 1e-9)
+            or abs(np.linalg.det(columns / norms)) < MIN_AXES_DETERMINANT):
+        raise CTReadError(f"{path.name} has a degenerate affine (voxel size zero, or axes parallel or in one plane): {affine_ras.tolist()}.")
     spacing = (float(norms[2]), float(norms[1]), float(norms[0]))
     direction = np.stack([columns[:, 2] / norms[2], columns[:, 1] / norms[1], columns[:, 0] / norms[0]])
     origin = tuple(float(v) for v in lps[:3, 3])
