@@ -243,7 +243,7 @@ def info_lines() -> list[str]:
     """What ``napari-langmamba info`` prints: versions, devices, scan backend, default weights."""
     import torch
 
-    from napari_langmamba.inference import (
+    from napari_langmamba.session import (
         DEFAULT_WEIGHTS_DIR,
         available_devices,
         default_weights_info,

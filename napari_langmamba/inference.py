@@ -9,7 +9,9 @@ just drives it.
 How an image reaches the network:
 
 1. HU -> ``[0, 1]`` with the checkpoint's own normalisation (``windowing.Normalization``);
-2. reflect-padded at the bottom/right to a multiple of 16 (the encoder's downsampling factor);
+2. reflect-padded at the bottom/right to a multiple of 16 (the encoder's downsampling factor),
+   values that are not finite read as air (:func:`napari_langmamba.session.prepare_slice`, the
+   slice preparation the tokens share) and kept as they were in the result;
 3. when larger than ``tile`` pixels along an axis, cut into tiles of ``tile`` pixels that
    overlap by ``overlap`` pixels; each tile's output is weighted by a ramp that is zero in the
    outer quarter of the overlap and rises as a raised cosine over its middle half, so pixels
@@ -18,20 +20,17 @@ How an image reaches the network:
 4. slices (or tiles) are processed ``batch_size`` at a time under ``torch.inference_mode``
    (and autocast to bf16/fp16 on CUDA only), then mapped back to HU and cropped.
 
-Nothing here imports Qt or napari; torch is imported when a model is loaded, so importing
-this module stays cheap.
+Weights, devices and the model cache are :mod:`napari_langmamba.session`'s (shared with the
+LangAE of the tokens). Nothing here imports Qt or napari; torch is imported when a model is
+loaded, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import threading
-import zipfile
-from collections import OrderedDict
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,19 @@ import numpy as np
 
 from napari_langmamba.errors import CheckpointError, ConfigError
 from napari_langmamba.events import Progress, run
+from napari_langmamba.session import (
+    DEFAULT_WEIGHTS_DIR,
+    STRIDE,
+    available_devices,
+    check_real_dtype,
+    clear_model_cache,
+    default_weights_info,
+    load_cached,
+    padded_shape,
+    prepare_slice,
+    resolve_device,
+    resolve_weights,
+)
 from napari_langmamba.windowing import MODEL_NORMALIZATION, Normalization
 
 if TYPE_CHECKING:
@@ -59,185 +71,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "default"
-"""Where the bundled default checkpoint lives inside the package."""
-
-STRIDE = 16
-"""Image sizes reaching the network are multiples of this (the encoder downsamples by 16)."""
-
 DENOISER_KINDS = ("seed", "redcnn")
 """Checkpoint kinds that map an image to a denoised image."""
-
-RUN_CHECKPOINT_NAMES = ("best", "last")
-"""Inside a training run folder, the checkpoints tried in this order."""
 
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 128
 """Tile overlap (px): its outer quarter (32 px) exceeds RED-CNN's receptive-field radius (20 px)."""
-_CACHE_SIZE = 3
-_HASH_CHUNK = 1 << 20
-
-
-# --- devices ----------------------------------------------------------------------------------
-def available_devices() -> list[str]:
-    """Devices this machine can run on, e.g. ``["cpu"]`` or ``["cpu", "cuda"]``."""
-    import torch
-
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append("mps")
-    return devices
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA, then Apple MPS, then CPU; otherwise the named device, checked.
-
-    Raises
-    ------
-    ConfigError
-        When the device is unknown or not available on this machine.
-    """
-    import torch
-
-    name = str(device).strip().lower()
-    available = available_devices()
-    if name == "auto":
-        return torch.device("cuda" if "cuda" in available else "mps" if "mps" in available else "cpu")
-    base = name.split(":", 1)[0]
-    if base not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"Unknown device {device!r}; choose auto, cpu, cuda (or cuda:N) or mps.")
-    if base not in available:
-        raise ConfigError(
-            f"Device {device!r} is not available on this machine (available: {', '.join(available)}); "
-            "choose auto or cpu."
-        )
-    try:
-        resolved = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"Invalid device {device!r}: {exc}") from None
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"Device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)."
-        )
-    return resolved
-
-
-# --- weights ----------------------------------------------------------------------------------
-def _is_checkpoint_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return _is_checkpoint_folder(path) or (path.is_file() and path.suffix.lower() == ".zip")
-
-
-def resolve_weights(weights: str | Path = "default") -> Path:
-    """The checkpoint (folder or ``.zip``) that ``weights`` names.
-
-    ``"default"`` is the bundled checkpoint in :data:`DEFAULT_WEIGHTS_DIR`; a training run
-    folder resolves to its ``best`` checkpoint, else its ``last`` (each looked for as a
-    folder or ``.zip``, directly inside the run or in its ``checkpoints/`` sub-folder).
-
-    Raises
-    ------
-    CheckpointError
-        When nothing usable is there, saying what was expected and what was found.
-    """
-    if isinstance(weights, str) and weights.strip().lower() == "default":
-        if not _is_checkpoint_folder(DEFAULT_WEIGHTS_DIR):
-            raise CheckpointError(
-                f"The bundled default weights are missing: expected a checkpoint folder "
-                f"(config.json + model.safetensors) at {DEFAULT_WEIGHTS_DIR}. This copy of "
-                "napari-langmamba ships without them; choose a checkpoint or a training run "
-                "folder instead (CLI: --weights PATH)."
-            )
-        return DEFAULT_WEIGHTS_DIR
-    path = Path(weights).expanduser()
-    if not path.exists():
-        raise CheckpointError(
-            f"No checkpoint at {path}: the path does not exist. Give a checkpoint folder "
-            "(config.json + model.safetensors), its .zip, or a training run folder."
-        )
-    path = path.resolve()
-    if path.is_file():
-        if path.suffix.lower() != ".zip":
-            raise CheckpointError(
-                f"{path} is not a checkpoint: expected a checkpoint folder (config.json + "
-                "model.safetensors), its .zip, or a training run folder."
-            )
-        return path
-    if _is_checkpoint_folder(path):
-        return path
-    for name in RUN_CHECKPOINT_NAMES:
-        for parent in (path, path / "checkpoints"):
-            for candidate in (parent / name, parent / f"{name}.zip"):
-                if _is_checkpoint(candidate):
-                    logger.info("training run %s: using its %s checkpoint %s", path, name, candidate)
-                    return candidate.resolve()
-    found = sorted(p.name for p in path.iterdir())[:10]
-    raise CheckpointError(
-        f"{path} is neither a checkpoint folder (config.json + model.safetensors) nor a training "
-        f"run folder with a 'best' or 'last' checkpoint; it holds: {', '.join(found) or 'nothing'}."
-    )
-
-
-def _sha256_stream(stream: Any) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fingerprint(path: Path) -> tuple[str, str]:
-    """``(weights_sha256, cache_key_hash)`` of a resolved checkpoint.
-
-    The first is the SHA-256 of ``model.safetensors`` (the same whether zipped or not), the
-    provenance users see; the second also covers the config, so editing either reloads.
-    """
-    try:
-        if path.is_dir():
-            with open(path / "model.safetensors", "rb") as fh:
-                weights_sha = _sha256_stream(fh)
-            config_sha = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
-        else:
-            with zipfile.ZipFile(path) as archive:
-                names = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "model.safetensors"]
-                if len(names) != 1:
-                    raise CheckpointError(
-                        f"{path} is not a checkpoint archive: expected exactly one model.safetensors "
-                        f"inside, found {len(names)}."
-                    )
-                with archive.open(names[0]) as fh:
-                    weights_sha = _sha256_stream(fh)
-            with open(path, "rb") as fh:
-                config_sha = _sha256_stream(fh)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"Cannot read the checkpoint at {path}: {exc}") from None
-    return weights_sha, hashlib.sha256((weights_sha + config_sha).encode()).hexdigest()
-
-
-def default_weights_info() -> dict | None:
-    """The bundled default checkpoint's ``config.json`` (its provenance), or ``None`` if absent."""
-    config = DEFAULT_WEIGHTS_DIR / "config.json"
-    if not _is_checkpoint_folder(DEFAULT_WEIGHTS_DIR):
-        return None
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"The bundled default weights' config {config} is unreadable: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"The bundled default weights' config {config} is not a JSON object.")
-    return data
 
 
 # --- tiling -----------------------------------------------------------------------------------
-def _ceil_to(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """Start offsets covering ``[0, size)`` with tiles of ``tile`` overlapping by >= ``overlap``."""
     if size <= tile:
@@ -279,7 +121,7 @@ class TilingPlan:
     @classmethod
     def for_shape(cls, shape: tuple[int, int], *, tile: int, overlap: int) -> TilingPlan:
         h, w = (int(v) for v in shape)
-        padded = (_ceil_to(h, STRIDE), _ceil_to(w, STRIDE))
+        padded = padded_shape((h, w))
         tile_shape = (min(tile, padded[0]), min(tile, padded[1]))
         rows = _tile_starts(padded[0], tile, overlap)
         cols = _tile_starts(padded[1], tile, overlap)
@@ -297,22 +139,7 @@ class TilingPlan:
         return np.outer(wy, wx).astype(np.float32)
 
 
-def _pad_to(norm: np.ndarray, padded: tuple[int, int]) -> np.ndarray:
-    """Reflect-pad a ``(h, w)`` slice at the bottom/right to ``padded`` (edge mode for 1-pixel axes)."""
-    h, w = norm.shape
-    pad = ((0, padded[0] - h), (0, padded[1] - w))
-    if pad == ((0, 0), (0, 0)):
-        return norm
-    if min(h, w) < 2:
-        return np.pad(norm, pad, mode="edge")
-    return np.pad(norm, pad, mode="reflect")
-
-
 # --- the denoiser -----------------------------------------------------------------------------
-_cache: OrderedDict[tuple[str, str, str], Denoiser] = OrderedDict()
-_cache_lock = threading.Lock()
-
-
 def _as_slices(hu: Any) -> tuple[Any, tuple[int, ...], bool]:
     """Validate the input's shape; return a ``(z, y, x)`` view (lazy for array-likes)."""
     shape = tuple(int(s) for s in getattr(hu, "shape", np.shape(hu)))
@@ -322,9 +149,7 @@ def _as_slices(hu: Any) -> tuple[Any, tuple[int, ...], bool]:
         )
     if any(s == 0 for s in shape):
         raise ConfigError(f"Cannot denoise an empty image (shape {shape}).")
-    dtype = getattr(hu, "dtype", None)
-    if dtype is not None and not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-        raise ConfigError(f"Denoising needs a real-valued image in HU; got dtype {dtype}.")
+    check_real_dtype(getattr(hu, "dtype", None))
     if len(shape) == 2:
         return np.asarray(hu)[np.newaxis], shape, True
     return hu, shape, False
@@ -402,7 +227,8 @@ class Denoiser:
         Returns
         -------
         Denoiser
-            Cached per (checkpoint path, content hash, device, amp): loading again is free.
+            Cached per (checkpoint path, content hash, device, amp) in the model cache the
+            LangAE shares (:data:`napari_langmamba.session.MODEL_CACHE`): loading again is free.
 
         Raises
         ------
@@ -411,21 +237,15 @@ class Denoiser:
         ConfigError
             Unknown or unavailable device.
         """
-        path = resolve_weights(weights)
-        torch_device = resolve_device(device)
-        weights_sha, content_key = _fingerprint(path)
-        key = (str(path), content_key, f"{torch_device}|amp={bool(amp)}")
-        with _cache_lock:
-            cached = _cache.get(key)
-            if cached is not None:
-                _cache.move_to_end(key)
-                return cached
-        denoiser = cls._build(path, torch_device, amp=amp, weights_sha=weights_sha, label=str(weights))
-        with _cache_lock:
-            _cache[key] = denoiser
-            while len(_cache) > _CACHE_SIZE:
-                _cache.popitem(last=False)
-        return denoiser
+        return load_cached(
+            "denoiser",
+            weights,
+            device,
+            lambda path, torch_device, weights_sha: cls._build(
+                path, torch_device, amp=amp, weights_sha=weights_sha, label=str(weights)
+            ),
+            variant=f"amp={bool(amp)}",
+        )
 
     @classmethod
     def _build(cls, path: Path, device: torch.device, *, amp: bool, weights_sha: str, label: str) -> Denoiser:
@@ -456,8 +276,7 @@ class Denoiser:
     @staticmethod
     def clear_cache() -> None:
         """Forget every cached denoiser (frees their memory once no one else holds them)."""
-        with _cache_lock:
-            _cache.clear()
+        clear_model_cache("denoiser")
 
     # --- denoising ----------------------------------------------------------------------
     def default_batch_size(self) -> int:
@@ -567,13 +386,7 @@ class Denoiser:
         return result[0] if was_2d else result
 
     def _prepare_slice(self, hu_slice: Any, plan: TilingPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        hu_slice = np.asarray(hu_slice, dtype=np.float32)
-        if not np.isfinite(hu_slice).all():
-            raise ConfigError(
-                "The image holds NaN or infinite values, which the model cannot denoise; "
-                "replace them (e.g. with -1000 HU, air) first."
-            )
-        norm = _pad_to(self.normalization.to_model(hu_slice).astype(np.float32), plan.padded)
+        norm = prepare_slice(hu_slice, self.normalization, stacklevel=4).norm  # (padded h, padded w)
         acc = np.zeros(plan.padded, dtype=np.float32)
         wsum = np.zeros(plan.padded, dtype=np.float32) if plan.tiled else acc
         return norm, acc, wsum
@@ -582,7 +395,8 @@ class Denoiser:
         """The part of ``hu_slice`` the normalisation clips away (0 inside its HU range).
 
         Adding it back keeps air below -1000 HU (e.g. -1024 outside the scan field) and dense
-        metal above the range at their own values instead of the range's edge.
+        metal above the range at their own values instead of the range's edge; values that are
+        not finite come back as they were (the network saw them as air).
         """
         hu_slice = np.asarray(hu_slice, dtype=np.float32)
         norm = self.normalization

@@ -15,7 +15,9 @@ turns that into something a reader can check against the image:
   slice, ``(y0, x0, y1, x1)`` with ``y1``/``x1`` exclusive, clipped to it.
 * **Padding.** The encoder needs sides that are multiples of 16: the slice is padded at the
   bottom and right by reflection (recorded in :attr:`TokenPyramid.padding`); no region is
-  made only of padding because the padding is shorter than one latent cell.
+  made only of padding because the padding is shorter than one latent cell. Padding, the
+  normalisation and the reading of values that are not finite (as air, with a warning) are
+  :func:`napari_langmamba.session.prepare_slice`'s, the same as the denoiser's.
 * **Distances and alternatives.** Layer ``l`` quantizes the *residual* the earlier layers left at
   its positions (``PyramidOutput.layer_embeddings``), choosing the nearest vocabulary row.
   ``distance`` is the Euclidean distance between that residual and the chosen word's
@@ -34,7 +36,9 @@ Pixel coordinates follow napari: pixel ``(row, col)`` is centred at data coordin
 position through a layer's scale and translate.
 
 Results are cached (LRU) by model and by a hash of the slice's bytes, so returning to a slice,
-or showing the same slice in two layers, does not run the encoder again.
+or showing the same slice in two layers, does not run the encoder again. The LangAE itself is
+loaded through :func:`napari_langmamba.session.load_cached` (the weights resolution, device
+choice and model cache the denoiser uses).
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ import itertools
 import json
 import logging
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Generator, Iterable, Sequence
@@ -59,6 +62,7 @@ import numpy as np
 
 from napari_langmamba.errors import CheckpointError, ConfigError
 from napari_langmamba.events import Progress, run
+from napari_langmamba.session import DEFAULT_WEIGHTS_DIR, STRIDE, load_cached, padded_shape, prepare_slice
 from napari_langmamba.windowing import MODEL_NORMALIZATION, Normalization
 
 if TYPE_CHECKING:
@@ -93,8 +97,6 @@ __all__ = [
 LAYER_NAMES = {1: "coarse", 2: "middle", 3: "fine"}
 NUM_LAYERS = 3
 LAYER_STRIDES = (16, 4, 1)  # latent cells between the positions of layers 1, 2, 3 (quantizer.py)
-PAD_MULTIPLE = 16  # the LangAE encoder's downsampling factor
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "default"
 FORMAT_NAME = "napari-langmamba.tokens"
 FORMAT_VERSION = 1
 CACHE_SIZE = 64
@@ -513,9 +515,9 @@ def _layer_from_records(layer: int, records: list[dict], image_shape: tuple[int,
 # Geometry
 # --------------------------------------------------------------------------------------
 def _padding_for(shape: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Bottom/right padding up to the next multiple of 16."""
-    h, w = int(shape[0]), int(shape[1])
-    return ((0, -h % PAD_MULTIPLE), (0, -w % PAD_MULTIPLE))
+    """Bottom/right padding up to the next multiple of 16 (what ``session.prepare_slice`` adds)."""
+    (ph, pw), (h, w) = padded_shape(shape), (int(shape[0]), int(shape[1]))
+    return ((0, ph - h), (0, pw - w))
 
 
 def latent_blocks(positions: Sequence[int], size: int) -> np.ndarray:
@@ -542,7 +544,7 @@ def latent_blocks(positions: Sequence[int], size: int) -> np.ndarray:
 
 def _pixel_edges(cell_edges: np.ndarray, pad_before: int, length: int) -> np.ndarray:
     """Latent cell edges -> pixel edges of the unpadded axis (clipped to ``[0, length]``)."""
-    edges = np.clip(cell_edges * PAD_MULTIPLE - pad_before, 0, length).astype(np.int64)
+    edges = np.clip(cell_edges * STRIDE - pad_before, 0, length).astype(np.int64)
     if (np.diff(edges) <= 0).any():  # a block made only of padding: impossible when pad < 16
         raise ConfigError(f"Padding of {pad_before} pixels leaves an empty region; pad by less than 16.")
     return edges
@@ -634,22 +636,6 @@ def _decode(model: Any, ids: Iterable[int]) -> dict[int, str]:
     return dict(zip(unique, (str(w) for w in words), strict=True))
 
 
-def _prepare_slice(hu_slice: np.ndarray) -> np.ndarray:
-    hu = np.asarray(hu_slice)
-    if hu.ndim != 2 or hu.shape[0] < 1 or hu.shape[1] < 1:
-        raise ConfigError(f"Tokens are computed on one 2D slice (rows, columns); got an array of shape {hu.shape}.")
-    if not np.issubdtype(hu.dtype, np.number) or np.iscomplexobj(hu):
-        raise ConfigError(f"A CT slice holds real numbers (HU); got dtype {hu.dtype}.")
-    hu = np.ascontiguousarray(hu, dtype=np.float32)
-    if not np.isfinite(hu).all():
-        warnings.warn(
-            "The slice holds NaN or infinite values; they are treated as air (the lowest HU of the "
-            "model's range) for the tokens.", RuntimeWarning, stacklevel=3,
-        )
-        hu = np.where(np.isfinite(hu), hu, np.float32(-1000.0)).astype(np.float32)
-    return hu
-
-
 def model_normalization(model: Any) -> Normalization:
     """The HU scaling a model was trained with: recorded by :func:`load_token_model`, else the default."""
     normalization = getattr(model, "normalization", None)
@@ -680,9 +666,9 @@ def iter_token_pyramid(
 
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ConfigError(f"top_k is the number of alternative words per region, an integer >= 0; got {top_k!r}.")
-    hu = _prepare_slice(hu_slice)
     if normalization is None:
         normalization = model_normalization(model)
+    hu, norm, padding = prepare_slice(hu_slice, normalization, stacklevel=3)  # norm: (H, W), multiples of 16
     key = (_model_key(model), _slice_digest(hu), normalization.hu_min, normalization.hu_max, top_k)
     if cache:
         with _CACHE_LOCK:
@@ -697,14 +683,11 @@ def iter_token_pyramid(
     total = 5
     yield Progress(0, total, "Encoding the slice")
     h, w = hu.shape
-    padding = _padding_for(hu.shape)
-    if (h + sum(padding[0])) * (w + sum(padding[1])) < 2 * PAD_MULTIPLE**2:
+    if norm.size < 2 * STRIDE**2:
         # one latent cell leaves the encoder's per-channel GroupNorm a single value
         raise ConfigError(f"A {h} x {w} slice is too small for tokens; it needs at least 17 pixels along one side.")
-    padded = np.pad(hu, padding, mode="reflect" if min(h, w) > 1 else "edge")  # (H, W), multiples of 16
     device = _model_device(model)
-    x = torch.from_numpy(np.asarray(normalization.to_model(padded), dtype=np.float32))
-    x = x.to(device)[None, None]  # (1, 1, H, W)
+    x = torch.from_numpy(norm).to(device)[None, None]  # (1, 1, H, W)
     # grad mode and train/eval are set per step, never held across a yield: the consumer's code
     # runs between yields (in the same thread) and must not inherit them
     with _evaluating(model), torch.inference_mode():
@@ -892,26 +875,8 @@ def compare_pyramids(a: TokenPyramid, b: TokenPyramid) -> PyramidComparison:
 # --------------------------------------------------------------------------------------
 # Loading the LangAE the tokens come from
 # --------------------------------------------------------------------------------------
-def _resolve_langae_dir(weights: str | Path) -> Path:
-    if isinstance(weights, str) and weights.strip().lower() == "default":
-        path = DEFAULT_WEIGHTS_DIR / "langae"
-        if not path.exists():
-            raise CheckpointError(
-                f"The bundled default LangAE weights are not installed (expected a checkpoint folder at "
-                f"{path}). Choose a LangAE checkpoint folder instead, or reinstall napari-langmamba with "
-                "its bundled weights."
-            )
-        return path
-    path = Path(weights).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"No checkpoint at {path}; choose a LangAE checkpoint folder (or its .zip).")
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "langae").exists():
-        return path / "langae"
-    return path
-
-
 def load_token_model(weights: str | Path = "default", *, device: str = "cpu") -> LangAE:
-    """The LangAE whose tokens explain a slice.
+    """The LangAE whose tokens explain a slice (loaded once, then reused from the model cache).
 
     Parameters
     ----------
@@ -920,28 +885,30 @@ def load_token_model(weights: str | Path = "default", *, device: str = "cpu") ->
         folder or ``.zip``, or a folder holding a ``langae/`` checkpoint (e.g. a denoiser
         bundle).
     device
-        ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+        ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``,
+        checked as for the denoiser (:func:`napari_langmamba.session.resolve_device`).
 
     Raises
     ------
     CheckpointError
         When the checkpoint is missing, invalid, or not a LangAE.
+    ConfigError
+        Unknown or unavailable device.
     """
-    import torch
+    return load_cached("langae", weights, device, _build_token_model)
 
+
+def _build_token_model(path: Path, device: torch.device, weights_sha: str) -> LangAE:
     from napari_langmamba.checkpoint import build_model, load_checkpoint
 
-    path = _resolve_langae_dir(weights)
     checkpoint = load_checkpoint(path)
     if checkpoint.kind != "langae":
         raise CheckpointError(
             f"The checkpoint at {path} is a {checkpoint.kind!r} model; the tokens need a LangAE checkpoint "
             "(a folder whose config.json says kind 'langae', or a folder holding one under 'langae/')."
         )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(checkpoint, device=device).eval()
     # the HU scaling it was trained with; token_pyramid uses it when not told otherwise
     model.normalization = checkpoint.normalization
-    logger.info("loaded the token model from %s on %s", path, device)
+    logger.info("loaded the token model from %s (SHA-256 %s) on %s", path, weights_sha[:12], device)
     return model

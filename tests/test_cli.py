@@ -12,7 +12,7 @@ import pydicom
 import pytest
 import torch
 
-from napari_langmamba import cli, inference
+from napari_langmamba import cli, session
 from napari_langmamba.checkpoint import save_checkpoint
 from napari_langmamba.inference import Denoiser
 from napari_langmamba.io import read_ct
@@ -185,7 +185,7 @@ def test_info_runs(capsys):
 def test_info_shows_the_default_weights_provenance(ckpt, tmp_path, monkeypatch, capsys):
     bundled = tmp_path / "default"
     shutil.copytree(ckpt, bundled)
-    monkeypatch.setattr(inference, "DEFAULT_WEIGHTS_DIR", bundled)
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", bundled)
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert f"default weights: {bundled}" in out
@@ -193,7 +193,7 @@ def test_info_shows_the_default_weights_provenance(ckpt, tmp_path, monkeypatch, 
 
 
 def test_demo_without_default_weights_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(inference, "DEFAULT_WEIGHTS_DIR", tmp_path / "missing")
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", tmp_path / "missing")
     assert cli.main(["demo", "--output", str(tmp_path / "out"), "-q"]) == 2
     assert "bundled default weights are missing" in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
@@ -202,7 +202,7 @@ def test_demo_without_default_weights_exits_2(tmp_path, monkeypatch, capsys):
 def test_demo_denoises_the_sample_into_a_fresh_folder(series_dir, ckpt, tmp_path, monkeypatch, capsys):
     bundled = tmp_path / "default"
     shutil.copytree(ckpt, bundled)
-    monkeypatch.setattr(inference, "DEFAULT_WEIGHTS_DIR", bundled)
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", bundled)
     monkeypatch.setattr(cli, "DEMO_SERIES", series_dir)
     Denoiser.clear_cache()
     results = []

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_langmamba import inference
+from napari_langmamba import inference, session
 from napari_langmamba.checkpoint import save_checkpoint
 from napari_langmamba.errors import CheckpointError, ConfigError
 from napari_langmamba.events import Progress
@@ -119,7 +119,7 @@ def test_training_run_folder_prefers_best_then_last(seed_ckpt, tmp_path):
 
 
 def test_missing_default_weights_raise_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(inference, "DEFAULT_WEIGHTS_DIR", tmp_path / "weights" / "default")
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", tmp_path / "weights" / "default")
     with pytest.raises(CheckpointError, match="bundled default weights are missing"):
         Denoiser.load("default", device="cpu")
     assert inference.default_weights_info() is None
@@ -128,7 +128,7 @@ def test_missing_default_weights_raise_a_clear_error(tmp_path, monkeypatch):
 def test_default_resolves_to_the_bundled_folder(seed_ckpt, tmp_path, monkeypatch):
     bundled = tmp_path / "weights" / "default"
     shutil.copytree(seed_ckpt, bundled)
-    monkeypatch.setattr(inference, "DEFAULT_WEIGHTS_DIR", bundled)
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", bundled)
     denoiser = Denoiser.load("default", device="cpu")
     assert denoiser.info["weights"] == "default"
     assert denoiser.info["path"] == str(bundled)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_langmamba import tokens as tokens_module
+from napari_langmamba import session
 from napari_langmamba.errors import CheckpointError, ConfigError
 from napari_langmamba.tokens import (
     TokenPyramid,
@@ -253,10 +253,10 @@ def test_load_token_model_from_folders(model, tmp_path, monkeypatch):
         assert model_normalization(loaded) == norm
         assert token_pyramid(loaded, hu, cache=False).to_records() == expected
 
-    monkeypatch.setattr(tokens_module, "DEFAULT_WEIGHTS_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", tmp_path / "not-installed")
     with pytest.raises(CheckpointError, match="bundled default LangAE weights are not installed"):
         load_token_model("default")
-    monkeypatch.setattr(tokens_module, "DEFAULT_WEIGHTS_DIR", tmp_path / "bundle")
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", tmp_path / "bundle")
     assert model_normalization(load_token_model("default")) == norm
     with pytest.raises(CheckpointError, match="No checkpoint"):
         load_token_model(tmp_path / "absent")

@@ -182,10 +182,11 @@ def test_export_writes_json_and_csv_and_controls_have_tooltips(setup, qtbot, tmp
 
 
 def test_missing_default_weights_are_reported_not_raised(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    from napari_langmamba import session
     from napari_langmamba import tokens as tokens_module
     from napari_langmamba.widgets import tokens as widget_module
 
-    monkeypatch.setattr(tokens_module, "DEFAULT_WEIGHTS_DIR", tmp_path / "none")
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", tmp_path / "none")
     attempts = []
 
     def counting_loader(*args, **kwargs):

@@ -47,7 +47,8 @@ from qtpy.QtWidgets import (
 from napari_langmamba import __version__
 from napari_langmamba.errors import CheckpointError, ConfigError
 from napari_langmamba.events import Progress
-from napari_langmamba.inference import DEFAULT_TILE, Denoiser, available_devices, resolve_weights
+from napari_langmamba.inference import DEFAULT_TILE, Denoiser
+from napari_langmamba.session import available_devices, resolve_weights
 from napari_langmamba.strength import DEFAULT_STRENGTH, blend, derived_description
 from napari_langmamba.widgets._base import WidgetBase, WorkerState
 

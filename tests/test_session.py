@@ -1,0 +1,221 @@
+"""The session layer: one weights resolution, one device rule, one model cache, one slice preparation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_langmamba import session
+from napari_langmamba.checkpoint import save_checkpoint
+from napari_langmamba.errors import CheckpointError, ConfigError
+from napari_langmamba.inference import Denoiser, TilingPlan
+from napari_langmamba.session import (
+    MODEL_CACHE,
+    STRIDE,
+    ModelCache,
+    clear_model_cache,
+    prepare_slice,
+    resolve_device,
+    resolve_weights,
+)
+from napari_langmamba.tokens import load_token_model, token_pyramid
+from napari_langmamba.windowing import MODEL_NORMALIZATION, Normalization
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A denoiser checkpoint with its LangAE under ``langae/``, laid out like the bundled weights."""
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.langae import LangAE, LangAEConfig
+    from napari_langmamba.models.redcnn import REDCNN, REDCNNConfig
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("bundle") / "default"
+    save_checkpoint(root, REDCNN(REDCNNConfig.preset("tiny")), kind="redcnn")
+    codebook = load_codebook("random:64x8:3")
+    langae = LangAE(LangAEConfig.preset("tiny", codebook_dim=codebook.d), codebook=codebook)
+    save_checkpoint(root / "langae", langae, kind="langae")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_model_cache()
+    yield
+    clear_model_cache()
+
+
+def phantom(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    hu = np.where((yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2, 60.0, -1000.0)
+    return (hu + rng.normal(0, 20, shape)).astype(np.float32)
+
+
+# --- weights and the one cache --------------------------------------------------------------------
+def test_default_weights_resolve_for_both_roles(bundle, monkeypatch):
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", bundle)
+    assert resolve_weights("default") == bundle
+    assert resolve_weights("default", role="langae") == bundle / "langae"
+    assert resolve_weights(bundle, role="langae") == bundle / "langae"  # a bundle names its LangAE
+    with pytest.raises(ConfigError, match="Unknown model role"):
+        resolve_weights("default", role="vae")
+
+
+def test_one_cache_serves_the_denoiser_and_the_langae(bundle, monkeypatch):
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", bundle)
+    denoiser = Denoiser.load("default", device="cpu")
+    langae = load_token_model("default", device="cpu")
+    assert MODEL_CACHE.models("denoiser") == [denoiser]
+    assert MODEL_CACHE.models("langae") == [langae]
+    assert len(MODEL_CACHE) == 2
+    # loading again is free, whatever names the same checkpoint
+    assert Denoiser.load(bundle, device="cpu") is denoiser
+    assert load_token_model(bundle, device="cpu") is langae
+    assert load_token_model(bundle / "langae", device="cpu") is langae
+    # each role forgets its own models; the session forgets all
+    Denoiser.clear_cache()
+    assert MODEL_CACHE.models() == [langae]
+    assert Denoiser.load("default", device="cpu") is not denoiser
+    clear_model_cache()
+    assert len(MODEL_CACHE) == 0 and load_token_model("default", device="cpu") is not langae
+
+
+def test_a_rewritten_langae_checkpoint_is_loaded_again(bundle, tmp_path):
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.langae import LangAE, LangAEConfig
+
+    path = tmp_path / "ae"
+    codebook = load_codebook("random:64x8:3")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_checkpoint(path, LangAE(LangAEConfig.preset("tiny", codebook_dim=8), codebook=codebook), kind="langae")
+        if seed == 0:
+            first = load_token_model(path)
+            assert load_token_model(path) is first
+    assert load_token_model(path) is not first
+
+
+def test_the_cache_is_least_recently_used_across_roles():
+    cache = ModelCache(size=2)
+    a = cache.get_or_load(("denoiser", "a"), object)
+    b = cache.get_or_load(("langae", "b"), object)
+    assert cache.get_or_load(("denoiser", "a"), object) is a  # a is now the most recent
+    c = cache.get_or_load(("langae", "c"), object)  # evicts b
+    assert cache.models() == [a, c] and b not in cache.models()
+    with pytest.raises(ConfigError, match="Unknown model role"):
+        cache.get_or_load(("decoder", "x"), object)
+
+
+def test_the_wrong_kind_of_checkpoint_is_refused_by_either_loader(bundle, tmp_path):
+    import shutil
+
+    with pytest.raises(CheckpointError, match="not a denoiser"):
+        Denoiser.load(bundle / "langae", device="cpu")
+    denoiser_only = tmp_path / "redcnn"
+    shutil.copytree(bundle, denoiser_only, ignore=shutil.ignore_patterns("langae"))
+    with pytest.raises(CheckpointError, match="tokens need a LangAE"):
+        load_token_model(denoiser_only, device="cpu")
+    assert len(MODEL_CACHE) == 0  # failed loads leave nothing behind
+
+
+# --- devices ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["tpu", "gpu0", "cuda:x"])
+def test_devices_are_validated_the_same_way_by_both_loaders(bundle, device):
+    messages = []
+    for load in (lambda: Denoiser.load(bundle, device=device), lambda: load_token_model(bundle, device=device)):
+        with pytest.raises(ConfigError) as info:
+            load()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+def test_auto_picks_the_same_device_for_both(bundle):
+    denoiser = Denoiser.load(bundle, device="auto")
+    langae = load_token_model(bundle, device="auto")
+    expected = resolve_device("auto")
+    assert denoiser.device.type == expected.type
+    assert next(langae.parameters()).device.type == expected.type
+    if not torch.cuda.is_available():
+        for load in (Denoiser.load, load_token_model):
+            with pytest.raises(ConfigError, match="not available"):
+                load(bundle, device="cuda")
+
+
+# --- slices ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (17, 16), (31, 33), (48, 64), (512, 512)])
+def test_slices_are_padded_to_the_stride_the_same_way_everywhere(shape):
+    hu = phantom(shape)
+    prepared = prepare_slice(hu)
+    padded = prepared.norm.shape
+    assert padded[0] % STRIDE == 0 and padded[1] % STRIDE == 0
+    assert padded[0] - STRIDE < shape[0] <= padded[0] and padded[1] - STRIDE < shape[1] <= padded[1]
+    assert TilingPlan.for_shape(shape, tile=4096, overlap=0).padded == padded
+    np.testing.assert_array_equal(prepared.norm[: shape[0], : shape[1]], MODEL_NORMALIZATION.to_model(hu))
+    assert prepared.padding == ((0, padded[0] - shape[0]), (0, padded[1] - shape[1]))
+    if min(shape) > 1:  # reflection: the row below the image mirrors the one above its last
+        below = min(padded[0] - shape[0], shape[0] - 1)
+        np.testing.assert_array_equal(
+            prepared.norm[shape[0] : shape[0] + below, : shape[1]],
+            prepared.norm[shape[0] - 2 : shape[0] - 2 - below : -1, : shape[1]],
+        )
+
+
+def test_prepare_slice_reads_non_finite_values_as_air_with_a_warning():
+    norm = Normalization(hu_min=-1024.0, hu_max=3071.0)
+    hu = phantom((20, 24))
+    hu[3, 4], hu[5, 6], hu[7, 8] = np.nan, np.inf, -np.inf
+    with pytest.warns(RuntimeWarning, match="3 NaN or infinite"):
+        prepared = prepare_slice(hu, norm)
+    assert prepared.hu[3, 4] == prepared.hu[5, 6] == prepared.hu[7, 8] == -1024.0
+    assert np.isfinite(prepared.norm).all() and prepared.norm[3, 4] == 0.0
+    with pytest.raises(ConfigError, match="only NaN"):
+        prepare_slice(np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(ConfigError, match="real-valued"):
+        prepare_slice(np.zeros((8, 8), np.complex64))
+    with pytest.raises(ConfigError, match="2D slice"):
+        prepare_slice(np.zeros((2, 8, 8), np.float32))
+
+
+def test_nan_input_is_handled_the_same_by_the_denoiser_and_the_tokens(bundle):
+    denoiser = Denoiser.load(bundle, device="cpu")
+    langae = load_token_model(bundle, device="cpu")
+    hu = phantom((48, 64))
+    holed = hu.copy()
+    holed[10:12, 20:23] = np.nan
+    as_air = np.where(np.isnan(holed), np.float32(MODEL_NORMALIZATION.hu_min), holed)
+
+    with pytest.warns(RuntimeWarning, match="6 NaN or infinite"):
+        denoised = denoiser.denoise(holed)
+    expected = denoiser.denoise(as_air)
+    assert np.isnan(denoised[10:12, 20:23]).all()  # missing stays missing in the result
+    finite = ~np.isnan(holed)
+    np.testing.assert_array_equal(denoised[finite], expected[finite])  # the model saw air there
+
+    with pytest.warns(RuntimeWarning, match="6 NaN or infinite"):
+        pyramid = token_pyramid(langae, holed, cache=False)
+    assert pyramid.to_records() == token_pyramid(langae, as_air, cache=False).to_records()
+
+    nothing = np.full((32, 32), np.nan, np.float32)
+    for compute in (denoiser.denoise, lambda hu: token_pyramid(langae, hu, cache=False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # refused outright, no warning first
+            with pytest.raises(ConfigError, match="only NaN"):
+                compute(nothing)
+
+
+def test_session_imports_neither_torch_nor_qt():
+    code = (
+        "import sys, napari_langmamba.session\n"
+        "print(','.join(sorted(m for m in ('torch', 'qtpy', 'napari') if m in sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
