@@ -12,13 +12,20 @@ all reach a model through here, so each of these rules has one home:
 * **One model cache.** :data:`MODEL_CACHE` keeps the last few loaded models, denoisers and
   LangAEs alike, under one lock, keyed by role, checkpoint path, a hash of its content (so a
   checkpoint rewritten in place is loaded again) and device; :func:`load_cached` is the way in.
+* **The current slice.** :func:`current_slice_index` / :func:`current_slice`: the slice of a
+  layer that napari shows at the viewer's point, by napari's own rule (the data coordinate of
+  every leading axis rounded with :func:`numpy.round`; a point outside the layer shows nothing
+  and is refused); :func:`require_axial_view` checks that the view shows such slices.
 * **Slice preparation.** :func:`prepare_slice` validates a ``(y, x)`` slice in HU, applies the one
   policy for values that are not finite (they are read as air, the normalisation's lowest HU,
   with a :class:`RuntimeWarning`; a slice with no finite value is refused), normalises it with
   the checkpoint's :class:`~napari_langmamba.windowing.Normalization` and pads it at the bottom
   and right, by reflection, to a multiple of :data:`STRIDE`.
 
-Nothing here imports Qt or napari; torch is imported only when a device or a model is needed.
+Nothing here imports Qt or napari (a layer is anything with napari's ``data``, ``ndim``,
+``multiscale``, ``rgb``, ``name`` and ``world_to_data``; the viewer's dims anything with
+``ndim``, ``ndisplay`` and ``displayed``); torch is imported only when a device or a model is
+needed.
 """
 
 from __future__ import annotations
@@ -52,12 +59,15 @@ __all__ = [
     "available_devices",
     "check_real_dtype",
     "clear_model_cache",
+    "current_slice",
+    "current_slice_index",
     "default_weights_info",
     "fingerprint",
     "load_cached",
     "pad_to_stride",
     "padded_shape",
     "prepare_slice",
+    "require_axial_view",
     "resolve_device",
     "resolve_weights",
 ]
@@ -444,3 +454,68 @@ def prepare_slice(
     norm = pad_to_stride(np.asarray(normalization.to_model(hu), dtype=np.float32), padded)
     padding = ((0, padded[0] - hu.shape[0]), (0, padded[1] - hu.shape[1]))
     return PreparedSlice(hu, norm, padding)
+
+
+# --- the current slice ------------------------------------------------------------------------
+def require_axial_view(dims: Any, *, what: str) -> None:
+    """Refuse unless the viewer shows 2-D slices across the last two axes (in either order).
+
+    ``what`` names the tool in the message, e.g. ``"Compare"``.
+    """
+    ndim = int(dims.ndim)
+    if int(dims.ndisplay) != 2 or sorted(int(a) for a in dims.displayed) != [ndim - 2, ndim - 1]:
+        raise ConfigError(
+            f"{what} works on axial slices (the last two axes) in the 2-D view: switch the viewer "
+            "to 2-D and reset the axis order."
+        )
+
+
+def _layer_data(layer: Any) -> Any:
+    """The full-resolution data of a layer (level 0 of a multiscale one)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def current_slice_index(layer: Any, world_point: Sequence[float]) -> tuple[int, ...]:
+    """The index along ``layer``'s leading axes of the 2-D slice napari shows at ``world_point``.
+
+    ``world_point`` is the viewer's ``dims.point`` (world coordinates, any length: the last
+    ``layer.ndim`` values are used). The layer's scale, translate and affine map it to data
+    coordinates, which are rounded as napari rounds them when it slices (:func:`numpy.round`);
+    a 2-D layer has the empty index ``()``.
+
+    Raises
+    ------
+    ConfigError
+        When the layer has fewer than two axes, or the point lies outside the layer along a
+        leading axis (napari shows nothing of the layer there).
+    """
+    shape = tuple(int(n) for n in np.shape(_layer_data(layer)))
+    if len(shape) < 2:
+        raise ConfigError(f"{layer.name!r} has {len(shape)} dimension(s); a CT slice needs two.")
+    lead = len(shape) - 2
+    if not lead:
+        return ()
+    position = np.asarray(layer.world_to_data(np.asarray(world_point, dtype=float)), dtype=float)[:lead]
+    index = tuple(int(np.round(v)) for v in position)
+    for axis, (i, n) in enumerate(zip(index, shape[:lead], strict=True)):
+        if not 0 <= i < n:
+            where = "slice" if lead == 1 else f"index along axis {axis}"
+            raise ConfigError(
+                f"The viewer's current slice lies outside layer {layer.name!r} ({where} {i} of 0..{n - 1}); "
+                "move the slider onto it."
+            )
+    return index
+
+
+def current_slice(layer: Any, world_point: Sequence[float]) -> tuple[tuple[int, ...], np.ndarray]:
+    """:func:`current_slice_index` and that slice's data, float32 (HU for a CT layer).
+
+    Raises
+    ------
+    ConfigError
+        As :func:`current_slice_index`, and for an RGB layer (not a CT image).
+    """
+    if getattr(layer, "rgb", False):
+        raise ConfigError(f"{layer.name!r} is an RGB image; a CT image in HU is needed.")
+    index = current_slice_index(layer, world_point)
+    return index, np.asarray(_layer_data(layer)[index], dtype=np.float32)

@@ -219,3 +219,81 @@ def test_session_imports_neither_torch_nor_qt():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+# --- the current slice -----------------------------------------------------------------------------
+def _every_step(viewer):
+    """Every combination of the viewer's slider positions on its non-displayed axes."""
+    import itertools
+
+    lead = viewer.dims.ndim - 2
+    for steps in itertools.product(*(range(n) for n in viewer.dims.nsteps[:lead])):
+        for axis, step in enumerate(steps):
+            viewer.dims.set_current_step(axis, step)
+        yield steps
+
+
+@pytest.mark.parametrize(
+    ("shape", "scale", "translate"),
+    [
+        ((5, 6), (0.7, 0.8), (5.0, -7.0)),
+        ((4, 5, 6), (2.5, 0.7, 0.8), (-10.0, 5.0, -7.0)),
+        ((4, 5, 6), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0)),  # on a 1-step grid: data coordinates x.5
+        ((3, 4, 5, 6), (1.0, 2.5, 0.7, 0.8), (3.0, -10.0, 5.0, -7.0)),
+    ],
+)
+def test_the_current_slice_is_the_slice_napari_shows(shape, scale, translate):
+    """2-D, 3-D and 4-D layers with scale and translate, beside a layer of a finer grid and larger extent."""
+    from napari.components import ViewerModel
+
+    viewer = ViewerModel()
+    data = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    layer = viewer.add_image(data, scale=scale, translate=translate, name="ct")
+    lead = len(shape) - 2
+    if lead:  # one slice per world unit, reaching past the CT at both ends
+        viewer.add_image(np.zeros((12,) * lead + shape[-2:], np.float32), translate=(-12.0,) * lead + (0, 0))
+    seen, outside = set(), 0
+    for _ in _every_step(viewer):
+        shown = np.asarray(layer._slice.image.raw)
+        if shown.shape != shape[-2:]:  # napari draws nothing of the layer here
+            outside += 1
+            with pytest.raises(ConfigError, match="outside layer 'ct'"):
+                session.current_slice(layer, viewer.dims.point)
+            continue
+        index, hu = session.current_slice(layer, viewer.dims.point)
+        np.testing.assert_array_equal(hu, shown)
+        assert session.current_slice_index(layer, viewer.dims.point) == index
+        seen.add(index)
+    if lead:
+        assert outside > 0
+        assert len(seen) == int(np.prod(shape[:lead]))  # every slice of the CT was current once
+    else:
+        assert seen == {()}
+
+
+def test_the_current_slice_refuses_what_is_not_a_ct_slice():
+    from napari.layers import Image
+
+    rgb = Image(np.zeros((8, 8, 3), np.uint8), rgb=True, name="photo")
+    with pytest.raises(ConfigError, match="RGB"):
+        session.current_slice(rgb, (0.0, 0.0))
+    line = Image(np.zeros((2, 8), np.float32), name="line")
+    index, hu = session.current_slice(line, (0.0, 0.0))
+    assert index == () and hu.shape == (2, 8)
+
+
+def test_the_axial_view_is_required_in_either_in_plane_order():
+    from napari.components import ViewerModel
+
+    viewer = ViewerModel()
+    viewer.add_image(np.zeros((3, 8, 8), np.float32))
+    session.require_axial_view(viewer.dims, what="Compare")
+    viewer.dims.order = (0, 2, 1)  # transposed in-plane axes: the same slices
+    session.require_axial_view(viewer.dims, what="Compare")
+    viewer.dims.order = (1, 0, 2)  # slices across another axis
+    with pytest.raises(ConfigError, match="Compare works on axial slices"):
+        session.require_axial_view(viewer.dims, what="Compare")
+    viewer.dims.order = (0, 1, 2)
+    viewer.dims.ndisplay = 3
+    with pytest.raises(ConfigError, match="2-D view"):
+        session.require_axial_view(viewer.dims, what="Tokens")

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from napari.layers import Image
 from napari.qt.threading import GeneratorWorker, thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QSize, Qt, Signal
@@ -60,6 +61,17 @@ HU_LIMIT = 32768.0  # window spin box bounds: any HU an int16 DICOM can hold
 
 T = TypeVar("T")
 W = TypeVar("W", bound=QWidget)
+
+
+def ct_image_layers(layers: Iterable[Layer], *, accept: Callable[[Image], bool] | None = None) -> list[Image]:
+    """The layers that can hold a CT image in HU (napari Image layers, not RGB), in viewer order.
+
+    ``accept`` narrows them further for one widget (e.g. no multiscale data, no derived layers).
+    """
+    return [
+        layer for layer in layers
+        if isinstance(layer, Image) and not layer.rgb and (accept is None or accept(layer))
+    ]
 
 
 class WorkerState(str, enum.Enum):

@@ -46,7 +46,8 @@ from napari_langmamba.compare import (
     write_csv,
 )
 from napari_langmamba.errors import ConfigError, LangMambaError
-from napari_langmamba.widgets._base import CUSTOM_WINDOW, WidgetBase
+from napari_langmamba.session import current_slice_index, require_axial_view
+from napari_langmamba.widgets._base import CUSTOM_WINDOW, WidgetBase, ct_image_layers
 from napari_langmamba.windowing import get_window
 
 logger = logging.getLogger(__name__)
@@ -183,11 +184,7 @@ class CompareWidget(WidgetBase):
 
     # --- layer choice -----------------------------------------------------------------
     def _image_layers(self) -> list[Image]:
-        return [
-            layer
-            for layer in self.viewer.layers
-            if isinstance(layer, Image) and not layer.rgb and METADATA_KEY not in layer.metadata
-        ]
+        return ct_image_layers(self.viewer.layers, accept=lambda layer: METADATA_KEY not in layer.metadata)
 
     def refresh_layers(self) -> None:
         """Fill the layer combos with the image layers, keeping the current choices."""
@@ -301,10 +298,8 @@ class CompareWidget(WidgetBase):
         """The data index along z of the slice shown (None for a 2-D image)."""
         if layer.ndim == 2:
             return None
-        if self.viewer.dims.ndisplay != 2 or tuple(self.viewer.dims.displayed[-2:]) != (self.viewer.dims.ndim - 2, self.viewer.dims.ndim - 1):
-            raise ConfigError("Compare works on axial slices in the 2-D view: switch to 2-D and reset the axis order.")
-        z = float(np.asarray(layer.world_to_data(self.viewer.dims.point))[0])
-        return int(np.clip(np.floor(z + 0.5), 0, layer.data.shape[0] - 1))
+        require_axial_view(self.viewer.dims, what="Compare")
+        return current_slice_index(layer, self.viewer.dims.point)[0]
 
     def _pixel_to_roi_data(self, layer: Image, roi_layer: Shapes, vertices_yx: np.ndarray) -> np.ndarray:
         world = vertices_yx * np.asarray(layer.scale[-2:]) + np.asarray(layer.translate[-2:])

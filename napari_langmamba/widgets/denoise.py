@@ -48,9 +48,14 @@ from napari_langmamba import __version__
 from napari_langmamba.errors import CheckpointError, ConfigError
 from napari_langmamba.events import Progress
 from napari_langmamba.inference import DEFAULT_TILE, Denoiser
-from napari_langmamba.session import available_devices, resolve_weights
+from napari_langmamba.session import (
+    available_devices,
+    current_slice_index,
+    require_axial_view,
+    resolve_weights,
+)
 from napari_langmamba.strength import DEFAULT_STRENGTH, blend, derived_description
-from napari_langmamba.widgets._base import WidgetBase, WorkerState
+from napari_langmamba.widgets._base import WidgetBase, WorkerState, ct_image_layers
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +169,7 @@ class DenoiseWidget(WidgetBase):
 
     # --- controls -----------------------------------------------------------------------
     def _candidate_layers(self) -> list[Image]:
-        return [
-            layer
-            for layer in self.viewer.layers
-            if isinstance(layer, Image) and not layer.rgb and not layer.multiscale and layer.ndim in (2, 3)
-        ]
+        return ct_image_layers(self.viewer.layers, accept=lambda layer: not layer.multiscale and layer.ndim in (2, 3))
 
     def _refresh_layers(self, event: Any = None) -> None:
         current = self.layer_combo.currentText()
@@ -262,19 +263,8 @@ class DenoiseWidget(WidgetBase):
         )
 
     def _current_slice(self, layer: Image) -> int:
-        dims = self.viewer.dims
-        if dims.ndisplay != 2 or tuple(dims.displayed)[-2:] != (dims.ndim - 2, dims.ndim - 1):
-            raise ConfigError(
-                "'Current slice' needs the 2-D axial view (slices along the layer's first axis); "
-                "switch to 2-D and roll the axes back, or denoise the whole volume."
-            )
-        point = np.asarray(dims.point)[-layer.ndim :]
-        z = int(np.round(layer.world_to_data(point)[0]))
-        if not 0 <= z < layer.data.shape[0]:
-            raise ConfigError(
-                f"The viewer's current slice lies outside layer {layer.name!r} "
-                f"(slice {z} of 0..{layer.data.shape[0] - 1}); move the slider onto it."
-            )
+        require_axial_view(self.viewer.dims, what="'Current slice'")
+        (z,) = current_slice_index(layer, self.viewer.dims.point)
         return z
 
     # --- running ------------------------------------------------------------------------

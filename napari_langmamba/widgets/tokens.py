@@ -55,6 +55,7 @@ from qtpy.QtWidgets import (
 
 from napari_langmamba.errors import ConfigError
 from napari_langmamba.events import Progress
+from napari_langmamba.session import current_slice, require_axial_view
 from napari_langmamba.tokens import (
     LAYER_NAMES,
     PyramidComparison,
@@ -66,7 +67,7 @@ from napari_langmamba.tokens import (
     iter_token_pyramid,
     load_token_model,
 )
-from napari_langmamba.widgets._base import WidgetBase, WorkerState
+from napari_langmamba.widgets._base import WidgetBase, WorkerState, ct_image_layers
 
 logger = logging.getLogger(__name__)
 
@@ -107,28 +108,6 @@ SELECTION_RGBA = {1: (1.0, 0.2, 0.2, 1.0), 2: (0.2, 1.0, 1.0, 1.0), 3: (1.0, 1.0
 EDGE_WIDTH = 1.0
 HIGHLIGHT_WIDTH = 3.0
 DEBOUNCE_MS = 250
-
-
-def current_slice(layer: Image, world_point: Sequence[float]) -> tuple[tuple[int, ...], np.ndarray]:
-    """The index of the displayed 2D slice of ``layer`` and its data as float32 HU.
-
-    ``world_point`` is the viewer's ``dims.point``; the last two data axes are the slice's
-    rows and columns, the leading ones are rounded to the nearest index (clipped to the data).
-    """
-    if layer.rgb:
-        raise ConfigError(f"{layer.name!r} is an RGB image; tokens need a CT image in HU.")
-    data = layer.data[0] if layer.multiscale else layer.data
-    if data.ndim < 2:
-        raise ConfigError(f"{layer.name!r} has {data.ndim} dimension(s); tokens need 2D slices.")
-    lead = data.ndim - 2
-    if lead:
-        point = np.asarray(layer.world_to_data(np.asarray(world_point, dtype=float)))[:lead]
-        index = tuple(
-            int(np.clip(np.floor(v + 0.5), 0, n - 1)) for v, n in zip(point, data.shape[:lead], strict=True)
-        )
-    else:
-        index = ()
-    return index, np.asarray(data[index], dtype=np.float32)
 
 
 def pixel_at(layer: Image, world_position: Sequence[float]) -> tuple[int, int]:
@@ -451,8 +430,7 @@ class TokensWidget(WidgetBase):
 
     # --- choices ----------------------------------------------------------------------
     def _image_layers(self) -> list[Image]:
-        own = {self.overlay, self.selection_layer, self.disagreement_layer}
-        return [ly for ly in self.viewer.layers if isinstance(ly, Image) and not ly.rgb and ly not in own]
+        return ct_image_layers(self.viewer.layers)  # the overlays are Shapes and Labels, never listed
 
     def _refresh_layer_choices(self) -> None:
         names = [ly.name for ly in self._image_layers()]
@@ -626,12 +604,10 @@ class TokensWidget(WidgetBase):
         if layer is None:
             self.report_warning("Add or choose an image layer first.")
             return None
-        if self.viewer.dims.ndisplay != 2:
-            self.report_warning("Tokens are shown in the 2D view; switch the viewer to 2D.")
-            return None
-        ndim = self.viewer.dims.ndim
-        if sorted(self.viewer.dims.displayed) != [ndim - 2, ndim - 1]:
-            self.report_warning("Tokens are computed on the last two axes (the axial slice); reset the axis order.")
+        try:
+            require_axial_view(self.viewer.dims, what="Tokens")
+        except ConfigError as exc:
+            self.report_warning(str(exc))
             return None
         if self._model is None and not self._model_spec:
             self.report_warning("Choose a LangAE checkpoint folder (or the bundled default model) first.")
