@@ -205,7 +205,9 @@ def resolve_weights(weights: str | Path = "default", *, role: str = "denoiser") 
     path = Path(weights).expanduser()
     if role == "langae":
         if not path.exists():
-            raise CheckpointError(f"No checkpoint at {path}; choose a LangAE checkpoint folder (or its .zip).")
+            raise CheckpointError(
+                f"No checkpoint at {path}; choose a LangAE checkpoint folder (or its .zip)."
+            )
         if path.is_dir() and (path / "langae").exists():  # a denoiser bundle: the LangAE it was built on
             return path / "langae"
         return path

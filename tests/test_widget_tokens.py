@@ -135,6 +135,36 @@ def test_a_click_lists_the_words_of_the_three_layers_at_that_point(setup, qtbot,
     assert widget.listed_words() == before
 
 
+def test_the_widget_state_is_one_evented_object(setup, qtbot, model):
+    """What the widget shows lives in ``token_state``; views (and tests) subscribe to its events."""
+    from napari_langmamba.widgets.tokens import TokensState
+
+    viewer, image, widget = setup
+    state = widget.token_state
+    assert isinstance(state, TokensState) and not state.following and state.pyramid is None
+    assert state.model is model and state.model_spec == "<tiny>"
+    pyramids, selections = [], []
+    state.events.pyramid.connect(pyramids.append)
+    state.events.selected.connect(selections.append)
+
+    wait_for(qtbot, widget, widget.show_tokens())
+    assert state.following and pyramids == [widget.pyramid] and state.pyramid is widget.pyramid
+    assert state.pyramid_index == widget.pyramid_index == (1,) and state.source() is image
+    assert state.computed_top_k == widget.top_k and state.computed_spec == "<tiny>"
+
+    mouse_press_callbacks(viewer, SimpleNamespace(type="mouse_press", position=world_of(20, 30), modifiers=()))
+    assert len(selections) == 1 and selections[0] is widget.selected and state.last_pixel == (20, 30)
+    assert [r.word for r in selections[0]] == [w for w, _ in widget.listed_words()]  # the list follows the state
+
+    widget._debounce.setInterval(1)
+    viewer.dims.set_current_step(0, 2)
+    qtbot.waitUntil(lambda: widget.pyramid_index == (2,) and not widget.busy, timeout=30000)
+    assert len(pyramids) == 2 and pyramids[-1] is widget.pyramid
+    # the clicked pixel is kept: its words are the new slice's
+    assert len(selections) == 2 and state.last_pixel == (20, 30)
+    assert [r.word for r in widget.selected] == [h.word for h in widget.pyramid.at(20, 30)]
+
+
 def test_changing_slice_recomputes_in_a_worker(setup, qtbot, model):
     viewer, image, widget = setup
     wait_for(qtbot, widget, widget.show_tokens())

@@ -169,7 +169,7 @@ class DenoiseWidget(WidgetBase):
 
     # --- controls -----------------------------------------------------------------------
     def _candidate_layers(self) -> list[Image]:
-        return ct_image_layers(self.viewer.layers, accept=lambda layer: not layer.multiscale and layer.ndim in (2, 3))
+        return ct_image_layers(self.viewer.layers, accept=lambda ly: not ly.multiscale and ly.ndim in (2, 3))
 
     def _refresh_layers(self, event: Any = None) -> None:
         current = self.layer_combo.currentText()

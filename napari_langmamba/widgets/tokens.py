@@ -19,13 +19,21 @@ The overlays are nD Shapes layers with the image layer's transform (scale, trans
 shear, affine), their rectangles placed on the computed slice, so they only show on that slice;
 the word colours are a one-slice Labels layer translated onto that slice (napari draws nothing
 of a layer on slices outside its extent).
+
+What the widget shows and follows (the model, the pyramid and its slice, the comparison, the
+clicked regions, whether it follows slice changes) is one evented :class:`TokensState`
+(``widget.token_state``), like the Train widget's run state; the list of words and the outlines of
+the clicked regions follow its ``selected`` event. The current slice is
+:func:`napari_langmamba.session.current_slice`'s.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import weakref
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,7 @@ import numpy as np
 from napari.layers import Image, Labels, Shapes
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.transforms import CompositeAffine
+from psygnal import evented
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
@@ -234,6 +243,47 @@ def _remove_callback(callbacks: list, callback: Any, *_: object) -> None:
         pass
 
 
+_IDENTITY = operator.is_  # models, pyramids and layer references: a new object is news, whatever it holds
+
+
+@evented(equality_operators={
+    name: _IDENTITY
+    for name in ("model", "pyramid", "source", "compare_pyramid", "comparison", "compare_source", "selected")
+})
+@dataclass
+class TokensState:
+    """What the Tokens widget shows and follows; views subscribe to ``token_state.events.<field>``.
+
+    The pyramid shown is of the image layer ``source()`` at slice ``pyramid_index``, computed
+    with ``computed_top_k`` alternatives by the model ``computed_spec`` named; the comparison
+    likewise of ``compare_source()``. Layer references are weak: a layer removed from the viewer
+    is not kept alive by the widget.
+    """
+
+    model: Any = None
+    """The LangAE in use, once loaded (or given with ``set_model``)."""
+    model_spec: str | None = None
+    """``"default"``, a checkpoint folder, or ``"<name>"`` of a model given with ``set_model``."""
+    pyramid: TokenPyramid | None = None
+    pyramid_index: tuple[int, ...] | None = None
+    source: weakref.ref | None = None
+    compare_pyramid: TokenPyramid | None = None
+    comparison: PyramidComparison | None = None
+    compare_source: weakref.ref | None = None
+    computed_top_k: int | None = None
+    computed_spec: str | None = None
+    selected: list[Region] = field(default_factory=list)
+    """The regions (one per pyramid layer) at the last clicked pixel."""
+    last_pixel: tuple[int, int] | None = None
+    following: bool = False
+    """Tokens were shown once: slice and layer changes recompute them from now on."""
+    comparing: bool = False
+    refresh_pending: bool = False
+    """A recomputation was asked for while a worker ran: start it when that one ends."""
+    pending_click: tuple[float, ...] | None = None
+    """A click (world position) that waits for the pyramid of its slice."""
+
+
 class TokensWidget(WidgetBase):
     """Tokens: per-region words of the LangAE token pyramid, click to read them, compare, export."""
 
@@ -241,23 +291,9 @@ class TokensWidget(WidgetBase):
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
-        self._model: Any = None
-        self._model_spec: str | None = None
-        self.pyramid: TokenPyramid | None = None
-        """The pyramid shown (of ``pyramid_source`` at ``pyramid_index``)."""
-        self.pyramid_index: tuple[int, ...] | None = None
-        self._pyramid_layer_ref: weakref.ref | None = None
-        self.comparison: PyramidComparison | None = None
-        self.compare_pyramid: TokenPyramid | None = None
-        self._compare_layer_ref: weakref.ref | None = None
-        self.selected: list[Region] = []
-        self._last_pixel: tuple[int, int] | None = None
-        self._computed_top_k: int | None = None
-        self._computed_spec: str | None = None
-        self._active = False  # tokens were shown once: follow slice/layer changes from now on
-        self._comparing = False
-        self._refresh_pending = False
-        self._pending_click: tuple[float, ...] | None = None
+        self.token_state = TokensState()
+        """What is shown and followed (evented: subscribe to ``token_state.events.<field>``)."""
+        self.token_state.events.selected.connect(self._on_selected)
         self.overlay: Shapes | None = None
         self.selection_layer: Shapes | None = None
         self.disagreement_layer: Shapes | None = None
@@ -446,7 +482,7 @@ class TokensWidget(WidgetBase):
             self._schedule()
 
     def _shown_layer_name(self) -> str | None:
-        layer = self._pyramid_layer_ref() if self._pyramid_layer_ref else None
+        layer = self.token_state.source() if self.token_state.source else None
         return None if layer is None else layer.name
 
     def _layer_named(self, name: str) -> Image | None:
@@ -493,9 +529,9 @@ class TokensWidget(WidgetBase):
         for i in range(self.model_combo.count() - 1, 1, -1):  # leaving a given model forgets it
             self.model_combo.removeItem(i)
         spec = self.model_path_edit.text().strip() if folder else "default"
-        if spec != self._model_spec:
-            self._model = None  # loaded again, in the next worker
-            self._model_spec = spec
+        if spec != self.token_state.model_spec:
+            self.token_state.model = None  # loaded again, in the next worker
+            self.token_state.model_spec = spec
             self._schedule()
 
     def _browse_model(self) -> None:
@@ -516,8 +552,8 @@ class TokensWidget(WidgetBase):
 
     def set_model(self, model: Any, *, name: str = "custom model") -> None:
         """Use an already loaded LangAE (shown as ``name`` in the model choice, until it changes)."""
-        self._model = model
-        self._model_spec = f"<{name}>"
+        self.token_state.model = model
+        self.token_state.model_spec = f"<{name}>"
         combo = self.model_combo
         combo.blockSignals(True)
         for i in range(combo.count() - 1, 1, -1):
@@ -532,17 +568,40 @@ class TokensWidget(WidgetBase):
     @property
     def model(self) -> Any:
         """The LangAE in use, once loaded."""
-        return self._model
+        return self.token_state.model
+
+    @property
+    def pyramid(self) -> TokenPyramid | None:
+        """The pyramid shown (of the shown layer at :attr:`pyramid_index`)."""
+        return self.token_state.pyramid
+
+    @property
+    def pyramid_index(self) -> tuple[int, ...] | None:
+        """The slice the pyramid shown is of (its indices along the layer's leading axes)."""
+        return self.token_state.pyramid_index
+
+    @property
+    def comparison(self) -> PyramidComparison | None:
+        return self.token_state.comparison
+
+    @property
+    def compare_pyramid(self) -> TokenPyramid | None:
+        return self.token_state.compare_pyramid
+
+    @property
+    def selected(self) -> list[Region]:
+        """The regions (one per pyramid layer) at the last clicked pixel."""
+        return self.token_state.selected
 
     # --- computing --------------------------------------------------------------------
     def _schedule(self) -> None:
         """Recompute after a short pause (slider drags fire many events)."""
-        if self._active:
+        if self.token_state.following:
             self._debounce.start()
 
     def _on_view_changed(self) -> None:
         if self.busy:
-            self._refresh_pending = True
+            self.token_state.refresh_pending = True
             return
         layer = self.image_layer
         if layer is None:
@@ -552,24 +611,25 @@ class TokensWidget(WidgetBase):
         except ConfigError as exc:
             self.set_status(str(exc))
             return
+        state = self.token_state
         fresh = (
-            self.pyramid is not None and layer is self._shown_layer() and index == self.pyramid_index
-            and self._computed_top_k == self.top_k and self._computed_spec == self._model_spec
-            and (not self._comparing or self._compare_is_fresh())
+            state.pyramid is not None and layer is self._shown_layer() and index == state.pyramid_index
+            and state.computed_top_k == self.top_k and state.computed_spec == state.model_spec
+            and (not state.comparing or self._compare_is_fresh())
         )
         if not fresh:
             self.refresh()
 
     def _shown_layer(self) -> Image | None:
-        return self._pyramid_layer_ref() if self._pyramid_layer_ref else None
+        return self.token_state.source() if self.token_state.source else None
 
     def _compare_is_fresh(self) -> bool:
-        other = self._compare_layer_ref() if self._compare_layer_ref else None
+        other = self.token_state.compare_source() if self.token_state.compare_source else None
         return other is not None and other is self._layer_named(self.compare_combo.currentText())
 
     def show_tokens(self) -> Any:
         """Compute and show the tokens of the current slice; follow slice/layer changes from now on."""
-        self._active = True
+        self.token_state.following = True
         return self.refresh()
 
     def compare(self) -> Any:
@@ -577,28 +637,28 @@ class TokensWidget(WidgetBase):
         if self._layer_named(self.compare_combo.currentText()) is None:
             self.report_warning("Choose a second image layer to compare with.")
             return None
-        self._active = True
-        self._comparing = True
+        self.token_state.following = True
+        self.token_state.comparing = True
         return self.refresh()
 
     def stop_comparing(self) -> None:
         """Hide the disagreement overlay and stop comparing on slice changes."""
-        self._comparing = False
-        self.comparison = None
-        self.compare_pyramid = None
+        self.token_state.comparing = False
+        self.token_state.comparison = None
+        self.token_state.compare_pyramid = None
         self.agreement_label.setText("")
         self._remove_layer("disagreement_layer")
 
     def _on_compare_choice(self, name: str) -> None:
         if name == NO_LAYER:
             self.stop_comparing()
-        elif self._comparing:
+        elif self.token_state.comparing:
             self._schedule()
 
     def refresh(self) -> Any:
         """Compute the pyramid(s) of the current slice in a worker; return the worker (or None)."""
         if self.busy:
-            self._refresh_pending = True
+            self.token_state.refresh_pending = True
             return None
         layer = self.image_layer
         if layer is None:
@@ -609,10 +669,10 @@ class TokensWidget(WidgetBase):
         except ConfigError as exc:
             self.report_warning(str(exc))
             return None
-        if self._model is None and not self._model_spec:
+        if self.model is None and not self.token_state.model_spec:
             self.report_warning("Choose a LangAE checkpoint folder (or the bundled default model) first.")
             return None
-        other = self._layer_named(self.compare_combo.currentText()) if self._comparing else None
+        other = self._layer_named(self.compare_combo.currentText()) if self.token_state.comparing else None
         try:
             index, hu = current_slice(layer, self.viewer.dims.point)
             other_slice = current_slice(other, self.viewer.dims.point) if other is not None else None
@@ -624,17 +684,19 @@ class TokensWidget(WidgetBase):
                 f"{layer.name!r} and {other.name!r} have slices of different sizes ({hu.shape} vs "
                 f"{other_slice[1].shape}); compare layers of the same series."
             ))
-            self._comparing = False
+            self.token_state.comparing = False
             other, other_slice = None, None
         where = f"slice {index[0]}" if len(index) == 1 else "this slice"
         self.set_status(f"Computing the tokens of {layer.name} ({where}) ...")
-        work = self._work(self._model, self._model_spec or "default", hu,
+        work = self._work(self.model, self.token_state.model_spec or "default", hu,
                           None if other_slice is None else other_slice[1], self.top_k)
         layer_ref = weakref.ref(layer)
         other_ref = None if other is None else weakref.ref(other)
         worker = self.run_generator(
             work,
-            on_returned=partial(self._on_computed, layer_ref, index, other_ref, self.top_k, self._model_spec),
+            on_returned=partial(
+                self._on_computed, layer_ref, index, other_ref, self.top_k, self.token_state.model_spec
+            ),
             on_failed=self._on_failed,
             context="Cannot compute the tokens",
         )
@@ -658,13 +720,13 @@ class TokensWidget(WidgetBase):
 
     def _on_failed(self, error: BaseException) -> None:
         # stop following the slice: every slider step would otherwise repeat the same error
-        self._active = False
-        self._refresh_pending = False
-        self._pending_click = None
+        self.token_state.following = False
+        self.token_state.refresh_pending = False
+        self.token_state.pending_click = None
 
     def _after_worker(self) -> None:
-        if self._refresh_pending:
-            self._refresh_pending = False
+        if self.token_state.refresh_pending:
+            self.token_state.refresh_pending = False
             self._debounce.start()
 
     def _on_computed(
@@ -677,24 +739,24 @@ class TokensWidget(WidgetBase):
         result: tuple[Any, TokenPyramid, TokenPyramid | None],
     ) -> None:
         model, pyramid, other = result
-        if spec == self._model_spec:  # the choice may have changed while the worker ran
-            self._model = model
-        self._computed_top_k, self._computed_spec = top_k, spec
+        if spec == self.token_state.model_spec:  # the choice may have changed while the worker ran
+            self.token_state.model = model
+        self.token_state.computed_top_k, self.token_state.computed_spec = top_k, spec
         layer = layer_ref()
         if layer is None or layer not in self.viewer.layers:
             # closed while the worker ran: draw nothing (the choice moves to another layer)
             name = "The image layer" if layer is None else f"The layer {layer.name!r}"
             self.set_status(f"{name} was removed before its tokens were ready; nothing was drawn.")
             return
-        self.pyramid = pyramid
-        self.pyramid_index = index
-        self._pyramid_layer_ref = layer_ref
-        self.comparison = None
-        self.compare_pyramid = None
+        self.token_state.pyramid = pyramid
+        self.token_state.pyramid_index = index
+        self.token_state.source = layer_ref
+        self.token_state.comparison = None
+        self.token_state.compare_pyramid = None
         if other is not None and other_ref is not None and other_ref() is not None:
-            self.compare_pyramid = other
-            self._compare_layer_ref = other_ref
-            self.comparison = compare_pyramids(pyramid, other)
+            self.token_state.compare_pyramid = other
+            self.token_state.compare_source = other_ref
+            self.token_state.comparison = compare_pyramids(pyramid, other)
         self._draw_overlay()
         self._draw_comparison()
         n = {tl.layer: tl.n_regions for tl in pyramid.layers}
@@ -702,12 +764,12 @@ class TokensWidget(WidgetBase):
             f"Tokens of {layer.name}: {n[1]} / {n[2]} / {n[3]} regions in layers 1 / 2 / 3. "
             "Click the image to read the words at a point."
         )
-        if self._pending_click is not None:
-            position, self._pending_click = self._pending_click, None
+        if self.token_state.pending_click is not None:
+            position, self.token_state.pending_click = self.token_state.pending_click, None
             self.select_at(position)
-        elif self._last_pixel is not None and pyramid.contains(*self._last_pixel):
+        elif self.token_state.last_pixel is not None and pyramid.contains(*self.token_state.last_pixel):
             # keep the list on the same pixel when the slice changes: its words are the new slice's
-            self._show_hits(*self._last_pixel)
+            self._show_hits(*self.token_state.last_pixel)
 
     # --- overlays ---------------------------------------------------------------------
     def _ensure_shapes(self, attr: str, name: str, image: Image) -> Shapes:
@@ -912,7 +974,7 @@ class TokensWidget(WidgetBase):
         parts = [
             f"layer {c.layer}: {100 * c.agreement:.0f}% ({c.n_agree}/{c.n_regions})" for c in self.comparison.layers
         ]
-        other = self._compare_layer_ref() if self._compare_layer_ref else None
+        other = self.token_state.compare_source() if self.token_state.compare_source else None
         other_name = other.name if other is not None else "?"
         self.agreement_label.setText(f"vs {other_name}: " + ", ".join(parts))
         image = self._shown_layer()
@@ -948,12 +1010,12 @@ class TokensWidget(WidgetBase):
         Called by the viewer's mouse-press callback. When the pyramid of the current slice is
         still being computed, the click is applied once it is ready.
         """
-        if not self._active or self.pyramid is None:
+        if not self.token_state.following or self.pyramid is None:
             return []
         layer = self._pointable_layer()
         if layer is None:
             if self.busy or self._debounce.isActive():  # the pyramid of this slice is on its way
-                self._pending_click = tuple(float(v) for v in world_position)
+                self.token_state.pending_click = tuple(float(v) for v in world_position)
             return []
         row, col = pixel_at(layer, world_position)
         return self._show_hits(row, col)
@@ -964,13 +1026,15 @@ class TokensWidget(WidgetBase):
         if not regions:
             self.set_status(f"Pixel ({row}, {col}) is outside the image.")
             return []
-        self._last_pixel = (row, col)
-        self.selected = regions
+        self.token_state.last_pixel = (row, col)
+        self.token_state.selected = regions  # the list, the outlines and the highlight follow
+        self.set_status(f"Words at pixel (row {row}, column {col}): " + ", ".join(r.word for r in regions))
+        return regions
+
+    def _on_selected(self, regions: list[Region]) -> None:
         self._fill_tree(regions)
         self._draw_selection()
         self._highlight_overlay()
-        self.set_status(f"Words at pixel (row {row}, column {col}): " + ", ".join(r.word for r in regions))
-        return regions
 
     def _fill_tree(self, regions: list[Region]) -> None:
         tree = self.hits_tree
