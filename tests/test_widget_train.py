@@ -321,6 +321,72 @@ def test_arguments_parse_with_the_stage_parser(stage, tmp_path):
             assert ns["codebook"] == "random:8x4" and Path(ns["candidates"]) == tmp_path / "c.json"
 
 
+def test_the_form_takes_its_fields_defaults_and_flags_from_the_stages_options(viewer_widget):
+    """One source of truth: the stages' option dataclasses (training.options), not a copied list."""
+    import argparse
+    import dataclasses
+    import importlib
+
+    from napari_langmamba.widgets.train import (
+        STAGE_FIELDS,
+        STAGES,
+        TrainSettings,
+        build_arguments,
+        stage_default,
+    )
+    from training.__main__ import STAGES as STAGE_MODULES
+    from training.options import BACKBONES, FLAGS, PRESET_CHOICES, default_of, flag_of, options_class
+
+    _, widget = viewer_widget
+    assert set(STAGE_FIELDS) == set(STAGES)
+    for stage, fields in STAGE_FIELDS.items():
+        options = {f.name for f in dataclasses.fields(options_class(stage))}
+        assert set(fields.values()) <= options, stage  # every form field fills a real option
+        parser = argparse.ArgumentParser()
+        importlib.import_module(STAGE_MODULES[stage][0]).add_arguments(parser)
+        for option in fields.values():  # and its flag is one the stage's parser reads into that option
+            flag = flag_of(stage, option)
+            assert flag == FLAGS.get(stage, {}).get(option, "--" + option.replace("_", "-"))
+            action = next(a for a in parser._actions if flag in a.option_strings)
+            assert action.dest == option, (stage, option)
+        # a field left empty takes the stage's own default (no copy of it in the widget)
+        settings = TrainSettings(stage=stage)
+        for field_name, option in fields.items():
+            if field_name in ("data", "val_data"):  # inputs: no default to take
+                continue
+            expected = default_of(options_class(stage), option)
+            assert getattr(settings, field_name) == expected, (stage, field_name)
+    # the stage defaults reach the command: a seed form left alone passes the stage's own values
+    args = build_arguments(TrainSettings(stage="seed", data=(Path("d"),), output=Path("o")))
+    for option in ("epochs", "batch_size", "patch_size", "lr"):
+        flag = flag_of("seed", option)
+        assert float(args[args.index(flag) + 1]) == stage_default("seed", option)
+    assert args[args.index("--lambda") + 1] == format(stage_default("seed", "langda_weight"), "g")
+    # the form opens on the stages' defaults
+    assert widget.epochs_spin.value() == stage_default("seed", "epochs")
+    assert widget.batch_spin.value() == stage_default("seed", "batch_size")
+    assert widget.patch_spin.value() == stage_default("seed", "patch_size")
+    assert float(widget.lr_edit.text()) == stage_default("seed", "lr")
+    assert widget.lambda_spin.value() == pytest.approx(stage_default("seed", "langda_weight"))
+    assert widget.preset_combo.currentText() == stage_default("seed", "preset")
+    assert widget.codebook_edit.text() == stage_default("langae", "codebook")
+    assert widget.dose_spin.value() == pytest.approx(stage_default("simulate", "dose"))
+    assert [widget.preset_combo.itemText(i) for i in range(widget.preset_combo.count())] == list(PRESET_CHOICES)
+    assert [widget.backbone_combo.itemData(i) for i in range(widget.backbone_combo.count())] == list(BACKBONES)
+
+
+def test_the_stage_options_import_without_torch():
+    import subprocess
+
+    code = (
+        "import sys, training.options as o\n"
+        "for stage in o.STAGE_OPTIONS: o.options_class(stage)\n"
+        "heavy = sorted(m for m in ('torch', 'training.common', 'training.seed', 'training.langae') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 # --- Qt-free run-folder reading -----------------------------------------------------------
 def test_file_names_match_the_training_engine():
     import napari_langmamba.training_runs as reader

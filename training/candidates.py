@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ from torch import Tensor
 
 from napari_langmamba.errors import CheckpointError, ConfigError
 from training.config import add_config_argument, add_option, options_to_dict, resolve_options
+from training.options import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, CandidateOptions
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,6 @@ __all__ = [
 
 POOLS_FORMAT = "napari-langmamba-candidate-pools"
 POOLS_VERSION = 1
-DEFAULT_THRESHOLDS = (0.95, 0.9, 0.8)
-DEFAULT_PROMPT = "A CT of {}"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TOP_WORDS = 10
@@ -517,56 +515,6 @@ def write_candidate_pools(path: Path, *, per_image: dict[str, list[list[int]]], 
 
 # ----------------------------------------------------------------------------------------------
 # the stage
-
-
-@dataclass(frozen=True, kw_only=True)
-class CandidateOptions:
-    """Options of ``python -m training candidates`` (defaults are the documented defaults)."""
-
-    data: tuple[Path, ...] = ()
-    output: Path | None = None
-    npy_layout: str = "hu"
-    slice_step: int = 1
-    codebook: str = "words:minilm"
-    scorer: str = "lexicon"
-    thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS
-    window: str = "abdomen"
-    prompt: str = DEFAULT_PROMPT
-    lexicon: Path | None = None
-    device: str = "auto"
-    batch_size: int = 256
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        data = (self.data,) if isinstance(self.data, (str, os.PathLike)) else tuple(self.data or ())
-        object.__setattr__(self, "data", tuple(Path(os.fspath(p)).expanduser() for p in data))
-        for name in ("output", "lexicon"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(os.fspath(value)).expanduser())
-        if not self.data:
-            raise ConfigError("--data is required: the training images (the same --data as stage 1).")
-        if self.npy_layout not in ("hu", "mayo"):
-            raise ConfigError(f"--npy-layout must be 'hu' or 'mayo'; got {self.npy_layout!r}.")
-        if self.slice_step < 1:
-            raise ConfigError(f"--slice-step must be >= 1; got {self.slice_step}.")
-        if self.output is None:
-            raise ConfigError("--output is required: the pools JSON file to write.")
-        thresholds = tuple(float(t) for t in self.thresholds)
-        if len(thresholds) != 3 or not all(0.0 <= t <= 1.0 for t in thresholds):
-            raise ConfigError(f"--thresholds needs three values in [0, 1] (rho_1 rho_2 rho_3); got {self.thresholds}.")
-        object.__setattr__(self, "thresholds", thresholds)
-        if self.scorer == "anatomy":
-            raise ConfigError(
-                "--scorer anatomy makes no pools file: its pools are per region and computed while training; it "
-                "is the default of `python -m training langae` without --candidates."
-            )
-        if self.scorer != "lexicon" and not (self.scorer.startswith("clip:") and len(self.scorer) > 5):
-            raise ConfigError(f"--scorer must be 'lexicon' or 'clip:<local CLIP folder>'; got {self.scorer!r}.")
-        if "{}" not in self.prompt:
-            raise ConfigError(f"--prompt must contain '{{}}' where the token goes; got {self.prompt!r}.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1; got {self.batch_size}.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

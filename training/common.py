@@ -18,7 +18,6 @@ import math
 import os
 import shlex
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +25,15 @@ import torch
 
 from napari_langmamba.errors import ConfigError
 from training.config import add_config_argument, add_option, options_to_dict, resolve_options
-from training.distributed import AMP_CHOICES, DistContext, init_distributed
+from training.distributed import DistContext, init_distributed
+from training.options import (
+    AMP_CHOICES,
+    DEFAULT_SIM_DOSES,
+    PRESET_CHOICES,
+    PairDataOptions,
+    TrainOptions,
+    default_of,
+)
 from training.runs import RunFolder, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -53,78 +60,6 @@ __all__ = [
     "validation",
 ]
 
-PRESET_CHOICES = ("tiny", "lite", "paper")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainOptions:
-    """Options every model-training stage has (defaults are the documented defaults)."""
-
-    data: tuple[Path, ...] = ()
-    output: Path | None = None
-    val_data: tuple[Path, ...] = ()
-    val_fraction: float = 0.1
-    val_max_images: int = 32
-    preset: str = "paper"
-    epochs: int = 100
-    steps_per_epoch: int = 0
-    batch_size: int = 4
-    patch_size: int = 256
-    repeat: int = 1
-    workers: int = 0
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    deterministic: bool = False
-    window: str = "abdomen"
-    log_every: int = 10
-    checkpoint_every: int = 500
-    resume: bool = False
-    progress: bool = True
-    stop_at_step: int | None = None
-    debug_nan_at_step: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("data", "val_data"):  # one path or several
-            value = getattr(self, name)
-            paths = (value,) if isinstance(value, (str, os.PathLike)) else tuple(value or ())
-            object.__setattr__(self, name, tuple(Path(os.fspath(p)).expanduser() for p in paths))
-        if self.output is not None and not isinstance(self.output, Path):
-            object.__setattr__(self, "output", Path(os.fspath(self.output)).expanduser())
-        if self.output is None:
-            raise ConfigError("--output is required: the run folder to write (config, metrics.jsonl, checkpoints).")
-        if self.preset not in PRESET_CHOICES:
-            raise ConfigError(f"--preset must be one of {', '.join(PRESET_CHOICES)}; got {self.preset!r}.")
-        if self.amp not in AMP_CHOICES:
-            raise ConfigError(f"--amp must be one of {', '.join(AMP_CHOICES)}; got {self.amp!r}.")
-        positive = ("epochs", "batch_size", "log_every", "val_max_images", "repeat")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}.")
-        for name in ("steps_per_epoch", "workers", "checkpoint_every", "patch_size"):
-            if int(getattr(self, name)) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}.")
-        if self.patch_size and self.patch_size % 16:
-            raise ConfigError(
-                f"--patch-size must be a multiple of 16 (the encoder downsamples by 16); got {self.patch_size}."
-            )
-        if not 0.0 <= float(self.val_fraction) < 1.0:
-            raise ConfigError(f"--val-fraction must be in [0, 1); got {self.val_fraction}.")
-
-    def _optional_paths(self, *names: str) -> None:
-        """Make the options ``names`` (a path or None) expanded :class:`~pathlib.Path` objects."""
-        for name in names:
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(str(value)).expanduser())
-
-
-def default_of(cls: type, name: str) -> Any:
-    """The default of option ``name`` in options dataclass ``cls`` (for help texts)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.default
-    raise KeyError(name)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, cls: type[TrainOptions]) -> None:
@@ -401,78 +336,6 @@ def sharded_means(
 
 # ----------------------------------------------------------------------------------------------
 # pair data: the flags of the stages that read low-/normal-dose pairs (seed, evaluate)
-
-DEFAULT_SIM_DOSES = (0.05, 0.1, 0.25, 0.5)
-
-
-def _words(value: Any) -> tuple:
-    """A list option from the command line (``A B``), a config file (a list) or ``A,B``."""
-    if value is None:
-        return ()
-    out: list = []
-    for v in [value] if isinstance(value, (str, int, float)) else list(value):
-        out += [w.strip() for w in v.split(",") if w.strip()] if isinstance(v, str) else [v]
-    return tuple(out)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PairDataOptions:
-    """Pair inputs and the split by patient, shared by ``seed`` and ``evaluate``.
-
-    ``pairs``: folders of patients (``<patient>/full…`` + ``quarter…`` DICOM series);
-    ``low``/``full``: CTs paired in order; ``manifest``: CSV files (low, full, patient[, kernel,
-    dose]); ``simulate_from``/``sim_doses``: normal-dose CTs made into simulated pairs at each
-    dose (cached in ``sim_cache``); ``val_patients``: the patients whose pairs are the
-    validation (evaluation) set.
-    """
-
-    pairs: tuple[Path, ...] = ()
-    low: tuple[Path, ...] = ()
-    full: tuple[Path, ...] = ()
-    manifest: tuple[Path, ...] = ()
-    simulate_from: tuple[str, ...] = ()
-    sim_doses: tuple[float, ...] = DEFAULT_SIM_DOSES
-    sim_cache: Path | None = None
-    sim_slice_step: int = 1
-    val_patients: tuple[str, ...] = ()
-
-    def _check_pair_data(self) -> None:
-        from training.datasets import parse_dose
-
-        for name in ("pairs", "low", "full", "manifest"):
-            paths = getattr(self, name)
-            paths = (paths,) if isinstance(paths, (str, os.PathLike)) else tuple(paths or ())
-            object.__setattr__(self, name, tuple(Path(os.fspath(p)).expanduser() for p in paths))
-        object.__setattr__(self, "simulate_from", tuple(os.fspath(p) for p in _as_tuple(self.simulate_from)))
-        object.__setattr__(self, "val_patients", _words(self.val_patients))
-        object.__setattr__(self, "sim_doses", tuple(parse_dose(d, where="--sim-doses") for d in _words(self.sim_doses)))
-        if self.sim_cache is not None and not isinstance(self.sim_cache, Path):
-            object.__setattr__(self, "sim_cache", Path(os.fspath(self.sim_cache)).expanduser())
-        if len(self.low) != len(self.full):
-            raise ConfigError(f"--low and --full pair up in order: got {len(self.low)} low-dose and "
-                              f"{len(self.full)} normal-dose CTs.")
-        if self.simulate_from and not self.sim_doses:
-            raise ConfigError("--simulate-from needs at least one dose (--sim-doses 0.05,0.5).")
-        if isinstance(self.sim_slice_step, bool) or int(self.sim_slice_step) < 1:
-            raise ConfigError(f"--sim-slice-step must be at least 1; got {self.sim_slice_step}.")
-
-    def has_pair_inputs(self) -> bool:
-        return bool(self.pairs or self.low or self.manifest or self.simulate_from)
-
-    def collect(self, data: Sequence[Path | str] = (), *, split: str | None = None, workers: int = 1) -> Any:
-        """All the pair inputs (plus ``data`` folders) as one :class:`training.datasets.PairSet`."""
-        from training.datasets import collect_pairs
-
-        return collect_pairs(data=tuple(data), split=split, pairs=self.pairs, low=self.low, full=self.full,
-                             manifest=self.manifest, simulate_from=self.simulate_from, sim_doses=self.sim_doses,
-                             sim_cache=self.sim_cache, sim_slice_step=self.sim_slice_step, sim_workers=workers)
-
-
-def _as_tuple(value: Any) -> tuple:
-    if value is None:
-        return ()
-    return (value,) if isinstance(value, (str, os.PathLike)) else tuple(value)
-
 
 def add_pair_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, evaluate: bool = False) -> None:
     """Declare the flags of :class:`PairDataOptions` (``evaluate`` words the validation flag for it)."""

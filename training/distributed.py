@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from napari_langmamba.errors import ConfigError
+from training.options import AMP_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ __all__ = [
     "wrap_ddp",
 ]
 
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,9 @@ from napari_langmamba.errors import ConfigError, DependencyError
 from napari_langmamba.events import Progress, run
 from napari_langmamba.metrics import METRIC_NAMES, evaluate_slice, summarize
 from napari_langmamba.windowing import DEFAULT_WINDOW, Window, get_window
-from training.common import PairDataOptions, add_pair_arguments
+from training.common import add_pair_arguments
 from training.config import add_config_argument, add_option, options_to_dict, resolve_options
+from training.options import BASELINES, EvaluateOptions
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +331,6 @@ def evaluate_pairs(
 # ---------------------------------------------------------------------------------------
 # Classical baselines, tuned on training patients
 
-BASELINES = ("gaussian", "nlm", "bm3d")
 NLM_SETTINGS = {"patch_size": 5, "patch_distance": 6, "fast_mode": True}
 """scikit-image non-local means search settings (fast enough for 512 x 512 slices on a CPU)."""
 BM3D_SETTINGS = {"profile": "np", "search_window": 25, "step": 4}
@@ -449,85 +449,6 @@ def write_results(result: EvaluationResult, out_dir: str | os.PathLike) -> tuple
 
 # ---------------------------------------------------------------------------------------
 # Command line
-
-
-def _parse_window(value: Any) -> str | tuple[float, float]:
-    """A preset name, ``"lower,upper"`` or a 2-sequence of HU limits."""
-    if isinstance(value, str) and "," in value:
-        parts = value.split(",")
-        try:
-            if len(parts) != 2:
-                raise ValueError
-            return (float(parts[0]), float(parts[1]))
-        except ValueError:
-            raise ConfigError(f"A window is a preset name or 'lower,upper' in HU; got {value!r}.") from None
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return (float(value[0]), float(value[1]))
-    return value
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvaluateOptions(PairDataOptions):
-    """Options of the ``evaluate`` stage.
-
-    Data: ``data`` (a simulated-pairs or Mayo 2D folder, optional ``split``) and/or the pair
-    inputs of :class:`training.common.PairDataOptions` (``--pairs``, ``--low/--full``,
-    ``--manifest``, ``--simulate-from``); ``val_patients`` chooses the patients evaluated.
-    Methods: the low-dose input, the ``baselines`` (tuned on ``tune_patients``, or read from
-    ``tuned``), and each model: ``checkpoint`` (named ``method_name``) and ``weights``
-    (``[LABEL=]PATH``, repeatable).
-    """
-
-    data: str | None = None
-    split: str | None = None
-    checkpoint: str | None = None
-    method_name: str = "model"
-    weights: tuple[str, ...] = ()
-    baselines: tuple[str, ...] = ()
-    tune_patients: tuple[str, ...] = ()
-    tune_slices: int = 4
-    tuned: str | None = None
-    device: str = "auto"
-    window: Any = DEFAULT_WINDOW
-    metrics: tuple[str, ...] = METRIC_NAMES
-    max_slices: int | None = None
-    held_out: float = 0.0
-    out: str | None = None
-
-    def __post_init__(self) -> None:
-        from training.common import _words
-
-        self._check_pair_data()
-        for name in ("data", "checkpoint", "out", "tuned"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, os.fspath(value))
-        window = _parse_window(self.window)
-        get_window(window)  # validates
-        object.__setattr__(self, "window", window)
-        metrics = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
-        object.__setattr__(self, "metrics", tuple(m.strip().lower() for m in metrics))
-        object.__setattr__(self, "weights", tuple(os.fspath(w) for w in
-                                                  ((self.weights,) if isinstance(self.weights, str) else self.weights)))
-        object.__setattr__(self, "baselines", tuple(b.lower() for b in _words(self.baselines)))
-        object.__setattr__(self, "tune_patients", _words(self.tune_patients))
-        unknown = [b for b in self.baselines if b not in BASELINES]
-        if unknown:
-            raise ConfigError(f"Unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}.")
-        if self.data is None and not self.has_pair_inputs():
-            raise ConfigError("evaluate needs pairs: --data FOLDER, --pairs FOLDER, --low and --full CT series, "
-                              "--manifest CSV or --simulate-from CT.")
-        if not 0.0 <= float(self.held_out) < 1.0:
-            raise ConfigError(f"--held-out is a fraction in [0, 1); got {self.held_out!r}.")
-        if self.baselines and not (self.tune_patients or self.tuned):
-            raise ConfigError("--baselines are tuned on training patients: give --tune-patients (e.g. "
-                              "L096,L143,L286) or --tuned EVALUATION.json of an earlier run.")
-        overlap = sorted(set(self.tune_patients) & set(self.val_patients))
-        if overlap:
-            raise ConfigError(f"Patient(s) {', '.join(overlap)} are both tuned on and evaluated; tune the baselines "
-                              "on training patients only.")
-        if isinstance(self.tune_slices, bool) or int(self.tune_slices) < 1:
-            raise ConfigError(f"--tune-slices must be at least 1; got {self.tune_slices}.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

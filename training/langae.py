@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +48,6 @@ import torch.nn.functional as F
 
 from napari_langmamba.errors import ConfigError
 from training.common import (
-    TrainOptions,
     add_train_arguments,
     command_line,
     crop_to_multiple,
@@ -65,63 +62,14 @@ from training.common import (
 )
 from training.config import add_option
 from training.datasets import NDCTDataset
+from training.options import SCORERS, LangAEOptions
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LangAEOptions", "TissueNDCTDataset", "add_arguments", "freeze_features", "init_from_checkpoint", "main"]
 
 STAGE = "langae"
-SCORERS = ("anatomy", "none")
 FROZEN_FEATURES = ("encoder.conv_in", "encoder.down[:-1]")
-
-
-@dataclass(frozen=True, kw_only=True)
-class LangAEOptions(TrainOptions):
-    """Options of ``python -m training langae`` (defaults are the documented defaults)."""
-
-    codebook: str = "words:minilm"
-    candidates: Path | None = None
-    scorer: str = "anatomy"
-    min_share: float = 0.25
-    init: Path | None = None
-    freeze_features: bool = False
-    alpha: float = 0.3
-    beta: float = 0.3
-    gamma: float = 0.1
-    eta: float = 0.1
-    disc_start: int = 10000
-    disc_channels: int = 64
-    disc_layers: int = 3
-    perceptual_weights: Path | None = None
-    base_lr: float = 4.5e-6
-    lr: float | None = None
-    npy_layout: str = "hu"
-    slice_step: int = 1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.data:
-            raise ConfigError("--data is required: normal-dose CT (DICOM folders, NIfTI, .npy, Mayo or simulate folders).")
-        self._optional_paths("candidates", "perceptual_weights", "init")
-        if self.scorer not in SCORERS:
-            raise ConfigError(
-                f"--scorer must be one of {', '.join(SCORERS)}; got {self.scorer!r} (PubMedCLIP pools come from "
-                "`python -m training candidates --scorer clip:<dir>`, given here as --candidates)."
-            )
-        if not 0.0 < float(self.min_share) <= 1.0:
-            raise ConfigError(f"--min-share must be in (0, 1]; got {self.min_share}.")
-        for name in ("alpha", "beta", "gamma", "eta", "base_lr"):
-            value = float(getattr(self, name))
-            if not (math.isfinite(value) and value >= 0.0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0; got {value}.")
-        if self.lr is not None and not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
-            raise ConfigError(f"--lr must be positive; got {self.lr}.")
-        if self.disc_start < 0 or self.disc_channels < 1 or self.disc_layers < 1:
-            raise ConfigError("--disc-start must be >= 0, --disc-channels and --disc-layers >= 1.")
-        if self.npy_layout not in ("hu", "mayo"):
-            raise ConfigError(f"--npy-layout must be 'hu' or 'mayo'; got {self.npy_layout!r}.")
-        if self.slice_step < 1:
-            raise ConfigError(f"--slice-step must be >= 1; got {self.slice_step}.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +30,6 @@ import torch.nn.functional as F
 
 from napari_langmamba.errors import ConfigError
 from training.common import (
-    PairDataOptions,
-    TrainOptions,
     add_pair_arguments,
     add_train_arguments,
     command_line,
@@ -49,61 +45,15 @@ from training.common import (
     validation,
 )
 from training.config import add_option
+from training.options import BACKBONES, SeedOptions
+from training.options import FLAGS as STAGE_FLAGS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SeedOptions", "add_arguments", "main"]
 
 STAGE = "seed"
-BACKBONES = ("seed", "redcnn")
-FLAGS = {"langda_weight": "--lambda"}  # options whose flag is not --<name>
-
-
-@dataclass(frozen=True, kw_only=True)
-class SeedOptions(TrainOptions, PairDataOptions):
-    """Options of ``python -m training seed`` (defaults are the documented defaults)."""
-
-    split: str | None = None
-    backbone: str = "seed"
-    langae: Path | None = None
-    init: Path | None = None
-    langda_weight: float = 0.1
-    lr: float = 1e-4
-    lr_min: float = 1e-6
-    weight_decay: float = 1e-9
-    patch_size: int = 64
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_pair_data()
-        self._optional_paths("langae", "init")
-        if not self.data and not self.has_pair_inputs():
-            raise ConfigError(
-                "Training pairs are required: --pairs FOLDER (<patient>/full…/ + quarter…/ DICOM series), "
-                "--data FOLDER (from `python -m training simulate`, or a Mayo 2D root), --low CT --full CT "
-                "(series paired by slice position), --manifest CSV, or --simulate-from CT."
-            )
-        if self.val_patients and self.val_data:
-            raise ConfigError("Give either --val-patients or --val-data, not both.")
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"--backbone must be one of {', '.join(BACKBONES)}; got {self.backbone!r}.")
-        weight = float(self.langda_weight)
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ConfigError(f"--lambda must be a finite number >= 0; got {self.langda_weight}.")
-        if self.langae is None and (self.backbone == "seed" or weight > 0):
-            why = "SEED's frozen encoder comes from it" if self.backbone == "seed" else "the LangDA loss uses it"
-            raise ConfigError(
-                f"--langae CHECKPOINT is required ({why}); train one with `python -m training langae`, "
-                "or use --backbone redcnn --lambda 0 for the MSE-only RED-CNN baseline."
-            )
-        for name in ("lr", "lr_min"):
-            value = float(getattr(self, name))
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {value}.")
-        if self.lr_min > self.lr:
-            raise ConfigError(f"--lr-min ({self.lr_min}) must not exceed --lr ({self.lr}).")
-        if not float(self.weight_decay) >= 0:
-            raise ConfigError(f"--weight-decay must be >= 0; got {self.weight_decay}.")
+FLAGS = STAGE_FLAGS[STAGE]  # options whose flag is not --<name>
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

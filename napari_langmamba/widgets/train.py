@@ -28,6 +28,7 @@ does that.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -66,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "STAGES",
+    "STAGE_FIELDS",
     "TRAINING_STAGES",
     "TrainSettings",
     "TrainStatus",
@@ -73,6 +75,7 @@ __all__ = [
     "TrainingRunState",
     "build_arguments",
     "format_eta",
+    "stage_default",
     "validate_settings",
 ]
 
@@ -85,18 +88,25 @@ STAGES: dict[str, str] = {
 }
 TRAINING_STAGES = ("langae", "seed")
 """Stages that write a run folder with ``metrics.jsonl`` and checkpoints (and can resume)."""
-PRESETS = ("tiny", "lite", "paper")
-BACKBONES = {"seed": "SEED (Mamba decoder)", "redcnn": "RED-CNN"}
+BACKBONE_LABELS = {"seed": "SEED (Mamba decoder)", "redcnn": "RED-CNN"}
 DEVICES = ("auto", "cpu", "cuda")
 
-# The papers' defaults (and the stages' own): see DESIGN.md and `python -m training <stage> --help`.
-DEFAULT_EPOCHS = 100
-DEFAULT_BATCH = 4
-DEFAULT_PATCH = {"langae": 256, "seed": 64}
-DEFAULT_LR = {"seed": "1e-4", "langae": ""}  # langae: empty = 4.5e-6 x batch size (taming's scaling)
-DEFAULT_LAMBDA = 0.1  # LangMamba; LEDA used 0.5
-DEFAULT_DOSE = 0.25
-DEFAULT_CODEBOOK = "words:minilm"
+# Which option of each stage a form field fills. The options themselves (names, hence flags, defaults,
+# choices) are the stages' own, from `training.options`, imported when a form or a command is built
+# (never when napari starts); `python -m training <stage> --help` lists them.
+_TRAINING_FIELDS = {
+    "data": "data", "val_data": "val_data", "output": "output", "preset": "preset", "epochs": "epochs",
+    "steps_per_epoch": "steps_per_epoch", "batch_size": "batch_size", "patch_size": "patch_size",
+    "device": "device", "lr": "lr",
+}
+STAGE_FIELDS: dict[str, dict[str, str]] = {
+    "simulate": {"data": "inputs", "output": "out", "dose": "dose"},
+    "candidates": {"data": "data", "output": "output", "codebook": "codebook", "device": "device"},
+    "langae": {**_TRAINING_FIELDS, "codebook": "codebook", "candidates": "candidates"},
+    "seed": {**_TRAINING_FIELDS, "backbone": "backbone", "langda_weight": "langda_weight", "langae": "langae"},
+    "evaluate": {"data": "data", "checkpoint": "checkpoint", "device": "device", "output": "out"},
+}
+"""Per stage, ``{form field: the stage's option}``: the command passes exactly these."""
 
 PERSISTED_FIELDS = (
     "stage_combo", "data_edit", "val_edit", "output_edit", "preset_combo", "epochs_spin", "steps_spin",
@@ -145,80 +155,92 @@ class TrainingRunState:
     message: str = ""
 
 
+def stage_default(stage: str, option: str) -> Any:
+    """The default of ``option`` of ``stage``, as the stage's options dataclass declares it."""
+    from training.options import default_of, options_class
+
+    return default_of(options_class(stage), option)
+
+
+def stage_choices(name: str) -> tuple[str, ...]:
+    """The values the stages accept for ``preset`` or ``backbone``."""
+    from training.options import BACKBONES, PRESET_CHOICES
+
+    return {"preset": PRESET_CHOICES, "backbone": BACKBONES}[name]
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings:
-    """The form's choices; :func:`build_arguments` turns them into the stage's real flags."""
+    """The form's choices; :func:`build_arguments` turns them into the stage's real flags.
+
+    A field the stage uses (:data:`STAGE_FIELDS`) left ``None`` takes the stage's own default;
+    ``lr`` stays ``None`` (no flag) when the stage derives it (``langae``: base lr x batch size).
+    """
 
     stage: str
     data: tuple[Path, ...] = ()
     val_data: tuple[Path, ...] = ()
     output: Path | None = None
-    preset: str = "paper"
-    epochs: int = DEFAULT_EPOCHS
-    steps_per_epoch: int = 0
-    batch_size: int = DEFAULT_BATCH
-    patch_size: int = 64
+    preset: str | None = None
+    epochs: int | None = None
+    steps_per_epoch: int | None = None
+    batch_size: int | None = None
+    patch_size: int | None = None
     lr: float | None = None
-    langda_weight: float = DEFAULT_LAMBDA
-    backbone: str = "seed"
-    codebook: str = DEFAULT_CODEBOOK
+    langda_weight: float | None = None
+    backbone: str | None = None
+    codebook: str | None = None
     langae: Path | None = None
     candidates: Path | None = None
     checkpoint: Path | None = None
-    dose: float = DEFAULT_DOSE
-    device: str = "auto"
+    dose: float | None = None
+    device: str | None = None
     extra: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, option in STAGE_FIELDS.get(self.stage, {}).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, stage_default(self.stage, option))
 
 
 def _num(value: float) -> str:
     return format(value, "g")
 
 
+def _lr_text(value: float | None) -> str:
+    """A learning rate as people write it: ``1e-4``, ``4.5e-6``; ``""`` for none."""
+    if value is None:
+        return ""
+    mantissa, exponent = f"{float(value):e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def build_arguments(settings: TrainSettings, *, resume: bool = False) -> list[str]:
     """``python -m training`` arguments (stage first) for ``settings``.
 
-    Only flags of the stage's own parser are used (``python -m training <stage> --help``);
-    ``settings.extra`` is appended as typed.
+    Each field of the stage's :data:`STAGE_FIELDS` that holds a value becomes the flag of its
+    option (:func:`training.options.flag_of`); a list option takes every path, a single one the
+    first. ``--resume`` follows, then ``settings.extra`` as typed.
     """
+    from training.options import flag_of, options_class
+
     s = settings
-    out = [] if s.output is None else [str(s.output)]
-    data = [str(p) for p in s.data]
-    if s.stage == "simulate":
-        args = ["simulate", "--input", *data, "--out", *out, "--dose", _num(s.dose)]
-    elif s.stage == "candidates":
-        args = ["candidates", "--data", *data, "--output", *out, "--codebook", s.codebook, "--device", s.device]
-    elif s.stage == "evaluate":
-        args = ["evaluate", "--data", *data[:1]]
-        if s.checkpoint is not None:
-            args += ["--checkpoint", str(s.checkpoint)]
-        args += ["--device", s.device, "--out", *out]
-    elif s.stage in TRAINING_STAGES:
-        args = [s.stage, "--data", *data]
-        if s.val_data:
-            args += ["--val-data", *(str(p) for p in s.val_data)]
-        args += [
-            "--output", *out,
-            "--preset", s.preset,
-            "--epochs", str(s.epochs),
-            "--steps-per-epoch", str(s.steps_per_epoch),
-            "--batch-size", str(s.batch_size),
-            "--patch-size", str(s.patch_size),
-            "--device", s.device,
-        ]
-        if s.lr is not None:
-            args += ["--lr", _num(s.lr)]
-        if s.stage == "langae":
-            args += ["--codebook", s.codebook]
-            if s.candidates is not None:
-                args += ["--candidates", str(s.candidates)]
-        else:
-            args += ["--backbone", s.backbone, "--lambda", _num(s.langda_weight)]
-            if s.langae is not None:
-                args += ["--langae", str(s.langae)]
-        if resume:
-            args.append("--resume")
-    else:
+    if s.stage not in STAGE_FIELDS:
         raise ConfigError(f"Unknown stage {s.stage!r}; choose one of {', '.join(STAGES)}.")
+    defaults = {f.name: f.default for f in dataclasses.fields(options_class(s.stage))}
+    args = [s.stage]
+    for name, option in STAGE_FIELDS[s.stage].items():
+        value = getattr(s, name)
+        if value is None or value == ():
+            continue
+        if isinstance(value, tuple):
+            values = [str(v) for v in (value if isinstance(defaults[option], tuple) else value[:1])]
+        else:
+            values = [_num(value) if isinstance(value, float) else str(value)]
+        args += [flag_of(s.stage, option), *values]
+    if resume:
+        args.append("--resume")
     return args + list(s.extra)
 
 
@@ -430,42 +452,42 @@ class TrainWidget(WidgetBase):
         self._path_row("output", "Run folder", browse="save-folder", placeholder="a new folder for this run")
 
         preset = self._row("preset_combo", QComboBox(), "Preset")
-        preset.addItems(PRESETS)
-        preset.setCurrentText("paper")
+        preset.addItems(stage_choices("preset"))
+        preset.setCurrentText(stage_default("seed", "preset"))
         epochs = self._row("epochs_spin", QSpinBox(), "Epochs")
         epochs.setRange(1, 1_000_000)
-        epochs.setValue(DEFAULT_EPOCHS)
+        epochs.setValue(stage_default("seed", "epochs"))
         steps = self._row("steps_spin", QSpinBox(), "Steps per epoch")
         steps.setRange(0, 100_000_000)
         steps.setSpecialValueText("full pass")
         batch = self._row("batch_spin", QSpinBox(), "Batch size")
         batch.setRange(1, 4096)
-        batch.setValue(DEFAULT_BATCH)
+        batch.setValue(stage_default("seed", "batch_size"))
         patch = self._row("patch_spin", QSpinBox(), "Patch size (px)")
         patch.setRange(0, 4096)
         patch.setSingleStep(16)
         patch.setSpecialValueText("whole slices")
-        patch.setValue(DEFAULT_PATCH["seed"])
-        lr = self._row("lr_edit", QLineEdit(DEFAULT_LR["seed"]), "Learning rate")
-        lr.setPlaceholderText("4.5e-6 x batch size")
+        patch.setValue(stage_default("seed", "patch_size"))
+        lr = self._row("lr_edit", QLineEdit(_lr_text(stage_default("seed", "lr"))), "Learning rate")
+        lr.setPlaceholderText(f"{_lr_text(stage_default('langae', 'base_lr'))} x batch size")
 
         backbone = self._row("backbone_combo", QComboBox(), "Backbone")
-        for key, text in BACKBONES.items():
-            backbone.addItem(text, key)
+        for key in stage_choices("backbone"):
+            backbone.addItem(BACKBONE_LABELS.get(key, key), key)
         lam = self._row("lambda_spin", QDoubleSpinBox(), "LangDA lambda")
         lam.setDecimals(3)
         lam.setRange(0.0, 100.0)
         lam.setSingleStep(0.05)
-        lam.setValue(DEFAULT_LAMBDA)
+        lam.setValue(stage_default("seed", "langda_weight"))
         self._path_row("langae", "LangAE checkpoint", browse="folder", placeholder="stage-1 run's best/ (or last/)")
-        self._row("codebook_edit", QLineEdit(DEFAULT_CODEBOOK), "Codebook")
+        self._row("codebook_edit", QLineEdit(stage_default("langae", "codebook")), "Codebook")
         self._path_row("candidates", "Candidate pools", browse="open-json", placeholder="optional: stage-0 .json")
         self._path_row("checkpoint", "Model checkpoint", browse="folder", placeholder="optional: denoiser checkpoint")
         dose = self._row("dose_spin", QDoubleSpinBox(), "Dose fraction")
         dose.setDecimals(3)
         dose.setRange(0.01, 1.0)
         dose.setSingleStep(0.05)
-        dose.setValue(DEFAULT_DOSE)
+        dose.setValue(stage_default("simulate", "dose"))
 
         device = self._row("device_combo", QComboBox(), "Device")
         device.setEditable(True)
@@ -566,10 +588,10 @@ class TrainWidget(WidgetBase):
         if training and not self._filling:
             # Switch the stage-specific defaults, but keep a value the user typed.
             other = "langae" if stage == "seed" else "seed"
-            if self.patch_spin.value() == DEFAULT_PATCH[other]:
-                self.patch_spin.setValue(DEFAULT_PATCH[stage])
-            if self.lr_edit.text().strip() == DEFAULT_LR[other]:
-                self.lr_edit.setText(DEFAULT_LR[stage])
+            if self.patch_spin.value() == stage_default(other, "patch_size"):
+                self.patch_spin.setValue(stage_default(stage, "patch_size"))
+            if self.lr_edit.text().strip() == _lr_text(stage_default(other, "lr")):
+                self.lr_edit.setText(_lr_text(stage_default(stage, "lr")))
         self._on_form_changed()
 
     def settings(self) -> TrainSettings:
@@ -601,7 +623,7 @@ class TrainWidget(WidgetBase):
             lr=lr,
             langda_weight=float(self.lambda_spin.value()),
             backbone=str(self.backbone_combo.currentData()),
-            codebook=self.codebook_edit.text().strip() or DEFAULT_CODEBOOK,
+            codebook=self.codebook_edit.text().strip() or None,  # None: the stage's default
             langae=_optional_path(self.langae_edit.text()),
             candidates=_optional_path(self.candidates_edit.text()),
             checkpoint=_optional_path(self.checkpoint_edit.text()),
@@ -657,7 +679,7 @@ class TrainWidget(WidgetBase):
             self.stage_combo.setCurrentIndex(self.stage_combo.findData(info.stage))
             self.data_edit.setText(paths(o.get("data")))
             self.val_edit.setText(paths(o.get("val_data")))
-            if o.get("preset") in PRESETS:
+            if o.get("preset") in stage_choices("preset"):
                 self.preset_combo.setCurrentText(o["preset"])
             for spin, key in ((self.epochs_spin, "epochs"), (self.steps_spin, "steps_per_epoch"),
                               (self.batch_spin, "batch_size"), (self.patch_spin, "patch_size")):
@@ -667,10 +689,10 @@ class TrainWidget(WidgetBase):
             if isinstance(o.get("device"), str):
                 self.device_combo.setCurrentText(o["device"])
             if info.stage == "langae":
-                self.codebook_edit.setText(str(o.get("codebook") or DEFAULT_CODEBOOK))
+                self.codebook_edit.setText(str(o.get("codebook") or stage_default("langae", "codebook")))
                 self.candidates_edit.setText(paths(o.get("candidates")))
             else:
-                if o.get("backbone") in BACKBONES:
+                if o.get("backbone") in stage_choices("backbone"):
                     self.backbone_combo.setCurrentIndex(self.backbone_combo.findData(o["backbone"]))
                 if isinstance(o.get("langda_weight"), (int, float)):
                     self.lambda_spin.setValue(float(o["langda_weight"]))
