@@ -63,6 +63,7 @@ CORE_MODULES = [
     "napari_langmamba.checkpoint",
     "napari_langmamba.inference",
     "napari_langmamba.tokens",
+    "napari_langmamba.session",
 ]
 
 
@@ -78,9 +79,11 @@ def test_core_module_imports_no_qt_or_napari(module):
     assert result.stdout.strip() == "", f"{module} pulled in {result.stdout.strip()}"
 
 
-def test_reader_module_imports_no_torch():
-    """napari imports the reader/sample module at start-up: it must not load torch."""
-    code = "import sys, napari_langmamba.io._napari\nprint('torch' in sys.modules)\n"
+@pytest.mark.parametrize("module", ["napari_langmamba.io._napari", "napari_langmamba.session", "training.options"])
+def test_light_modules_import_no_torch(module):
+    """napari imports the reader/sample module at start-up; the session layer and the stages' options
+    (what the Train widget reads) are needed before any model: none of them may load torch."""
+    code = f"import sys, {module}\nprint('torch' in sys.modules)\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -209,16 +207,6 @@ def test_nan_input_is_handled_the_same_by_the_denoiser_and_the_tokens(bundle):
             warnings.simplefilter("error")  # refused outright, no warning first
             with pytest.raises(ConfigError, match="only NaN"):
                 compute(nothing)
-
-
-def test_session_imports_neither_torch_nor_qt():
-    code = (
-        "import sys, napari_langmamba.session\n"
-        "print(','.join(sorted(m for m in ('torch', 'qtpy', 'napari') if m in sys.modules)))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ""
 
 
 # --- the current slice -----------------------------------------------------------------------------

@@ -375,18 +375,6 @@ def test_the_form_takes_its_fields_defaults_and_flags_from_the_stages_options(vi
     assert [widget.backbone_combo.itemData(i) for i in range(widget.backbone_combo.count())] == list(BACKBONES)
 
 
-def test_the_stage_options_import_without_torch():
-    import subprocess
-
-    code = (
-        "import sys, training.options as o\n"
-        "for stage in o.STAGE_OPTIONS: o.options_class(stage)\n"
-        "heavy = sorted(m for m in ('torch', 'training.common', 'training.seed', 'training.langae') if m in sys.modules)\n"
-        "assert not heavy, heavy\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
 # --- Qt-free run-folder reading -----------------------------------------------------------
 def test_file_names_match_the_training_engine():
     import napari_langmamba.training_runs as reader
