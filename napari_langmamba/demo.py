@@ -47,7 +47,35 @@ def dock_widgets(viewer: Any, names: Sequence[str] = DOCK_WIDGETS) -> dict[str, 
         front.raise_()
         QTimer.singleShot(0, front.raise_)  # again once the window is shown: Qt applies it to the tab bar then
     fit_window_to_screen(viewer)
+    if STACKED_WIDGETS <= len(names):  # the loader above the tab group: room for all its controls
+        from qtpy.QtCore import QTimer
+
+        loader, below = names[0], names[STACKED_WIDGETS - 1]
+
+        def fit_loader() -> None:
+            try:
+                fit_dock_to_controls(viewer, docks[loader], docked[loader], docks[below])
+            except RuntimeError:  # the window was closed first (its Qt objects are gone)
+                logger.debug("the viewer closed before its docks were laid out")
+
+        QTimer.singleShot(0, fit_loader)  # once the window is laid out: the docks' heights are known then
     return docked
+
+
+def fit_dock_to_controls(viewer: Any, dock: Any, widget: Any, below: Any) -> int:
+    """Make ``dock`` (one of the project's widgets) tall enough for its controls, taking the height from ``below``.
+
+    Stacked above a dock that asks for more room (the tab group of Denoise, Compare, Tokens and
+    Train), the loader would start at its minimum height, a few rows, the rest scrolled away.
+    ``below`` keeps at least its minimum height. Returns the height ``dock`` gets.
+    """
+    from qtpy.QtCore import Qt
+
+    total = dock.height() + below.height()  # both change, the sum does not: nothing else moves
+    height = min(dock.height() - widget.height() + widget.controls_height(),
+                 total - below.minimumSizeHint().height())
+    viewer.window._qt_window.resizeDocks([dock, below], [height, total - height], Qt.Orientation.Vertical)
+    return height
 
 
 def fit_window_to_screen(viewer: Any) -> tuple[int, int]:

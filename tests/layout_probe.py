@@ -3,8 +3,9 @@
     DISPLAY=:N python tests/layout_probe.py {demo|one-by-one} SERIES
 
 Prints one JSON object: the screen, the window's geometry, whether the Denoise widget (and its
-Run button) is visible and inside the window at start, which dock tab is in front, and how much
-of the canvas the loaded image fills.
+Run button) is visible and inside the window at start, whether the Load CT widget shows its
+controls without scrolling (at start and once the series is loaded), which dock tab is in front,
+and how much of the canvas the loaded image fills.
 """
 
 from __future__ import annotations
@@ -36,6 +37,22 @@ def inside(widget, window) -> bool:
     return window.rect().contains(rect)
 
 
+def controls_shown(widget, window) -> dict:
+    """How tall ``widget`` (a project dock widget) starts, and whether its controls show without scrolling."""
+    scroll = widget.scroll_area.verticalScrollBar()
+    return {
+        "load_height": widget.height(),
+        "load_content_height": widget.content.minimumSizeHint().height(),
+        "load_scrolls": scroll.maximum() > scroll.minimum(),
+        "load_controls_visible": all(inside(control, window) for control in load_controls(widget)),
+    }
+
+
+def load_controls(widget) -> list:
+    """The Load CT widget's controls, from the path field to the window preset."""
+    return [widget.path_edit, widget.scan_button, widget.series_table, widget.load_button, widget.window_combo]
+
+
 def main(mode: str, series: str) -> dict:
     import napari
     from qtpy.QtWidgets import QApplication
@@ -61,8 +78,10 @@ def main(mode: str, series: str) -> dict:
         "denoise_visible": inside(denoise, window),
         "run_button_visible": inside(denoise.run_button, window),
         "load_visible": inside(load, window),
+        **controls_shown(load, window),
     }
     wait(app, lambda: len(viewer.layers) == 1 and load.worker is None)
+    loaded = controls_shown(load, window)
     layer = viewer.layers[0]
     canvas = viewer.window._qt_viewer.canvas.native
     extent = [n * s for n, s in zip(layer.data.shape[-2:], layer.scale[-2:], strict=True)]
@@ -80,6 +99,7 @@ def main(mode: str, series: str) -> dict:
             name for name, widget in widgets.items() if not widget.visibleRegion().isEmpty()
         ],
         **at_start,
+        "load_scrolls_when_loaded": loaded["load_scrolls"],
     }
     viewer.close()
     return report

@@ -1,4 +1,5 @@
-"""The main job's window on a 1366 x 768 screen: it fits, Denoise is in front, the CT fills the canvas.
+"""The main job's window on a 1366 x 768 screen: it fits, Denoise is in front, Load CT shows all its
+controls, the CT fills the canvas.
 
 Each case runs ``tests/layout_probe.py`` in a fresh process on its own Xvfb screen of that size
 (the suite's own Xvfb screen is 800 x 600), loading the real series through the Load CT widget.
@@ -36,6 +37,11 @@ def test_the_main_job_fits_1366x768_with_denoise_in_front_and_the_ct_fitted(dico
     assert height <= SCREEN[1] and width <= SCREEN[0]
     assert report["denoise_visible"] and report["run_button_visible"] and report["load_visible"]
     assert report["front_tabs"] == ["Load CT", "Denoise"]  # Compare, Tokens and Train are tabs behind it
+    # Load CT starts tall enough for its controls (it used to start 72 px tall, scrolled): path, Scan,
+    # the series table, Load and the window preset inside the window, nothing to scroll, then or later
+    assert report["load_controls_visible"] and not report["load_scrolls"]
+    assert report["load_height"] >= report["load_content_height"] > 200
+    assert not report["load_scrolls_when_loaded"]
     assert report["layer_shape"] == [20, 512, 512]
     assert max(report["fill"]) >= 0.9 and min(report["fill"]) >= 0.6  # fitted: the CT fills the canvas
 

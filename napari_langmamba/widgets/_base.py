@@ -290,6 +290,19 @@ class WidgetBase(QWidget):
             spin.blockSignals(False)
             spin.setEnabled(custom)
 
+    def controls_height(self) -> int:
+        """The height this widget needs to show all its controls without scrolling, at its current width.
+
+        The progress bar counts even while hidden (it shows whenever work runs).
+        """
+        scroll, content = self.scroll_area, self.content
+        width = scroll.viewport().width()
+        # the status line wraps: the content's height depends on its width
+        wanted = content.heightForWidth(width) if content.hasHeightForWidth() else content.sizeHint().height()
+        if not self.progress_bar.isVisibleTo(content):
+            wanted += self.progress_bar.sizeHint().height() + self._form.verticalSpacing()
+        return self.height() - scroll.viewport().height() + wanted
+
     def add_status_rows(self) -> None:
         """Place the shared progress bar and status label (call once, after the controls)."""
         self.bind("progress_bar", self.progress_bar)
