@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,81 @@ def test_several_series_choose_by_index_or_uid(two_series):
         read_ct(folder, series=5)
     with pytest.raises(SeriesChoiceError, match="No series with UID"):
         read_ct(folder, series="1.2.3")
+
+
+def test_a_listed_series_reads_from_its_listing(two_series, monkeypatch):
+    """A SeriesInfo (here from the choice error, as the Load widget gets it) reads without a new scan."""
+    from napari_langmamba.io import dicom
+
+    folder, uid_a, uid_b = two_series
+    with pytest.raises(SeriesChoiceError) as info:
+        read_ct(folder)
+    chosen = info.value.series[1]
+    assert chosen.scan is not None and chosen == list_series(folder)[1]  # the headers take no part in ==
+    monkeypatch.setattr(dicom, "iter_scan", None)  # a second scan would fail
+    volume = read_ct(folder, series=chosen)
+    assert volume.hu.shape == (4, 512, 512) and volume.metadata["SeriesInstanceUID"] == uid_b
+
+
+def test_a_listing_of_another_path_is_not_reused(two_series):
+    folder, uid_a, uid_b = two_series
+    (info_b,) = list_series(folder / "b")
+    # the same series read through the whole study folder: scanned afresh (the listing saw only b)
+    assert read_ct(folder, series=info_b).hu.shape == (4, 512, 512)
+    with pytest.raises(SeriesChoiceError, match="No series with UID"):
+        read_ct(folder / "a", series=info_b)
+
+
+@pytest.fixture
+def header_reads(monkeypatch) -> Counter:
+    """How often pydicom parses each file (by name) from here on."""
+    counts: Counter = Counter()
+    real_dcmread = pydicom.dcmread
+
+    def counting(fp, *args, **kwargs):
+        counts[Path(getattr(fp, "name", fp)).name] += 1
+        return real_dcmread(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    return counts
+
+
+def test_each_header_is_parsed_once(dicom_series_dir, real_volume, real_files, header_reads):
+    """read_ct, and list_series then reading the listed series (the Load widget's path): one parse per file.
+
+    Before the listing was passed on: 2 per file for read_ct (scan, decode), 3 for list + read.
+    """
+    once = {f.name: 1 for f in real_files}
+    volume = read_ct(dicom_series_dir)
+    assert dict(header_reads) == once
+    np.testing.assert_array_equal(volume.hu, real_volume.hu)
+
+    header_reads.clear()
+    (info,) = list_series(dicom_series_dir)
+    listed = read_ct(dicom_series_dir, series=info)
+    assert dict(header_reads) == once
+    np.testing.assert_array_equal(listed.hu, real_volume.hu)
+    assert listed.metadata == real_volume.metadata
+    for name in ("spacing", "origin", "direction"):
+        np.testing.assert_array_equal(getattr(listed, name), getattr(real_volume, name))
+
+
+@pytest.mark.parametrize("kind", ["deflated", "no preamble"])
+def test_pixel_data_of_deflated_and_preamble_less_files(real_files, tmp_path, kind):
+    """A deflated data set (read whole: its header is parsed from a decompressed copy) and a file
+    without the 128-byte preamble (its header read with force) decode to the source's HU."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    src = pydicom.dcmread(real_files[2])
+    src.decompress()
+    path = tmp_path / "slice.dcm"
+    if kind == "deflated":
+        src.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        src.save_as(path, enforce_file_format=True)
+    else:
+        src.preamble = None
+        src.save_as(path)
+    np.testing.assert_array_equal(read_ct(path).hu[0], hu_of(real_files[2]))
 
 
 # --------------------------------------------------------------------------------------

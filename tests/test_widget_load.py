@@ -72,6 +72,27 @@ def test_scan_and_load_the_real_series(viewer_widget, qtbot, dicom_series_dir):
     assert widget.show_value_at((0.0, -500.0, -500.0)) is None  # outside the image
 
 
+def test_scan_then_load_parses_each_header_once(viewer_widget, qtbot, dicom_series_dir, monkeypatch):
+    """The load reads the series the scan listed: one pydicom parse per file (before: 3, list + re-scan + decode)."""
+    import collections
+
+    import pydicom
+
+    viewer, widget = viewer_widget
+    reads: collections.Counter = collections.Counter()
+    real_dcmread = pydicom.dcmread
+
+    def counting(fp, *args, **kwargs):
+        reads[getattr(fp, "name", fp)] += 1
+        return real_dcmread(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    widget.open(dicom_series_dir)
+    qtbot.waitUntil(lambda: not widget.busy and len(viewer.layers) == 1, timeout=LOAD_TIMEOUT_MS)
+    assert len(reads) == 20 and set(reads.values()) == {1}
+    assert viewer.layers[0].data.shape == (20, 512, 512)
+
+
 def test_bad_path_notifies_and_adds_nothing(viewer_widget, qtbot, tmp_path, notifications):
     viewer, widget = viewer_widget
     missing = tmp_path / "no such folder"

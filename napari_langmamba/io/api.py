@@ -43,7 +43,7 @@ def _kind(path: PathLike | Sequence[PathLike]) -> str:
 def iter_read_ct(
     path: PathLike | Sequence[PathLike],
     *,
-    series: str | int | None = None,
+    series: str | int | SeriesInfo | None = None,
     npy_layout: str = "hu",
 ) -> Generator[Progress, None, CTVolume]:
     """Read a CT volume, yielding :class:`~napari_langmamba.events.Progress` per slice read.
@@ -53,9 +53,10 @@ def iter_read_ct(
     path : path or list of paths
         A DICOM folder (searched recursively), a DICOM file, a list of DICOM files, a NIfTI
         file (``.nii``/``.nii.gz``) or a ``.npy`` array (2-D or 3-D).
-    series : str or int, optional
+    series : str, int or SeriesInfo, optional
         Which DICOM series to read when there are several: a SeriesInstanceUID (as listed by
-        :func:`list_series`) or an index into that list.
+        :func:`list_series`), an index into that list, or one of its :class:`SeriesInfo` (then
+        the headers the listing read are reused, not parsed again).
     npy_layout : {"hu", "mayo"}
         How ``.npy`` values are stored: HU, or HU + 1024 (Mayo LDCT challenge).
 
@@ -84,7 +85,7 @@ def iter_read_ct(
 def read_ct(
     path: PathLike | Sequence[PathLike],
     *,
-    series: str | int | None = None,
+    series: str | int | SeriesInfo | None = None,
     npy_layout: str = "hu",
 ) -> CTVolume:
     """Read a CT volume (DICOM, NIfTI or ``.npy``); see :func:`iter_read_ct` for the arguments."""

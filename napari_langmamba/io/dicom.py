@@ -26,11 +26,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     generate_uid,
 )
@@ -158,12 +160,14 @@ class _Frame:
     intercept: float | None
     instance: int | None
     sop_uid: str
+    pixel_offset: int | None = None  # where the header read stopped: the pixel data's tag (None: read it all again)
 
 
 @dataclass
 class _Scan:
-    """What a folder scan found."""
+    """What a folder scan found; ``source`` is the path (or paths) scanned, as given."""
 
+    source: str | tuple[str, ...]
     frames: list[_Frame]
     n_files: int
     not_dicom: list[str]
@@ -285,13 +289,13 @@ class _BoundedFile(io.BufferedReader):
         return super().read(size)
 
 
-def _dcmread(path: str, **kwargs: Any) -> Dataset:
-    """``pydicom.dcmread(path, **kwargs)`` without reserving memory for lengths the file cannot hold.
+def _bounded_read(path: str, read: Callable[[_BoundedFile], T]) -> T:
+    """``read(fp)`` on a :class:`_BoundedFile` of ``path``, refusing lengths the file cannot hold.
 
     Raises CTReadError when an element claims more bytes than the whole file has.
     """
     with _BoundedFile(path) as fp:
-        ds = pydicom.dcmread(fp, **kwargs)
+        result = read(fp)
         if fp.impossible is not None:
             offset, length = fp.impossible
             raise CTReadError(
@@ -299,25 +303,47 @@ def _dcmread(path: str, **kwargs: Any) -> Dataset:
                 f"({length / 2**20:.0f} MB) but the whole file has {fp.size} bytes. Copy the file again "
                 f"from the archive."
             )
-    return ds
+    return result
 
 
-def _read_header(path: str) -> Dataset | None:
-    """The header of ``path``, None if it is not DICOM; raises OSError/ValueError/CTReadError if corrupt."""
+def _dcmread(path: str, **kwargs: Any) -> Dataset:
+    """``pydicom.dcmread(path, **kwargs)`` without reserving memory for lengths the file cannot hold."""
+    return _bounded_read(path, lambda fp: pydicom.dcmread(fp, **kwargs))
+
+
+def _read_header_at(path: str, *, force: bool = False) -> tuple[Dataset, int | None]:
+    """The header of ``path`` (up to its pixel data) and the byte offset where the read stopped.
+
+    The offset is None where it does not point into the file: a deflated data set is parsed from
+    a decompressed copy.
+    """
+
+    def read(fp: _BoundedFile) -> tuple[Dataset, int | None]:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=force)
+        return ds, None if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian else fp.tell()
+
+    return _bounded_read(path, read)
+
+
+def _read_header(path: str) -> tuple[Dataset | None, int | None]:
+    """The header of ``path`` (None if it is not DICOM) and where its pixel data start.
+
+    Raises OSError/ValueError/CTReadError if corrupt.
+    """
     try:
-        ds = _dcmread(path, stop_before_pixels=True)
+        ds, offset = _read_header_at(path)
     except InvalidDicomError:
         if not path.lower().endswith(DICOM_SUFFIXES):
-            return None
+            return None, None
         # Old files without the 128-byte preamble: accept only if they parse into an image header.
         try:
-            ds = _dcmread(path, stop_before_pixels=True, force=True)
+            ds, offset = _read_header_at(path, force=True)
         except Exception:  # noqa: BLE001 - anything pydicom raises on garbage means "not DICOM"
-            return None
+            return None, None
         _drop_damaged_all(ds, path)
-        return ds if "Rows" in ds and ("SOPClassUID" in ds or "Modality" in ds) else None
+        return (ds, offset) if "Rows" in ds and ("SOPClassUID" in ds or "Modality" in ds) else (None, None)
     _drop_damaged_all(ds, path)
-    return ds
+    return ds, offset
 
 
 def _drop_damaged_all(ds: Dataset, path: str) -> None:
@@ -387,7 +413,7 @@ def _spacing_pair(value: Any) -> tuple[float, float] | None:
     return None if pair is None else (float(pair[0]), float(pair[1]))
 
 
-def _frames_of(path: str, ds: Dataset) -> list[_Frame]:
+def _frames_of(path: str, ds: Dataset, pixel_offset: int | None = None) -> list[_Frame]:
     """The 2-D images of one file with their own geometry and rescale.
 
     Raises CTReadError when the header's frame count is not a positive number, or more frames
@@ -424,6 +450,7 @@ def _frames_of(path: str, ds: Dataset) -> list[_Frame]:
         "columns": columns,
         "instance": _optional_int(ds, "InstanceNumber"),
         "sop_uid": str(ds.get("SOPInstanceUID", "") or ""),
+        "pixel_offset": pixel_offset,
     }
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         # Enhanced multi-frame: geometry and rescale live in per-frame or shared functional groups.
@@ -491,6 +518,13 @@ def _check_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def _source_of(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str | tuple[str, ...]:
+    """The path (or paths) as given, in a form to compare: which scan belongs to which read."""
+    if isinstance(path, (str, os.PathLike)):
+        return os.fspath(path)
+    return tuple(os.fspath(p) for p in path)
+
+
 def iter_scan(path: str | os.PathLike | Sequence[str | os.PathLike]) -> Generator[Progress, None, _Scan]:
     """Read the headers of every file in a folder (recursively), a file, or a list of files."""
     if isinstance(path, (str, os.PathLike)):
@@ -502,10 +536,10 @@ def iter_scan(path: str | os.PathLike | Sequence[str | os.PathLike]) -> Generato
         where = f"{len(files)} selected files"
     if not files:
         raise CTReadError(f"The folder {where} is empty: there are no DICOM files to read.")
-    scan = _Scan(frames=[], n_files=len(files), not_dicom=[], unreadable=[], no_image=[])
+    scan = _Scan(source=_source_of(path), frames=[], n_files=len(files), not_dicom=[], unreadable=[], no_image=[])
     for n, file in enumerate(files, start=1):
         try:
-            ds = _read_header(file)
+            ds, pixel_offset = _read_header(file)
         except CTReadError as exc:  # a header that cannot be true
             scan.impossible(file, exc)
             ds = None
@@ -523,7 +557,7 @@ def iter_scan(path: str | os.PathLike | Sequence[str | os.PathLike]) -> Generato
                     scan.no_image.append(file)  # DICOMDIR, structured reports, RT plans ...
             else:
                 try:
-                    scan.frames.extend(_frames_of(file, ds))
+                    scan.frames.extend(_frames_of(file, ds, pixel_offset))
                 except CTReadError as exc:
                     scan.impossible(file, exc)
         if n % 16 == 0 or n == len(files):
@@ -752,7 +786,7 @@ def _description(header: Dataset) -> str:
     return str(header.get("SeriesDescription", "") or "").strip()
 
 
-def _series_info(uid: str, frames: list[_Frame]) -> SeriesInfo:
+def _series_info(uid: str, frames: list[_Frame], scan: _Scan) -> SeriesInfo:
     header = frames[0].header
     description = _description(header)
     try:
@@ -769,20 +803,26 @@ def _series_info(uid: str, frames: list[_Frame]) -> SeriesInfo:
         columns=frames[0].columns,
         spacing=spacing,
         files=files,
+        scan=scan,
     )
 
 
 @_pydicom_failures_are_read_errors
 def iter_list_dicom_series(path: str | os.PathLike | Sequence) -> Generator[Progress, None, list[SeriesInfo]]:
-    """Like :func:`list_dicom_series`, yielding progress while headers are read."""
+    """The image series at ``path``, yielding progress while headers are read.
+
+    Each :class:`SeriesInfo` keeps the headers read here, so ``iter_read_dicom(path, series=info)``
+    decodes the pixels without parsing a header again.
+    """
     scan = yield from iter_scan(path)
     if not scan.frames:
         raise _no_images_error(scan, str(path))
-    return [_series_info(uid, frames) for uid, frames in _group(scan.frames)]
+    return [_series_info(uid, frames, scan) for uid, frames in _group(scan.frames)]
 
 
-def _choose(groups: list[tuple[str, list[_Frame]]], series: str | int | None, where: str) -> tuple[str, list[_Frame]]:
-    infos = [_series_info(uid, frames) for uid, frames in groups]
+def _choose(scan: _Scan, series: str | int | None, where: str) -> tuple[str, list[_Frame]]:
+    groups = _group(scan.frames)
+    infos = [_series_info(uid, frames, scan) for uid, frames in groups]
     listing = "\n".join(f"  [{i}] {info.summary()}  (UID {info.uid})" for i, info in enumerate(infos))
     if series is None:
         if len(groups) == 1:
@@ -927,6 +967,30 @@ def _check_file(frame: _Frame) -> None:
         )
 
 
+def _with_pixel_data(frame: _Frame) -> Dataset:
+    """The file of ``frame`` with its pixel data: the scanned header plus what follows it.
+
+    Only the elements from the pixel data on are parsed (the header read by the scan is not
+    parsed again); a file whose header gave no position or transfer syntax is read whole.
+    """
+    header = frame.header
+    meta = getattr(header, "file_meta", None)
+    if frame.pixel_offset is None or meta is None or "TransferSyntaxUID" not in meta:
+        return _dcmread(frame.path)
+    implicit, little = header.original_encoding
+
+    def read(fp: _BoundedFile) -> Dataset:
+        fp.seek(frame.pixel_offset)
+        return read_dataset(fp, is_implicit_VR=implicit, is_little_endian=little)
+
+    rest = _bounded_read(frame.path, read)
+    ds = Dataset(dict(header.items()))  # a new element dict: the scan's header stays without pixels
+    ds.file_meta = meta
+    ds.set_original_encoding(implicit, little)
+    ds.update(rest)
+    return ds
+
+
 def _decode_file(frame: _Frame) -> np.ndarray:
     """All frames of ``frame.path`` as stored values, shape ``(frames, rows, columns)``."""
     path = frame.path
@@ -937,7 +1001,7 @@ def _decode_file(frame: _Frame) -> np.ndarray:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = _dcmread(path)
+            ds = _with_pixel_data(frame)
     except CTReadError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
@@ -1010,21 +1074,26 @@ def _metadata(frames: list[_Frame], geometry: _Geometry) -> dict[str, Any]:
 
 @_pydicom_failures_are_read_errors
 def iter_read_dicom(
-    path: str | os.PathLike | Sequence, *, series: str | int | None = None
+    path: str | os.PathLike | Sequence, *, series: str | int | SeriesInfo | None = None
 ) -> Generator[Progress, None, CTVolume]:
     """Read one DICOM series (a folder, a file, or a list of files) as a :class:`CTVolume`.
 
-    Yields :class:`Progress` while headers are read and per slice decoded. Raises
-    :class:`SeriesChoiceError` when several series are found and ``series`` (index into
-    :func:`list_dicom_series` order, or UID) is None; :class:`DependencyError` when the pixel
+    Yields :class:`Progress` while headers are read and per slice decoded. ``series`` is an index
+    into :func:`iter_list_dicom_series` order, a UID, or one of its :class:`SeriesInfo`: then the
+    headers that listing read are used, not read again. Raises :class:`SeriesChoiceError` when
+    several series are found and ``series`` is None; :class:`DependencyError` when the pixel
     decoder is missing; :class:`CTReadError` for anything else unreadable.
     """
     where = str(path) if isinstance(path, (str, os.PathLike)) else f"the {len(path)} selected files"
-    scan = yield from iter_scan(path)
+    scan = getattr(series, "scan", None)
+    if not isinstance(scan, _Scan) or scan.source != _source_of(path):
+        scan = yield from iter_scan(path)
+    if isinstance(series, SeriesInfo):
+        series = series.uid
     if not scan.frames:
         raise _no_images_error(scan, where)
     _report_skipped(scan, where)
-    uid, frames = _choose(_group(scan.frames), series, where)
+    uid, frames = _choose(scan, series, where)
     header = frames[0].header
     description = _description(header) or Path(frames[0].path).parent.name
 

@@ -125,7 +125,7 @@ class SeriesInfo:
 
     ``uid`` is the SeriesInstanceUID, or for series whose files carry none (anonymised data),
     a stable stand-in starting with ``"nouid-"``; either way ``read_ct(path, series=uid)``
-    loads it. ``spacing`` is ``(dz, dy, dx)`` in mm when the headers give it.
+    loads it, and ``read_ct(path, series=info)`` loads it without reading its headers again. ``spacing`` is ``(dz, dy, dx)`` in mm when the headers give it.
     """
 
     uid: str
@@ -136,6 +136,7 @@ class SeriesInfo:
     columns: int
     spacing: tuple[float, float, float] | None
     files: tuple[str, ...]
+    scan: Any = field(default=None, repr=False, compare=False)  # the DICOM headers read, for the read to reuse
 
     def summary(self) -> str:
         """One line for a list: description, slices, matrix and spacing."""

@@ -1,6 +1,7 @@
 """The Load CT dock widget: choose a file or folder, pick a series, load it, window it.
 
 Listing and reading run in napari thread workers (``io.list_series``, ``io.iter_read_ct``);
+the read is given the listed ``SeriesInfo``, so each DICOM header is parsed once;
 the loaded volume becomes an Image layer in HU with ``scale = spacing`` (mm) and the chosen
 window as contrast limits. The window combo changes contrast limits only, never data. The
 Hounsfield value under the cursor is shown with its voxel index.
@@ -265,13 +266,13 @@ class LoadWidget(WidgetBase):
             raise ConfigError(f"There is no series number {index}; {len(self._series)} were found.")
         self.series_table.selectRow(index)
 
-    def _chosen_series(self) -> str | None:
-        """The UID to load: the selected row when the scan found several, else None."""
-        if self._scanned_path != self.path or len(self._series) < 2:
+    def _chosen_series(self) -> Any | None:
+        """The ``io.SeriesInfo`` to load (its headers are not read again), or None before a scan of this path."""
+        if self._scanned_path != self.path or not self._series:
             return None
         rows = self.series_table.selectionModel().selectedRows()
         index = rows[0].row() if rows else 0
-        return self._series[index].uid
+        return self._series[index]
 
     # --- loading ----------------------------------------------------------------------
     def load(self) -> None:
