@@ -21,9 +21,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import fuzz  # noqa: E402 - benchmarks/fuzz.py
-
-from napari_langmamba import _fuzz  # noqa: E402
+import fuzz  # noqa: E402 - benchmarks/fuzz.py (it puts tests/ on the path for the harness)
+import fuzz_harness  # noqa: E402 - tests/fuzz_harness.py
 
 SEEDS = (11, 23, 42, 101, 202, 303, 404, 505, 606, 707)
 NAMES = {"dicom": "DICOM", "nifti": "NIfTI", "npy": "npy"}
@@ -31,8 +30,8 @@ NAMES = {"dicom": "DICOM", "nifti": "NIfTI", "npy": "npy"}
 
 def summarize(runs: dict[int, dict]) -> dict:
     """Sum the per-seed tables: ``{"table": {format: {outcome: n}}, "per_seed": [...], ...}``."""
-    formats = [f for f in _fuzz.FORMATS if all(f in run["table"] for run in runs.values())]
-    columns = ("cases", *_fuzz.OUTCOMES)
+    formats = [f for f in fuzz_harness.FORMATS if all(f in run["table"] for run in runs.values())]
+    columns = ("cases", *fuzz_harness.OUTCOMES)
     table = {f: {c: sum(run["table"][f][c] for run in runs.values()) for c in columns} for f in formats}
     per_seed = [{"seed": seed, "elapsed_s": run["elapsed_s"], "goal_met": run["goal_met"],
                  "table": {f: run["table"][f] for f in formats},
@@ -47,7 +46,7 @@ def summarize(runs: dict[int, dict]) -> dict:
         "goal_met": all(run["goal_met"] for run in runs.values()),
         "seeds": sorted(runs),
         "cases_per_format_and_seed": sorted({run["cases_per_format"] for run in runs.values()}),
-        "outcomes": list(_fuzz.OUTCOMES),
+        "outcomes": list(fuzz_harness.OUTCOMES),
         "table": table,
         "per_seed": per_seed,
         "elapsed_s": round(sum(run["elapsed_s"] for run in runs.values()), 1),
@@ -67,7 +66,7 @@ def markdown(summary: dict) -> str:
               + " | any other outcome | seconds |", "|---" * (len(formats) + 3) + "|"]
     for run in summary["per_seed"]:
         cells = [f"{run['table'][f]['loaded']} / {run['table'][f]['clear_error']}" for f in formats]
-        others = sum(run["table"][f][o] for f in formats for o in outcomes if o not in _fuzz.ACCEPTABLE)
+        others = sum(run["table"][f][o] for f in formats for o in outcomes if o not in fuzz_harness.ACCEPTABLE)
         lines.append(f"| {run['seed']} | " + " | ".join(cells) + f" | {others} | {run['elapsed_s']:.0f} |")
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Fuzzed readers: mutated real files read as a valid volume or fail with a clear project error.
 
-The mutation engine and the sandboxed runner live in :mod:`napari_langmamba._fuzz` (shared with
+The mutation engine and the sandboxed runner live in ``tests/fuzz_harness.py`` (shared with
 ``benchmarks/fuzz.py``, which runs thousands of cases). Here: a seeded CI-sized run per format,
 hypothesis-driven header fields, the harness's own checks, and regressions for the holes the
 fuzzer found.
@@ -17,6 +17,7 @@ import secrets
 import struct
 import warnings
 
+import fuzz_harness
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -24,7 +25,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from napari_langmamba import _fuzz
 from napari_langmamba.errors import CTReadError
 from napari_langmamba.io import CTReadWarning, CTVolume, SeriesInfo, list_series, read_ct
 
@@ -45,17 +45,17 @@ HYPOTHESIS = settings(max_examples=30, deadline=None, derandomize=True, database
 
 
 @functools.lru_cache(maxsize=1)
-def _corpus() -> dict[str, list[_fuzz.Seed]]:
-    return _fuzz.build_corpus()
+def _corpus() -> dict[str, list[fuzz_harness.Seed]]:
+    return fuzz_harness.build_corpus()
 
 
 @pytest.fixture(scope="module")
-def corpus() -> dict[str, list[_fuzz.Seed]]:
+def corpus() -> dict[str, list[fuzz_harness.Seed]]:
     return _corpus()
 
 
 @pytest.fixture(scope="module")
-def factory(corpus, request) -> _fuzz.CaseFactory:
+def factory(corpus, request) -> fuzz_harness.CaseFactory:
     plugins = request.config.pluginmanager
     reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
     line = f"fuzz seed {CI_SEED} (replay: {SEED_VARIABLE}={CI_SEED} pytest tests/test_fuzz_readers.py)"
@@ -63,24 +63,24 @@ def factory(corpus, request) -> _fuzz.CaseFactory:
         with capture.global_and_fixture_disabled():
             reporter.write_line(line)
     print(line)  # and in the captured output of a failure
-    return _fuzz.CaseFactory(corpus, seed=CI_SEED)
+    return fuzz_harness.CaseFactory(corpus, seed=CI_SEED)
 
 
 @pytest.fixture(scope="module")
 def sandbox():
-    with _fuzz.Sandbox(timeout=20.0, memory_limit_mb=300.0) as box:
+    with fuzz_harness.Sandbox(timeout=20.0, memory_limit_mb=300.0) as box:
         yield box
 
 
-def _seed(corpus, fmt: str, name: str) -> _fuzz.Seed:
+def _seed(corpus, fmt: str, name: str) -> fuzz_harness.Seed:
     return next(s for s in corpus[fmt] if s.name == name)
 
 
-def _case(fmt: str, files: dict[str, bytes | tuple], target: str, what: str = "hand-made") -> _fuzz.Case:
-    return _fuzz.Case(fmt, 0, f"{fmt}.test", what, tuple(files.items()), target)
+def _case(fmt: str, files: dict[str, bytes | tuple], target: str, what: str = "hand-made") -> fuzz_harness.Case:
+    return fuzz_harness.Case(fmt, 0, f"{fmt}.test", what, tuple(files.items()), target)
 
 
-def _explain(results: list[_fuzz.Result]) -> str:
+def _explain(results: list[fuzz_harness.Result]) -> str:
     return "\n".join(f"{r.case} [{r.mutation}] {r.description} -> {r.outcome}: {r.error_type} {r.message}"
                      for r in results)
 
@@ -94,23 +94,23 @@ def _edited_dicom(data: bytes, **values: str | int) -> bytes:
     ds = pydicom.dcmread(io.BytesIO(data))
     for keyword, value in values.items():
         vr = "US" if isinstance(value, int) else "DS"
-        _fuzz._set_raw(ds, keyword, vr, _fuzz._encode(vr, value, True))
-    return _fuzz._save(ds)
+        fuzz_harness._set_raw(ds, keyword, vr, fuzz_harness._encode(vr, value, True))
+    return fuzz_harness._save(ds)
 
 
 # ------------------------------------------------------------------------------- the CI-sized run
 def test_the_corpus_holds_real_files(corpus):
-    names = {f: {s.name for s in corpus[f]} for f in _fuzz.FORMATS}
+    names = {f: {s.name for s in corpus[f]} for f in fuzz_harness.FORMATS}
     assert {"CT_small.dcm", "eCT_Supplemental.dcm", "explicit_VR-UN.dcm"} <= names["dicom"]
-    assert all(len(corpus[f]) >= 7 for f in _fuzz.FORMATS)
-    if (_fuzz.default_shared_data() / "ct" / "abdomen_dicom_series").is_dir():
+    assert all(len(corpus[f]) >= 7 for f in fuzz_harness.FORMATS)
+    if (fuzz_harness.default_shared_data() / "ct" / "abdomen_dicom_series").is_dir():
         assert "real-series-4" in names["dicom"] and "real.nii.gz" in names["nifti"]
 
 
 def test_the_seeds_themselves_read_correctly(corpus, factory, sandbox):
-    results = {c.description.split()[1]: sandbox.run(c) for f in _fuzz.FORMATS
+    results = {c.description.split()[1]: sandbox.run(c) for f in fuzz_harness.FORMATS
                for c in factory.cases(f, len(corpus[f]))}
-    assert all(r.outcome in _fuzz.ACCEPTABLE for r in results.values()), _explain(list(results.values()))
+    assert all(r.outcome in fuzz_harness.ACCEPTABLE for r in results.values()), _explain(list(results.values()))
     assert results["CT_small.dcm"].shape == [1, 128, 128]
     assert results["eCT_Supplemental.dcm"].shape == [2, 512, 512]
     assert results["image_dfl.dcm"].shape == [1, 512, 512]  # deflated: used to be refused as truncated
@@ -123,25 +123,25 @@ def test_the_seeds_themselves_read_correctly(corpus, factory, sandbox):
     assert len(loaded) >= len(results) - 3  # only unsupported codecs/colour may fail, and clearly
 
 
-@pytest.mark.parametrize("fmt", _fuzz.FORMATS)
+@pytest.mark.parametrize("fmt", fuzz_harness.FORMATS)
 def test_ci_fuzz_run(factory, sandbox, fmt):
     results = [sandbox.run(case) for case in factory.cases(fmt, CI_CASES)]
-    bad = _fuzz.failures(results)
+    bad = fuzz_harness.failures(results)
     assert not bad, (f"{len(bad)} of {len(results)} {fmt} cases failed with seed {CI_SEED} "
                      f"({SEED_VARIABLE}={CI_SEED} replays them):\n{_explain(bad)}")
     outcomes = {r.outcome for r in results}
     assert outcomes == {"loaded", "clear_error"}  # the mutations both break and spare files
-    assert len({_fuzz._family(r.mutation) for r in results}) >= 6
+    assert len({fuzz_harness._family(r.mutation) for r in results}) >= 6
     assert all(r.message.strip() for r in results if r.outcome == "clear_error")
     assert max(r.rss_growth_mb for r in results) < 300
 
 
 def test_the_same_seed_makes_the_same_cases(corpus):
-    a, b = _fuzz.CaseFactory(corpus, seed=5), _fuzz.CaseFactory(corpus, seed=5)
-    for fmt in _fuzz.FORMATS:
+    a, b = fuzz_harness.CaseFactory(corpus, seed=5), fuzz_harness.CaseFactory(corpus, seed=5)
+    for fmt in fuzz_harness.FORMATS:
         for index in (20, 57, 99):
             assert a.make(fmt, index) == b.make(fmt, index)
-    assert _fuzz.CaseFactory(corpus, seed=6).make("npy", 57) != a.make("npy", 57)
+    assert fuzz_harness.CaseFactory(corpus, seed=6).make("npy", 57) != a.make("npy", 57)
 
 
 # -------------------------------------------------------------------------- hypothesis: headers
@@ -151,14 +151,14 @@ def test_the_same_seed_makes_the_same_cases(corpus):
         st.lists(st.integers(-2, 2**40), min_size=0, max_size=4),
         st.lists(st.integers(1, 20), min_size=2, max_size=3),
     ),
-    descr=st.sampled_from(_fuzz._NPY_DESCRS),
+    descr=st.sampled_from(fuzz_harness._NPY_DESCRS),
     fortran=st.sampled_from(["True", "False", "1", "None"]),
 )
 def test_npy_header_fields(sandbox, shape, descr, fortran):
     header = "{" + f"'descr': {descr!r}, 'fortran_order': {fortran}, 'shape': {tuple(shape)!r}, " + "}"
     body = np.arange(4096, dtype=np.float32).tobytes()
-    result = sandbox.run(_case("npy", {"h.npy": _fuzz._npy_file(header, body)}, "h.npy", header))
-    assert result.outcome in _fuzz.ACCEPTABLE, _explain([result])
+    result = sandbox.run(_case("npy", {"h.npy": fuzz_harness._npy_file(header, body)}, "h.npy", header))
+    assert result.outcome in fuzz_harness.ACCEPTABLE, _explain([result])
     if result.outcome == "loaded":
         assert result.shape == ([1, *shape] if len(shape) == 2 else shape)
 
@@ -178,7 +178,7 @@ def test_nifti_header_fields(sandbox, dims, pixdim, datatype, vox_offset, slope)
     struct.pack_into("<4f", raw, 76, *pixdim)
     struct.pack_into("<ff", raw, 108, vox_offset, slope)
     result = sandbox.run(_case("nifti", {"h.nii": bytes(raw)}, "h.nii", f"dims {dims}"))
-    assert result.outcome in _fuzz.ACCEPTABLE, _explain([result])
+    assert result.outcome in fuzz_harness.ACCEPTABLE, _explain([result])
 
 
 @HYPOTHESIS
@@ -194,9 +194,9 @@ def test_dicom_image_tags(sandbox, rows, columns, bits, representation, slope, f
     data = _edited_dicom(_ct_small(_corpus()), Rows=rows, Columns=columns, BitsAllocated=bits,
                          PixelRepresentation=representation, RescaleSlope=repr(slope)[:16])
     ds = pydicom.dcmread(io.BytesIO(data))
-    _fuzz._set_raw(ds, "NumberOfFrames", "IS", _fuzz._encode("IS", frames, True))
-    result = sandbox.run(_case("dicom", {"t.dcm": _fuzz._save(ds)}, "t.dcm", f"{rows} x {columns}"))
-    assert result.outcome in _fuzz.ACCEPTABLE, _explain([result])
+    fuzz_harness._set_raw(ds, "NumberOfFrames", "IS", fuzz_harness._encode("IS", frames, True))
+    result = sandbox.run(_case("dicom", {"t.dcm": fuzz_harness._save(ds)}, "t.dcm", f"{rows} x {columns}"))
+    assert result.outcome in fuzz_harness.ACCEPTABLE, _explain([result])
     if result.outcome == "loaded":
         assert result.shape[1:] == [rows, columns]
 
@@ -204,22 +204,22 @@ def test_dicom_image_tags(sandbox, rows, columns, bits, representation, slope, f
 # ---------------------------------------------------------------------------- the harness itself
 def test_the_oracle_rejects_what_breaks_the_contract():
     volume = CTVolume(hu=np.zeros((2, 3, 4), np.float32), spacing=(1.0, 0.5, 0.5))
-    assert _fuzz.check_volume(volume, [], None, "npy") is None
+    assert fuzz_harness.check_volume(volume, [], None, "npy") is None
     volume.hu[0, 0, 0] = np.nan
-    assert "NaN" in _fuzz.check_volume(volume, [], None, "npy")
-    assert _fuzz.check_volume(volume, ["x.npy contains NaN or infinite values"], None, "npy") is None
+    assert "NaN" in fuzz_harness.check_volume(volume, [], None, "npy")
+    assert fuzz_harness.check_volume(volume, ["x.npy contains NaN or infinite values"], None, "npy") is None
     volume.hu[0, 0, 0] = 0
     wrong = SeriesInfo("u", "d", "CT", 2, 3, 5, None, ())
-    assert "disagrees" in _fuzz.check_volume(volume, [], [wrong], "npy")
+    assert "disagrees" in fuzz_harness.check_volume(volume, [], [wrong], "npy")
     volume.spacing = (1.0, 0.0, 0.5)  # after construction nothing stops it: the oracle must
-    assert "spacing" in _fuzz.check_volume(volume, [], None, "npy")
-    assert "not a CTVolume" in _fuzz.check_volume(np.zeros(3), [], None, "npy")
+    assert "spacing" in fuzz_harness.check_volume(volume, [], None, "npy")
+    assert "not a CTVolume" in fuzz_harness.check_volume(np.zeros(3), [], None, "npy")
 
 
 def test_the_sandbox_reports_timeouts_and_memory_and_recovers(corpus):
     seed = _seed(corpus, "dicom", "CT_small.dcm")
     case = _case("dicom", dict(seed.files), seed.target)
-    with _fuzz.Sandbox(timeout=20.0) as box:
+    with fuzz_harness.Sandbox(timeout=20.0) as box:
         assert box.run(case).outcome == "loaded"
         box.timeout = 1e-4  # no answer can arrive this fast
         timed_out = box.run(case)
@@ -257,12 +257,12 @@ def test_a_pipe_or_device_given_as_the_file_is_refused(sandbox, target):
 def test_an_absurd_frame_count_is_refused_before_one_record_per_frame(corpus, tmp_path):
     path = tmp_path / "frames.dcm"
     ds = pydicom.dcmread(io.BytesIO(_ct_small(corpus)))
-    _fuzz._set_raw(ds, "NumberOfFrames", "IS", b"2147483647 ")
-    path.write_bytes(_fuzz._save(ds))
+    fuzz_harness._set_raw(ds, "NumberOfFrames", "IS", b"2147483647 ")
+    path.write_bytes(fuzz_harness._save(ds))
     with pytest.raises(CTReadError, match=r"2147483647 frame\(s\) of 128 x 128 pixels, more than its \d+ bytes"):
         read_ct(path)
-    _fuzz._set_raw(ds, "NumberOfFrames", "IS", b"nan ")
-    path.write_bytes(_fuzz._save(ds))
+    fuzz_harness._set_raw(ds, "NumberOfFrames", "IS", b"nan ")
+    path.write_bytes(fuzz_harness._save(ds))
     with pytest.raises(CTReadError, match="NumberOfFrames 'nan' is not a positive whole number"):
         read_ct(path)
 
@@ -278,9 +278,9 @@ def test_a_rescale_beyond_float32_is_a_read_error(corpus, tmp_path, keyword, val
 @pytest.mark.parametrize("value", [b"\x04\x00\x04\x00", b"\x04\x00\x01"])  # two values; an odd length
 def test_a_multi_valued_or_odd_length_size_tag_is_a_read_error(corpus, tmp_path, value):
     ds = pydicom.dcmread(io.BytesIO(_ct_small(corpus)))
-    _fuzz._set_raw(ds, "BitsAllocated", "US", value)
+    fuzz_harness._set_raw(ds, "BitsAllocated", "US", value)
     path = tmp_path / "bits.dcm"
-    path.write_bytes(_fuzz._save(ds))
+    path.write_bytes(fuzz_harness._save(ds))
     with pytest.raises(CTReadError):
         read_ct(path)
 
@@ -289,24 +289,24 @@ def test_an_undecodable_element_is_dropped_and_the_image_still_reads(corpus, tmp
     # ProtocolName (0018,1030) with a VR that does not exist: pydicom fails only when it is used
     bad = struct.pack("<HH", 0x0018, 0x1030) + b"\x4c\xcf" + struct.pack("<H", 4) + b"ABCD"
     path = tmp_path / "vr.dcm"
-    path.write_bytes(_fuzz._splice_before_pixels(_ct_small(corpus), bad))
+    path.write_bytes(fuzz_harness._splice_before_pixels(_ct_small(corpus), bad))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         volume = read_ct(path)
     assert volume.shape == (1, 128, 128) and "ProtocolName" not in volume.metadata
-    np.testing.assert_array_equal(volume.hu, read_ct(_fuzz._package_dir("pydicom") / "data" / "test_files"
+    np.testing.assert_array_equal(volume.hu, read_ct(fuzz_harness._package_dir("pydicom") / "data" / "test_files"
                                                        / "CT_small.dcm").hu)
 
 
 def test_issue_13_case_a_damaged_file_meta_vr_is_a_read_error(corpus, tmp_path):
     # benchmarks/fuzz.py --seed 11, case dicom-00032: bit flips in MR_small_bigendian.dcm's file meta
     # leave (0002,0002) with the VR 'UK'; pydicom raised NotImplementedError out of read_ct.
-    case = _fuzz.CaseFactory(corpus, seed=11).make("dicom", 32)
+    case = fuzz_harness.CaseFactory(corpus, seed=11).make("dicom", 32)
     assert case.description.startswith("MR_small_bigendian.dcm: flipped")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(CTReadError):
-            read_ct(_fuzz.materialise(case, tmp_path))
+            read_ct(fuzz_harness.materialise(case, tmp_path))
 
 
 @pytest.mark.parametrize("error", [NotImplementedError("Unknown Value Representation 'UK'"), KeyError(0x00020002),
@@ -348,7 +348,7 @@ def _raising_in_pydicom(error: Exception):
 )
 def test_a_lying_or_unknown_transfer_syntax_is_a_read_error(corpus, tmp_path, uid, message):
     path = tmp_path / "ts.dcm"
-    path.write_bytes(_fuzz._patch_transfer_syntax(_ct_small(corpus), uid))
+    path.write_bytes(fuzz_harness._patch_transfer_syntax(_ct_small(corpus), uid))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(CTReadError, match=message):
@@ -360,7 +360,7 @@ def test_damaged_jpeg_ls_streams_are_clear_errors_not_hangs_or_aborts(corpus, sa
     # (seeds 11, 42, 303) or aborted the process (seed 23, "An invalid logic behavior occurred");
     # pyjpegls (CharLS), now the preferred JPEG-LS decoder, refuses the stream at once.
     found = [(11, 487), (23, 23), (42, 619), (303, 913)]
-    results = [sandbox.run(_fuzz.CaseFactory(corpus, seed=seed).make("dicom", index)) for seed, index in found]
+    results = [sandbox.run(fuzz_harness.CaseFactory(corpus, seed=seed).make("dicom", index)) for seed, index in found]
     assert all(r.description.startswith("MR_small_jpeg_ls_lossless.dcm: ") for r in results)
     assert [r.outcome for r in results] == ["clear_error"] * len(found), _explain(results)
     assert all("pixel data of MR_small_jpeg_ls_lossless.dcm could not be decoded" in r.message for r in results)
@@ -373,7 +373,7 @@ def test_a_length_beyond_the_file_is_refused_without_reserving_it(corpus, sandbo
     # "element" at byte 13620 claims 3 GB; pydicom's fp.read(3 GB) reserved it all (a MemoryError
     # under the sandbox's address-space cap) before finding the file 37 KB long. The header (read
     # up to the pixel data) is intact, so the file is listed; reading its pixels is refused.
-    case = _fuzz.CaseFactory(corpus, seed=1331482537).make("dicom", 79)
+    case = fuzz_harness.CaseFactory(corpus, seed=1331482537).make("dicom", 79)
     assert case.description == "liver_1frame.dcm: deleted bytes 4312..4320"
     result = sandbox.run(case)
     assert result.outcome == "clear_error", _explain([result])
@@ -383,7 +383,7 @@ def test_a_length_beyond_the_file_is_refused_without_reserving_it(corpus, sandbo
     # in this process: the reader never asks Python for more than the file holds
     import tracemalloc
 
-    path = _fuzz.materialise(case, tmp_path)
+    path = fuzz_harness.materialise(case, tmp_path)
     tracemalloc.start()
     try:
         with warnings.catch_warnings():
@@ -399,10 +399,10 @@ def test_a_length_beyond_the_file_is_refused_without_reserving_it(corpus, sandbo
 
 @pytest.mark.parametrize("depth", [1000, 100_000])
 def test_deeply_nested_sequences_are_a_clear_error_or_ignored(corpus, sandbox, depth):
-    blob = _fuzz._nested_sequences(depth, "undelimited", True, False)
-    data = _fuzz._splice_before_pixels(_ct_small(corpus), blob)
+    blob = fuzz_harness._nested_sequences(depth, "undelimited", True, False)
+    data = fuzz_harness._splice_before_pixels(_ct_small(corpus), blob)
     result = sandbox.run(_case("dicom", {"deep.dcm": data}, "deep.dcm"))
-    assert result.outcome in _fuzz.ACCEPTABLE and result.seconds < 20
+    assert result.outcome in fuzz_harness.ACCEPTABLE and result.seconds < 20
 
 
 def test_nifti_with_a_nan_affine_is_a_read_error(corpus, tmp_path):
@@ -419,9 +419,9 @@ def test_nifti_with_coplanar_axes_is_a_read_error_whatever_the_voxel_size(corpus
     # benchmarks/fuzz.py --seed 303, case nifti-00848: bytes overwritten in oblique_uint16.nii's srow_x
     # and srow_y give axis k a length of 8e11 mm in the plane of i and j. The determinant of the
     # scaled axes (2.8) hid it; the volume came out with a singular direction (a 'bad volume').
-    case = _fuzz.CaseFactory(corpus, seed=303).make("nifti", 848)
+    case = fuzz_harness.CaseFactory(corpus, seed=303).make("nifti", 848)
     assert case.description == "oblique_uint16.nii: overwrote 2c3bd3a61b486cd11515 at byte 289"
-    path = _fuzz.materialise(case, tmp_path / "fuzzed")
+    path = fuzz_harness.materialise(case, tmp_path / "fuzzed")
     for reader in (read_ct, list_series):
         with pytest.raises(CTReadError, match="degenerate affine .*axes parallel or in one plane"):
             reader(path)
@@ -435,7 +435,7 @@ def test_nifti_with_coplanar_axes_is_a_read_error_whatever_the_voxel_size(corpus
     np.testing.assert_array_equal(volume.hu, hu)
     np.testing.assert_allclose(volume.spacing, (2.5, 0.7, 0.7))
     assert abs(np.linalg.det(volume.direction)) == pytest.approx(math.cos(tilt))
-    assert _fuzz.check_volume(volume, [], list_series(tmp_path / "tilted.nii"), "nifti") is None
+    assert fuzz_harness.check_volume(volume, [], list_series(tmp_path / "tilted.nii"), "nifti") is None
 
 
 @pytest.mark.parametrize(("offset", "value"), [(116, math.inf), (108, math.inf), (108, math.nan)])
@@ -478,19 +478,19 @@ def test_nifti_dims_claiming_gigabytes_are_refused_before_allocating(corpus, san
 def test_npy_headers_that_lie_are_read_errors(tmp_path, monkeypatch, header, message):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "h.npy"
-    path.write_bytes(_fuzz._npy_file(header, np.zeros(64, np.float32).tobytes()))
+    path.write_bytes(fuzz_harness._npy_file(header, np.zeros(64, np.float32).tobytes()))
     with pytest.raises(CTReadError, match=message):
         read_ct(path)
-    assert not (tmp_path / _fuzz.PICKLE_MARKER).exists()
+    assert not (tmp_path / fuzz_harness.PICKLE_MARKER).exists()
 
 
 def test_a_pickle_named_npy_is_never_unpickled(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "evil.npy").write_bytes(pickle.dumps(_fuzz._Unpickled(), protocol=4))
+    (tmp_path / "evil.npy").write_bytes(pickle.dumps(fuzz_harness._Unpickled(), protocol=4))
     with pytest.raises(CTReadError, match="not a .npy array"):
         read_ct(tmp_path / "evil.npy")
     buf = io.BytesIO()
-    np.save(buf, np.array([_fuzz._Unpickled()], dtype=object), allow_pickle=True)
+    np.save(buf, np.array([fuzz_harness._Unpickled()], dtype=object), allow_pickle=True)
     (tmp_path / "objects.npy").write_bytes(buf.getvalue())
     with pytest.raises(CTReadError, match="not a plain numeric"):
         read_ct(tmp_path / "objects.npy")

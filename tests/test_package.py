@@ -110,3 +110,27 @@ def test_manifest_entry_modules_import_neither_training_nor_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"the manifest's modules pulled in {result.stdout.strip()}"
+
+
+def test_shipped_packages_carry_no_fuzz_harness_and_import_no_pickle():
+    """What the wheel ships (pyproject's packages: napari_langmamba*, training*) holds no test tooling.
+
+    The reader fuzzing harness imports pickle and subprocess and plants pickles; it lives in
+    tests/fuzz_harness.py. No shipped module imports pickle (checkpoints are safetensors + JSON).
+    """
+    import ast
+
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()  # (tomllib is 3.11+)
+    assert '[tool.setuptools.packages.find]\ninclude = ["napari_langmamba*", "training*"]\n' in pyproject
+    modules = sorted(p for name in ("napari_langmamba", "training") for p in (REPO_ROOT / name).rglob("*.py"))
+    assert modules and not [p for p in modules if "fuzz" in p.name]
+    importing_pickle = []
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            if any(n.split(".")[0] == "pickle" for n in names):
+                importing_pickle.append(str(path.relative_to(REPO_ROOT)))
+    assert importing_pickle == []
+    assert (REPO_ROOT / "tests" / "fuzz_harness.py").is_file()

@@ -1,7 +1,8 @@
 """Fuzzing the CT readers: seeded mutations of real files, each read in a sandboxed worker.
 
 Shared by ``tests/test_fuzz_readers.py`` (a CI-sized run) and ``benchmarks/fuzz.py`` (thousands of
-cases). No Qt, no napari, no torch; pydicom and nibabel are imported when cases are generated.
+cases); it lives beside the tests, outside the shipped package (it imports pickle and subprocess and
+plants pickles). No Qt, no napari, no torch; pydicom and nibabel are imported when cases are generated.
 
 * A :class:`Seed` is a real input: DICOM files from ``../shared/data`` and from pydicom's and
   pydicom-data's bundled test files (located in the installed packages, never downloaded), the
@@ -31,7 +32,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import gzip
-import importlib.util
 import io
 import json
 import logging
@@ -54,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from napari_langmamba.io.samples import _package_dir  # where pydicom's test files are
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +105,6 @@ class Case:
     @property
     def name(self) -> str:
         return f"{self.format}-{self.index:05d}"
-
-
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def default_shared_data() -> Path:
@@ -1178,7 +1173,7 @@ class Result:
 class Sandbox:
     """Runs cases in a worker process with a time limit and memory limits.
 
-    The worker (``python -m napari_langmamba._fuzz --worker``) imports the readers once, caps its
+    The worker (``python tests/fuzz_harness.py --worker``) imports the readers once, caps its
     address space at its idle size plus ``address_space_mb`` and reports its peak resident size
     after each case; a case that raises the peak more than ``memory_limit_mb`` above the idle
     size is a memory blow-up. A worker that times out, dies or blows up is replaced.
@@ -1211,7 +1206,7 @@ class Sandbox:
         log = open(self.workdir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "napari_langmamba._fuzz", "--worker",
+                [sys.executable, str(Path(__file__).resolve()), "--worker",
                  "--address-space-mb", str(self.address_space_mb)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=self._cwd, env=env, bufsize=0,
             )
@@ -1307,18 +1302,6 @@ class Sandbox:
         self._kill()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def run_cases(cases: Iterable[Case], sandbox: Sandbox,
-              progress: Callable[[Result], None] | None = None) -> list[Result]:
-    """Run ``cases`` in ``sandbox``, calling ``progress`` after each."""
-    results = []
-    for case in cases:
-        result = sandbox.run(case)
-        results.append(result)
-        if progress is not None:
-            progress(result)
-    return results
 
 
 def summarize(results: Iterable[Result], *, examples: int = 4) -> dict[str, Any]:
