@@ -32,7 +32,6 @@ import shutil
 import struct
 import tempfile
 import threading
-import uuid
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from napari_langmamba.errors import CheckpointError, ConfigError, LangMambaError
+from napari_langmamba.io._files import replace_atomically
 from napari_langmamba.windowing import MODEL_NORMALIZATION, Normalization
 
 if TYPE_CHECKING:
@@ -261,21 +261,7 @@ def _write_folder_atomically(path: Path, text: str, weights: bytes, *, overwrite
     try:
         (tmp / WEIGHTS_NAME).write_bytes(weights)
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if path.exists():
-            # A directory cannot be replaced in one rename: move the old one aside first.
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)  # the new one could not be put in place: keep the old one
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_atomically(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -290,7 +276,7 @@ def _write_zip_atomically(path: Path, text: str, weights: bytes, *, overwrite: b
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w") as zf:
             zf.writestr(CONFIG_NAME, text, compress_type=zipfile.ZIP_DEFLATED)
             zf.writestr(WEIGHTS_NAME, weights, compress_type=zipfile.ZIP_STORED)
-        os.replace(tmp_name, path)
+        replace_atomically(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)

@@ -268,3 +268,51 @@ def test_an_impossible_destination_is_a_write_error(tmp_path):
         with pytest.raises(CTWriteError, match="Cannot create the folder"):
             _write(fmt, _volume(), blocker / "sub" / NAMES[fmt])
     assert _listing(tmp_path) == ["a_file"]
+
+
+# ------------------------------------------------------------------ the one atomic replace
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "a.txt").write_text(text)
+    return path
+
+
+def test_replace_atomically_puts_files_and_folders_in_place(tmp_path):
+    """The helper behind the CT writers, checkpoints and training run folders."""
+    from napari_langmamba.io._files import replace_atomically
+
+    (tmp_path / "new.txt").write_text("new")
+    (tmp_path / "out.txt").write_text("old")
+    replace_atomically(tmp_path / "new.txt", tmp_path / "out.txt")  # a file over a file: one rename
+    assert (tmp_path / "out.txt").read_text() == "new"
+
+    replace_atomically(_folder(tmp_path / "staged", "one"), tmp_path / "dir")  # nothing there yet
+    replace_atomically(_folder(tmp_path / "staged", "two"), tmp_path / "dir")  # over a folder
+    assert (tmp_path / "dir" / "a.txt").read_text() == "two"
+    replace_atomically(_folder(tmp_path / "staged", "three"), tmp_path / "out.txt")  # a folder over a file
+    assert (tmp_path / "out.txt" / "a.txt").read_text() == "three"
+    # a fixed aside name (training's .last.old, for crash recovery): a leftover there is cleared first
+    _folder(tmp_path / ".dir.old", "leftover")
+    replace_atomically(_folder(tmp_path / "staged", "four"), tmp_path / "dir", aside=tmp_path / ".dir.old")
+    assert (tmp_path / "dir" / "a.txt").read_text() == "four"
+    assert _listing(tmp_path) == ["dir", "out.txt"]
+
+
+@pytest.mark.parametrize("error", [_disk_full(), KeyboardInterrupt()], ids=["disk full", "interrupted"])
+def test_replace_atomically_puts_the_old_folder_back_when_the_rename_fails(tmp_path, monkeypatch, error):
+    from napari_langmamba.io._files import replace_atomically
+
+    dest = _folder(tmp_path / "dir", "old")
+    staged = _folder(tmp_path / "staged", "new")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == staged:
+            raise error
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(type(error)):
+        replace_atomically(staged, dest)
+    assert (dest / "a.txt").read_text() == "old"
+    assert _listing(tmp_path) == ["dir", "staged"]  # the old copy is back; the caller removes its staging

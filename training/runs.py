@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from napari_langmamba.errors import CheckpointError, ConfigError, LangMambaError
+from napari_langmamba.io._files import replace_atomically
 from training.distributed import (
     DistContext,
     ResumableBatchSampler,
@@ -111,29 +112,15 @@ class NonFiniteLossError(LangMambaError):
 # small file helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on every platform (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        replace_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _json_safe(value: Any) -> Any:
@@ -484,21 +471,12 @@ def load_training_state(folder: str | os.PathLike, *, stage: str) -> tuple[Train
 
 
 def _swap_into_place(staging: Path, final: Path) -> None:
-    """Replace folder ``final`` by ``staging`` with renames; a crash leaves one complete copy."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    try:
-        os.replace(staging, final)
-    except BaseException:
-        if old.exists() and not final.exists():
-            os.replace(old, final)  # put the previous checkpoint back
-        raise
-    _fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    """Replace folder ``final`` by ``staging`` with renames; a crash leaves one complete copy.
+
+    The previous copy waits at the fixed name ``.<final>.old`` until the new one is in place, so
+    :meth:`RunFolder.recover` finds it after a crash between the two renames.
+    """
+    replace_atomically(staging, final, aside=final.with_name(f".{final.name}.old"))
 
 
 class RunFolder:
@@ -841,11 +819,7 @@ class Trainer:
                 if with_state:
                     save_training_state(staging, stage=self.run.stage, state=self.state, objects=self.objects,
                                         rng=rngs, world_size=self.ctx.world_size)
-                for file in staging.iterdir():
-                    if file.is_file():
-                        with open(file, "rb") as fh:
-                            os.fsync(fh.fileno())
-                _swap_into_place(staging, self.run.path / name)
+                _swap_into_place(staging, self.run.path / name)  # flushes the files first
             except BaseException:
                 # The previous checkpoint is still in place; a half-built one is only litter.
                 shutil.rmtree(staging, ignore_errors=True)

@@ -64,6 +64,7 @@ import numpy as np
 
 from napari_langmamba.errors import ConfigError
 from napari_langmamba.events import Progress, run
+from napari_langmamba.io._files import replace_atomically
 from training.config import add_config_argument, add_option, options_to_dict, resolve_options
 
 logger = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
-        os.replace(tmp, path)
+        replace_atomically(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -417,9 +418,12 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".dataset.", suffix=".json.tmp", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2)
-    os.replace(tmp, folder / MANIFEST_NAME)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2)
+        replace_atomically(tmp, folder / MANIFEST_NAME)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _package_version() -> str:

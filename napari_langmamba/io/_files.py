@@ -1,7 +1,9 @@
 """Safe writing: refuse to clobber, write to a temporary sibling, then rename into place.
 
 A failure at any point leaves the destination as it was (absent, or the old content when
-overwriting) and removes the temporary sibling.
+overwriting) and removes the temporary sibling. :func:`replace_atomically` is the package's one
+atomic replace: the CT writers here, checkpoints (``checkpoint.py``) and training run folders
+(``training/runs.py``) all put their output in place through it.
 """
 
 from __future__ import annotations
@@ -64,6 +66,49 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
+def _remove(path: Path, *, ignore_errors: bool = False) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            if not ignore_errors:
+                raise
+
+
+def replace_atomically(staged: str | os.PathLike, path: str | os.PathLike, *, aside: str | os.PathLike | None = None) -> None:
+    """Put the finished file or folder ``staged`` at ``path`` by renames, never leaving ``path`` half-written.
+
+    ``staged`` (and each entry of a folder) is flushed to the disk first, so a rename never
+    exposes an empty file, and the rename itself is flushed after. A file replaces a file in one
+    rename; a folder cannot, so an existing ``path`` is first moved to ``aside`` (default: a
+    unique hidden sibling; a fixed name lets a crash be recovered from) and deleted once
+    ``staged`` is in place. If that rename fails (or is interrupted) the previous content is put
+    back. Errors are raised as they come (``OSError``): callers word them for their users.
+    """
+    staged, path = Path(staged), Path(path)
+    if staged.is_dir():
+        for entry in staged.iterdir():
+            _fsync(entry)
+    _fsync(staged)
+    old: Path | None = None
+    if path.is_dir() or (staged.is_dir() and path.exists()):
+        old = Path(aside) if aside is not None else _sibling(path, "old")
+        if old.exists() or old.is_symlink():
+            _remove(old)  # the leftover of an earlier crash: path is complete
+        os.replace(path, old)
+    try:
+        os.replace(staged, path)
+    except BaseException:
+        if old is not None and old.exists() and not path.exists():
+            os.replace(old, path)  # put the previous content back
+        raise
+    _fsync(path.parent)
+    if old is not None:
+        _remove(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, *, overwrite: bool, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; on success it replaces ``path``.
@@ -85,9 +130,7 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool, suffix: str = "") -
     tmp = _sibling(path, "tmp", suffix)
     try:
         yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        replace_atomically(tmp, path)
     except CTWriteError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of the writer leaves path as it was
@@ -122,31 +165,15 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
             )
     _prepare_parent(path)
     tmp = _sibling(path, "tmp")
-    old: Path | None = None
     try:
         tmp.mkdir()
         yield tmp
-        for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
-        if path.exists():
-            old = _sibling(path, "old")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        replace_atomically(tmp, path)
     except BaseException as exc:
-        if old is not None and old.exists() and not path.exists():
-            os.replace(old, path)  # put the previous content back
-            old = None
         if isinstance(exc, CTWriteError) or not isinstance(exc, Exception):
             raise  # our own message, or an interruption (Ctrl-C) that must stay one
         raise _failure(path, exc, existed=existed) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
     logger.info("wrote %s", path)
