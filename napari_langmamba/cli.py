@@ -158,6 +158,7 @@ def denoise_file(
     """
     from napari_langmamba import io
     from napari_langmamba.inference import DEFAULT_TILE, Denoiser
+    from napari_langmamba.session import derived_volume
 
     input_path, output = Path(input_path).expanduser(), Path(output).expanduser()
     if format is not None and format not in FORMATS:
@@ -184,7 +185,7 @@ def denoise_file(
     )
     hu = blend(volume.hu, hu, strength)
     denoise_done = time.perf_counter()
-    result = dataclasses.replace(volume, hu=hu, metadata=dict(volume.metadata), source=None)
+    result = derived_volume(volume, hu)
     reference = volume if fmt == "dicom" and _input_is_dicom(volume, input_path) else None
     written = io.write_ct(
         result,
@@ -321,7 +322,8 @@ def _demo_input(quiet: bool) -> tuple[Any, str]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from napari_langmamba import io
-    from napari_langmamba.inference import Denoiser, resolve_weights
+    from napari_langmamba.inference import Denoiser
+    from napari_langmamba.session import derived_volume, resolve_weights
 
     try:
         resolve_weights("default")
@@ -342,7 +344,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     denoised = time.perf_counter()
     folder = _fresh_folder(Path(args.output))
-    result = dataclasses.replace(volume, hu=hu, metadata=dict(volume.metadata), source=None)
+    result = derived_volume(volume, hu)
     written = io.write_ct(
         result,
         folder / "denoised_dicom",

@@ -16,6 +16,10 @@ all reach a model through here, so each of these rules has one home:
   layer that napari shows at the viewer's point, by napari's own rule (the data coordinate of
   every leading axis rounded with :func:`numpy.round`; a point outside the layer shows nothing
   and is refused); :func:`require_axial_view` checks that the view shows such slices.
+* **Layers and derived volumes.** :func:`layer_volume` is the :class:`CTVolume` a CT layer (or a
+  slab of its slices) shows; :func:`derived_volume` is a model's output for a volume, with the
+  same geometry and a copy of its DICOM fields (the CLI writes it, the Denoise widget shows it);
+  :func:`slab_translate` places a slab's layer over the slices it came from.
 * **Slice preparation.** :func:`prepare_slice` validates a ``(y, x)`` slice in HU, applies the one
   policy for values that are not finite (they are read as air, the normalisation's lowest HU,
   with a :class:`RuntimeWarning`; a slice with no finite value is refused), normalises it with
@@ -30,6 +34,8 @@ needed.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,6 +50,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import numpy as np
 
 from napari_langmamba.errors import CheckpointError, ConfigError
+from napari_langmamba.io.layers import layer_to_volume
+from napari_langmamba.io.volume import PER_SLICE_METADATA, CTVolume
 from napari_langmamba.windowing import MODEL_NORMALIZATION, Normalization
 
 if TYPE_CHECKING:
@@ -62,7 +70,9 @@ __all__ = [
     "current_slice",
     "current_slice_index",
     "default_weights_info",
+    "derived_volume",
     "fingerprint",
+    "layer_volume",
     "load_cached",
     "pad_to_stride",
     "padded_shape",
@@ -70,6 +80,7 @@ __all__ = [
     "require_axial_view",
     "resolve_device",
     "resolve_weights",
+    "slab_translate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -521,3 +532,62 @@ def current_slice(layer: Any, world_point: Sequence[float]) -> tuple[tuple[int, 
         raise ConfigError(f"{layer.name!r} is an RGB image; a CT image in HU is needed.")
     index = current_slice_index(layer, world_point)
     return index, np.asarray(_layer_data(layer)[index], dtype=np.float32)
+
+
+# --- layers and derived volumes ---------------------------------------------------------------
+def layer_volume(layer: Any, slices: slice | None = None) -> CTVolume:
+    """The :class:`CTVolume` a CT image layer shows, or the slab ``slices`` of a 3-D one.
+
+    The data (float32 HU) with the geometry and DICOM fields of ``layer.metadata["ct"]`` and the
+    layer's scale as spacing (:func:`~napari_langmamba.io.layer_to_volume`). A slab's origin is
+    its first slice's position, and the per-slice DICOM fields are cut to its slices.
+    """
+    data = _layer_data(layer)
+    n_slices = int(np.shape(data)[0])
+    if slices is not None:
+        if int(layer.ndim) != 3:
+            raise ConfigError(f"A slab of slices is taken from a 3-D layer; {layer.name!r} has {layer.ndim} axes.")
+        data = data[slices]
+    volume = layer_to_volume(data, {"scale": layer.scale, "metadata": layer.metadata, "rgb": layer.rgb})
+    if slices is None:
+        return volume
+    start, stop, step = slices.indices(n_slices)
+    if step != 1:
+        raise ConfigError("A slab is a run of consecutive slices.")
+    origin = np.asarray(volume.origin) + start * volume.spacing[0] * volume.direction[0]
+    metadata = dict(volume.metadata)
+    for key in PER_SLICE_METADATA:
+        values = metadata.get(key)
+        if isinstance(values, list):
+            if len(values) == n_slices:
+                metadata[key] = values[start:stop]
+            else:
+                del metadata[key]  # they do not describe this layer's slices
+    return dataclasses.replace(volume, origin=tuple(origin), metadata=metadata)
+
+
+def derived_volume(volume: CTVolume, hu: np.ndarray) -> CTVolume:
+    """A model's output ``hu`` for ``volume``: its geometry, a copy of its DICOM fields, no source.
+
+    ``hu`` has ``volume``'s shape. Nothing holds the result on disk yet (``source`` is None); a
+    DICOM export makes it a derived series of ``volume`` (new UIDs, the same positions).
+    """
+    hu = np.asarray(hu)
+    if hu.shape != volume.hu.shape:
+        raise ConfigError(f"A derived volume has its source's shape {volume.hu.shape}; got {hu.shape}.")
+    return dataclasses.replace(volume, hu=hu, metadata=copy.deepcopy(volume.metadata), source=None)
+
+
+def slab_translate(layer: Any, start: int) -> np.ndarray:
+    """The ``translate`` that shows a slab beginning at slice ``start`` of ``layer`` over it.
+
+    The shift is slice ``start``'s offset in world space (through the layer's scale, rotation,
+    shear and affine), undone by the layer's affine so that a layer with the same scale,
+    rotation, shear and affine and this translate lands exactly on those slices.
+    """
+    translate = np.asarray(layer.translate, dtype=float)
+    if not start:
+        return translate
+    step = np.asarray(layer.data_to_world([start] + [0] * (layer.ndim - 1)), dtype=float)
+    step -= np.asarray(layer.data_to_world([0] * layer.ndim), dtype=float)
+    return translate + np.linalg.solve(layer.affine.linear_matrix, step)

@@ -285,3 +285,75 @@ def test_the_axial_view_is_required_in_either_in_plane_order():
     viewer.dims.ndisplay = 3
     with pytest.raises(ConfigError, match="2-D view"):
         session.require_axial_view(viewer.dims, what="Tokens")
+
+
+# --- layers and derived volumes ---------------------------------------------------------------
+def _oblique_volume(n: int = 4):
+    from napari_langmamba.io import CTVolume
+
+    angle = np.deg2rad(20.0)  # rows and slices tilted about the patient's x axis
+    direction = [[0.0, -np.sin(angle), np.cos(angle)], [0.0, np.cos(angle), np.sin(angle)], [1.0, 0.0, 0.0]]
+    hu = np.random.default_rng(0).normal(0.0, 100.0, (n, 6, 8)).astype(np.float32)
+    metadata = {"SeriesDescription": "oblique", "source_sop_instance_uids": [f"1.2.{k}" for k in range(n)],
+                "slice_positions_lps": [[0.0, 0.0, float(k)] for k in range(n)], "Modality": "CT"}
+    return CTVolume(hu=hu, spacing=(2.5, 0.7, 0.8), origin=(-100.0, -50.0, -800.0), direction=direction,
+                    metadata=metadata, source="/data/oblique")
+
+
+def test_a_layer_shows_the_volume_it_was_made_from_and_a_slab_is_placed_on_its_slices():
+    from napari.layers import Layer
+
+    from napari_langmamba.io import volume_to_layer_data
+
+    volume = _oblique_volume()
+    layer = Layer.create(*volume_to_layer_data(volume))
+    back = session.layer_volume(layer)
+    np.testing.assert_array_equal(back.hu, volume.hu)
+    for name in ("spacing", "origin", "direction"):
+        np.testing.assert_allclose(getattr(back, name), getattr(volume, name))
+    assert back.metadata == volume.metadata and back.source == "/data/oblique"
+
+    slab = session.layer_volume(layer, slice(2, 3))
+    np.testing.assert_array_equal(slab.hu, volume.hu[2:3])
+    np.testing.assert_allclose(slab.origin, volume.slice_positions()[2])  # along the tilted normal
+    np.testing.assert_allclose(slab.direction, volume.direction)
+    assert slab.metadata["source_sop_instance_uids"] == ["1.2.2"]
+    assert slab.metadata["slice_positions_lps"] == [[0.0, 0.0, 2.0]]
+    assert volume.metadata["source_sop_instance_uids"] == [f"1.2.{k}" for k in range(4)]  # untouched
+    # the slab's layer, translated by slab_translate, lies on slice 2 of the input
+    translate = session.slab_translate(layer, 2)
+    np.testing.assert_allclose(translate, [5.0, 0.0, 0.0])
+    with pytest.raises(ConfigError, match="3-D layer"):
+        session.layer_volume(Layer.create(*volume_to_layer_data(_oblique_volume(1))), slice(0, 1))
+
+
+def test_per_slice_fields_that_do_not_match_the_layer_are_dropped_from_a_slab():
+    from napari.layers import Image
+
+    volume = _oblique_volume()
+    layer = Image(volume.hu[:3], scale=volume.spacing, metadata={"ct": {"metadata": dict(volume.metadata)}})
+    slab = session.layer_volume(layer, slice(1, 2))
+    assert "source_sop_instance_uids" not in slab.metadata and slab.metadata["Modality"] == "CT"
+
+
+def test_a_slab_translate_follows_the_layers_rotation():
+    from napari.layers import Image
+
+    layer = Image(np.zeros((4, 6, 8), np.float32), scale=(2.0, 1.0, 1.0), translate=(3.0, 1.0, -2.0),
+                  rotate=((1, 0, 0), (0, 0, -1), (0, 1, 0)))
+    slab = Image(np.zeros((1, 6, 8), np.float32), scale=layer.scale, rotate=layer.rotate,
+                 translate=session.slab_translate(layer, 3))
+    np.testing.assert_allclose(slab.data_to_world((0, 2, 5)), layer.data_to_world((3, 2, 5)))
+
+
+def test_a_derived_volume_keeps_the_geometry_and_copies_the_dicom_fields():
+    volume = _oblique_volume()
+    derived = session.derived_volume(volume, volume.hu + 1.0)
+    np.testing.assert_array_equal(derived.hu, volume.hu + 1.0)
+    assert (derived.spacing, derived.origin) == (volume.spacing, volume.origin)
+    np.testing.assert_array_equal(derived.direction, volume.direction)
+    assert derived.source is None and derived.metadata == volume.metadata
+    derived.metadata["source_sop_instance_uids"].append("x")
+    assert len(volume.metadata["source_sop_instance_uids"]) == 4  # a copy, not the source's lists
+    with pytest.raises(ConfigError, match="shape"):
+        session.derived_volume(volume, volume.hu[:2])

@@ -301,3 +301,66 @@ def test_settings_persist_across_two_widget_instances_and_reset(make_napari_view
     assert second.device_combo.currentText() == "auto"
     third = DenoiseWidget(make_napari_viewer())
     assert third.strength_spin.value() == 100 and third.weights_combo.currentData() == "default"
+
+
+def test_the_result_is_the_volume_the_cli_derives(make_napari_viewer, qtbot, ckpt, tmp_path, monkeypatch):
+    """For the same DICOM input (an oblique series), the Denoise widget's result layer holds the volume
+    the CLI writes: the same HU, spacing, origin, direction and DICOM fields; its scale is the spacing
+    and its translate the input's. A current-slice result is that volume's slice, placed on it."""
+    from napari.layers import Layer
+
+    from napari_langmamba import cli
+    from napari_langmamba import io as ct_io
+    from napari_langmamba.session import layer_volume
+
+    angle = np.deg2rad(15.0)
+    direction = [[0.0, -np.sin(angle), np.cos(angle)], [0.0, np.cos(angle), np.sin(angle)], [1.0, 0.0, 0.0]]
+    phantom = ct_layer_kwargs()["data"]
+    source = ct_io.CTVolume(hu=phantom, spacing=(2.5, 0.7, 0.8), origin=(-100.0, -50.0, -800.0),
+                            direction=direction, metadata={"SeriesDescription": "phantom", "Modality": "CT"})
+    series = ct_io.write_dicom_series(source, tmp_path / "series")
+
+    written = []
+    real_write_ct = ct_io.write_ct
+
+    def capture(volume, path, **kwargs):
+        written.append((volume, kwargs))
+        return real_write_ct(volume, path, **kwargs)
+
+    monkeypatch.setattr(ct_io, "write_ct", capture)
+    cli.denoise_file(series, tmp_path / "cli_denoised", weights=str(ckpt), device="cpu", batch_size=2, quiet=True)
+    ((cli_volume, cli_kwargs),) = written
+
+    Denoiser.clear_cache()
+    viewer = make_napari_viewer()
+    layer = viewer.add_layer(Layer.create(*ct_io.volume_to_layer_data(ct_io.read_ct(series))))  # as Load adds it
+    widget = DenoiseWidget(viewer)
+    widget.set_weights(ckpt)
+    widget.device_combo.setCurrentText("cpu")
+    widget.batch_spin.setValue(2)
+    widget.run()
+    wait_idle(qtbot, widget)
+    out = viewer.layers[f"{layer.name} denoised"]
+    shown = layer_volume(out)
+    np.testing.assert_array_equal(shown.hu, cli_volume.hu)
+    for name in ("spacing", "origin", "direction"):
+        np.testing.assert_allclose(getattr(shown, name), getattr(cli_volume, name), atol=1e-9, err_msg=name)
+    np.testing.assert_allclose(out.scale, cli_volume.spacing)
+    np.testing.assert_allclose(out.translate, layer.translate)
+    description = shown.metadata.pop("SeriesDescription")
+    assert description == cli_kwargs["description"]  # the CLI names the derived series the same way
+    assert shown.metadata == {k: v for k, v in cli_volume.metadata.items() if k != "SeriesDescription"}
+    assert shown.source is None and cli_volume.source is None
+
+    viewer.dims.set_current_step(0, 2)
+    widget.scope_combo.setCurrentIndex(widget.scope_combo.findData("slice"))
+    widget.run()
+    wait_idle(qtbot, widget)
+    one = layer_volume(viewer.layers[f"{layer.name} denoised [2]"])
+    np.testing.assert_allclose(one.hu, cli_volume.hu[2:3], atol=1e-3)
+    np.testing.assert_allclose(one.origin, cli_volume.slice_positions()[2], atol=1e-9)
+    np.testing.assert_allclose(one.spacing, cli_volume.spacing)
+    np.testing.assert_allclose(one.direction, cli_volume.direction, atol=1e-12)
+    assert one.metadata["source_sop_instance_uids"] == cli_volume.metadata["source_sop_instance_uids"][2:3]
+    np.testing.assert_allclose(viewer.layers[f"{layer.name} denoised [2]"].data_to_world((0, 10, 20)),
+                               layer.data_to_world((2, 10, 20)))

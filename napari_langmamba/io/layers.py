@@ -36,6 +36,17 @@ def layer_name(volume: CTVolume) -> str:
     return "CT"
 
 
+def ct_layer_metadata(volume: CTVolume) -> dict[str, Any]:
+    """``layer.metadata["ct"]`` for a layer showing ``volume``: its geometry, DICOM fields and source, as plain data."""
+    return {
+        "spacing": [float(s) for s in volume.spacing],
+        "origin": [float(v) for v in volume.origin],
+        "direction": np.asarray(volume.direction, dtype=float).tolist(),
+        "metadata": copy.deepcopy(volume.metadata),
+        "source": volume.source,
+    }
+
+
 def volume_to_layer_data(
     volume: CTVolume,
     *,
@@ -65,20 +76,13 @@ def volume_to_layer_data(
         data, scale = volume.hu[0], spacing[1:]
     else:
         data, scale = volume.hu, spacing
-    ct = {
-        "spacing": list(spacing),
-        "origin": [float(v) for v in volume.origin],
-        "direction": np.asarray(volume.direction, dtype=float).tolist(),
-        "metadata": copy.deepcopy(volume.metadata),
-        "source": volume.source,
-    }
     kwargs: dict[str, Any] = {
         "name": name or layer_name(volume),
         "scale": list(scale),
         "contrast_limits": [float(limits[0]), float(limits[1])],
         "colormap": "gray",
         "rgb": False,
-        "metadata": {"ct": ct},
+        "metadata": {"ct": ct_layer_metadata(volume)},
     }
     return data, kwargs, "image"
 

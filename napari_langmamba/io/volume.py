@@ -55,6 +55,10 @@ def _triple(name: str, value: Any, *, positive: bool) -> tuple[float, float, flo
     return out  # type: ignore[return-value]
 
 
+PER_SLICE_METADATA = ("source_sop_instance_uids", "slice_positions_lps")
+"""``CTVolume.metadata`` keys that hold one entry per slice (a DICOM read writes them)."""
+
+
 @dataclass(eq=False)  # identity comparison: element-wise array equality has no single truth value
 class CTVolume:
     """A CT volume in Hounsfield units with its patient geometry.

@@ -15,15 +15,19 @@ the model's full-strength output of the last run, so moving the control afterwar
 result layer (data, ``metadata["denoise"]["strength_percent"]`` and the SeriesDescription a DICOM
 export gets) without running the model again.
 
+The result is a :class:`~napari_langmamba.io.CTVolume` made as the CLI makes it: the input
+layer's volume (:func:`~napari_langmamba.session.layer_volume`) and the model's output give
+:func:`~napari_langmamba.session.derived_volume`, whose geometry and DICOM fields become the new
+layer's ``metadata["ct"]``.
+
 "Current slice" on a 3-D layer denoises only the slice shown and adds a **single-slice 3-D
-layer** ``(1, y, x)`` translated to that slice's position: it overlays the input exactly at
-that z, costs one slice of memory, and its ``metadata["ct"]["origin"]`` is moved to the slice
-so exporting it gives a correctly placed one-slice series.
+layer** ``(1, y, x)``: the volume of that one-slice slab, its origin at the slice, placed by
+:func:`~napari_langmamba.session.slab_translate` exactly over the input at that z; it costs one
+slice of memory and exports as a correctly placed one-slice series.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Generator
@@ -48,11 +52,16 @@ from napari_langmamba import __version__
 from napari_langmamba.errors import CheckpointError, ConfigError
 from napari_langmamba.events import Progress
 from napari_langmamba.inference import DEFAULT_TILE, Denoiser
+from napari_langmamba.io.layers import ct_layer_metadata
+from napari_langmamba.io.volume import CTVolume
 from napari_langmamba.session import (
     available_devices,
     current_slice_index,
+    derived_volume,
+    layer_volume,
     require_axial_view,
     resolve_weights,
+    slab_translate,
 )
 from napari_langmamba.strength import DEFAULT_STRENGTH, blend, derived_description
 from napari_langmamba.widgets._base import WidgetBase, WorkerState, ct_image_layers
@@ -279,13 +288,16 @@ class DenoiseWidget(WidgetBase):
             self.report_error(exc, context="Denoise")
             return None
         layer = self.input_layer
-        data = layer.data
-        if settings.slice_index is not None:
-            data = data[settings.slice_index : settings.slice_index + 1]  # (1, y, x): one slice, 3-D
+        z = settings.slice_index
+        try:  # (1, y, x) for one slice of a 3-D layer: the slab keeps the volume 3-D
+            volume = layer_volume(layer, None if z is None else slice(z, z + 1))
+        except Exception as exc:  # noqa: BLE001 - shown to the user; the widget stays usable
+            self.report_error(exc, context="Denoise")
+            return None
         self.result_layer = None
         return self.run_generator(
-            _denoise_job(data, settings),
-            on_returned=lambda result: self._add_result(layer, data, settings, *result),
+            _denoise_job(volume.hu, settings),
+            on_returned=lambda result: self._add_result(layer, volume, settings, *result),
             context="Denoise",
             inputs=(layer,),  # closing the input layer mid-run stops the run and adds nothing
         )
@@ -303,25 +315,11 @@ class DenoiseWidget(WidgetBase):
         return f"{base} [{n}]"
 
     def _add_result(
-        self, layer: Image, data: Any, settings: DenoiseSettings, hu: np.ndarray, info: dict, seconds: float
+        self, layer: Image, volume: CTVolume, settings: DenoiseSettings, hu: np.ndarray, info: dict, seconds: float
     ) -> None:
-        translate = np.asarray(layer.translate, dtype=float)
-        ct = copy.deepcopy(layer.metadata.get("ct")) if isinstance(layer.metadata.get("ct"), dict) else None
-        if settings.slice_index is not None:
-            z = settings.slice_index
-            # Shift in physical space by slice z of the input (its scale/rotate/shear), undoing
-            # the layer affine that data_to_world also applies.
-            step = np.asarray(layer.data_to_world([z] + [0] * (layer.ndim - 1)), dtype=float)
-            step -= np.asarray(layer.data_to_world([0] * layer.ndim), dtype=float)
-            translate = translate + np.linalg.solve(layer.affine.linear_matrix, step)
-            if ct is not None and "origin" in ct and "spacing" in ct and "direction" in ct:
-                origin = np.asarray(ct["origin"], float)
-                origin = origin + z * float(ct["spacing"][0]) * np.asarray(ct["direction"], float)[0]
-                ct["origin"] = origin.tolist()
-        if ct is not None:
-            ct["source"] = None  # derived data: no file holds it yet
-            ct["metadata"] = dict(ct.get("metadata") or {})
-            ct["original_series_description"] = ct["metadata"].get("SeriesDescription")
+        derived = derived_volume(volume, hu)
+        ct = ct_layer_metadata(derived)
+        ct["original_series_description"] = derived.metadata.get("SeriesDescription")
         metadata = {
             "denoise": {
                 "model": info,
@@ -330,18 +328,19 @@ class DenoiseWidget(WidgetBase):
                 "input_layer": layer.name,
                 "seconds": round(seconds, 3),
                 "package_version": __version__,
-            }
+            },
+            "ct": ct,
         }
-        if ct is not None:
-            metadata["ct"] = ct
+        # The layer keeps the input's shape (a 2-D slice stays 2-D; the volume is (1, y, x)).
+        shape = np.shape(layer.data) if settings.slice_index is None else volume.hu.shape
+        self._last_input = volume.hu.reshape(shape)
+        self._last_denoised = derived.hu.reshape(shape)
         # the strength chosen now (it may have moved while the model ran)
-        self._last_input = np.asarray(data, dtype=np.float32)
-        self._last_denoised = hu
         out = self.viewer.add_image(
-            blend(self._last_input, hu, self.strength),
+            blend(self._last_input, self._last_denoised, self.strength),
             name=self._unique_name(f"{layer.name} denoised"),
             scale=layer.scale,
-            translate=translate,
+            translate=slab_translate(layer, settings.slice_index or 0),
             rotate=layer.rotate,
             shear=layer.shear,
             affine=layer.affine.affine_matrix,
