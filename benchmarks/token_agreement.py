@@ -226,9 +226,9 @@ def sha256_file(path: Path) -> str:
 
 
 def langae_info(spec: str, model: Any) -> dict:
-    from napari_langmamba.tokens import _resolve_langae_dir
+    from napari_langmamba.session import resolve_weights
 
-    path = _resolve_langae_dir(spec)
+    path = resolve_weights(spec, role="langae")
     info: dict[str, Any] = {"weights": spec, "path": str(path)}
     weights = path / "model.safetensors" if path.is_dir() else path
     if weights.is_file():
