@@ -695,3 +695,59 @@ def test_closing_the_viewer_stops_a_running_training_process(train_setup, qtbot,
     assert (run / "got_sigterm").read_text() == "checkpoint written"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------ the worker's handlers, alone
+class _FakeWidget:
+    """What a WorkerTask touches of its widget, recorded."""
+
+    def __init__(self) -> None:
+        from napari_langmamba.widgets._base import _Lifeline
+
+        self._lifeline = _Lifeline()
+        self.calls: list[tuple] = []
+        self.state = WorkerState.RUNNING
+
+    def _set_state(self, state: WorkerState) -> None:
+        self.state = state
+        self.calls.append(("state", state))
+
+    def report_error(self, exc: BaseException, *, context: str = "") -> str:
+        self.calls.append(("error", context, str(exc)))
+        return str(exc)
+
+
+def _task(widget, worker, **kwargs):
+    from napari_langmamba.widgets._base import WorkerTask
+
+    return WorkerTask(widget, worker, **kwargs)
+
+
+def test_a_worker_task_quits_once_when_an_input_layer_is_removed_and_drops_the_result():
+    quits, results = [], []
+    worker = type("Worker", (), {"quit": lambda self: quits.append(1)})()
+    ct, other = type("L", (), {"name": "ct"})(), type("L", (), {"name": "other"})()
+    task = _task(_FakeWidget(), worker, on_returned=results.append, inputs=(ct, None))
+    task.layer_removed(type("E", (), {"value": other})())
+    assert quits == [] and task.removed == []
+    for _ in range(2):
+        task.layer_removed(type("E", (), {"value": ct})())
+    assert quits == [1] and task.removed == ["ct"]
+    task.returned("denoised")
+    assert results == []  # nothing is added for a layer that is gone
+
+
+def test_a_worker_task_reports_a_failing_result_handler_and_passes_it_on():
+    widget, failed = _FakeWidget(), []
+
+    def handler(result):
+        raise ValueError(f"cannot show {result}")
+
+    task = _task(widget, None, on_returned=handler, on_failed=failed.append, context="Denoise")
+    task.returned("x")
+    assert widget.calls == [("state", WorkerState.DONE), ("state", WorkerState.FAILED),
+                            ("error", "Denoise", "cannot show x")]
+    assert [str(e) for e in failed] == ["cannot show x"]
+    widget._lifeline.on_widget_destroyed()
+    task.returned("y")  # a deleted widget is not touched
+    assert len(widget.calls) == 3

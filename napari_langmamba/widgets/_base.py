@@ -25,6 +25,7 @@ import enum
 import logging
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from napari.layers import Image
@@ -100,6 +101,112 @@ def _guarded(generator: Generator[Progress, None, T]) -> Generator[Progress, Non
         return (yield from generator)
     except Exception as exc:  # every exception is reported to the user on the GUI thread
         return _Failure(exc)
+
+
+def _run_guarded(generator: Generator[Progress, None, T]) -> Generator[Progress, None, T | _Failure]:
+    """The worker's generator function: ``generator`` with its exception caught (:func:`_guarded`)."""
+    return (yield from _guarded(generator))
+
+
+@dataclass(eq=False)
+class WorkerTask:
+    """One run of :meth:`WidgetBase.run_generator`: the handlers of its worker's signals.
+
+    ``yielded`` moves the progress bar; ``returned`` hands the result (or reports the caught
+    error) and sets the widget's state; ``aborted`` marks it cancelled; ``finished`` frees the
+    widget for the next task and runs ``on_finished``. Each touches the widget only while it
+    is alive (its :class:`_Lifeline`). ``inputs`` are the layers the work reads: removing one
+    from the viewer (``layer_removed``) quits the worker, and its result is then dropped. The
+    other fields are :meth:`WidgetBase.run_generator`'s arguments.
+    """
+
+    widget: WidgetBase
+    worker: Any
+    on_returned: Callable[[Any], None]
+    on_failed: Callable[[BaseException], None] | None = None
+    on_finished: Callable[[], None] | None = None
+    show_progress: bool = True
+    context: str = ""
+    inputs: Sequence[Layer] = ()
+
+    def __post_init__(self) -> None:
+        self.lifeline = self.widget._lifeline
+        self.watched = [layer for layer in self.inputs if layer is not None]
+        self.watching = bool(self.watched)
+        self.removed: list[str] = []  # names of input layers removed while the work ran
+
+    def connect(self) -> None:
+        """Connect the handlers to the worker (and the viewer's layer list, when there are inputs).
+
+        Through partials: PyQt holds a bound method's object only weakly, and the worker's
+        connections are what keep this task alive until its worker has finished.
+        """
+        worker = self.worker
+        worker.yielded.connect(partial(WorkerTask.yielded, self))
+        worker.returned.connect(partial(WorkerTask.returned, self))
+        worker.aborted.connect(partial(WorkerTask.aborted, self))
+        worker.finished.connect(partial(WorkerTask.finished, self))
+        if self.watching:
+            self.widget.viewer.layers.events.removed.connect(self.layer_removed)
+
+    def layer_removed(self, event: Any) -> None:
+        """A layer left the viewer: if the work reads it, stop the work (once)."""
+        layer = getattr(event, "value", None)
+        if not self.removed and any(layer is watched for watched in self.watched):
+            self.removed.append(layer.name)
+            self.worker.quit()
+
+    def yielded(self, event: object) -> None:
+        if self.lifeline.alive and self.show_progress and isinstance(event, Progress):
+            self.widget.update_progress(event)
+
+    def returned(self, result: object) -> None:
+        if not self.lifeline.alive or self.removed:  # nobody to show it to, or its input is gone
+            return
+        self.watched.clear()  # handled: removing an input from now on is the user's own business
+        if isinstance(result, _Failure):
+            self._fail(result.error)
+            return
+        self.widget._set_state(WorkerState.DONE)
+        try:
+            self.on_returned(result)
+        except Exception as exc:  # a failing result handler must not kill the widget
+            self._fail(exc)
+
+    def _fail(self, error: BaseException) -> None:
+        self.widget._set_state(WorkerState.FAILED)
+        self.widget.report_error(error, context=self.context)
+        if self.on_failed is not None:
+            self.on_failed(error)
+
+    def aborted(self) -> None:
+        if not self.lifeline.alive or self.removed:  # reported once finished
+            return
+        self.widget._set_state(WorkerState.CANCELLED)
+        self.widget.set_status("Cancelled.")
+
+    def finished(self) -> None:
+        if self.watching:
+            self.widget.viewer.layers.events.removed.disconnect(self.layer_removed)
+        if self.lifeline.worker is self.worker:
+            self.lifeline.worker = None
+        if not self.lifeline.alive:
+            return
+        widget = self.widget
+        widget._worker = None
+        if self.show_progress:
+            widget.finish_progress()
+        if self.removed:
+            widget._set_state(WorkerState.CANCELLED)
+            what = f"{self.context}: stopped" if self.context else "Stopped"
+            widget.report_warning(
+                f"{what}, because the input layer {self.removed[0]!r} was removed from the viewer while it "
+                "ran; nothing was added. Load the layer again to redo it."
+            )
+        elif widget.state is WorkerState.RUNNING:  # neither returned nor aborted
+            widget._set_state(WorkerState.IDLE)
+        if self.on_finished is not None:
+            self.on_finished()
 
 
 def _call(func: Callable[[], T]) -> Generator[Progress, None, T]:
@@ -407,83 +514,14 @@ class WidgetBase(QWidget):
         """
         if self._worker is not None:
             raise RuntimeError("this widget is already running a task; cancel it first")
-
-        def _work() -> Generator[Progress, None, Any]:
-            return (yield from _guarded(generator))
-
-        worker = thread_worker(_work, start_thread=False)()
+        worker = thread_worker(_run_guarded, start_thread=False)(generator)
         self._worker = worker
-        lifeline = self._lifeline
-        lifeline.worker = worker
-        removed: list[str] = []  # names of input layers removed while the work ran
-        watched = [layer for layer in inputs if layer is not None]
-        layer_events = self.viewer.layers.events
-
-        def _on_layer_removed(event: Any) -> None:
-            layer = getattr(event, "value", None)
-            if not removed and any(layer is input_layer for input_layer in watched):
-                removed.append(layer.name)
-                worker.quit()
-
-        watching = bool(watched)
-        if watching:
-            layer_events.removed.connect(_on_layer_removed)
-
-        def _yielded(event: object) -> None:
-            if lifeline.alive and show_progress and isinstance(event, Progress):
-                self.update_progress(event)
-
-        def _returned(result: object) -> None:
-            if not lifeline.alive or removed:  # nobody to show it to, or its input is gone
-                return
-            watched.clear()  # handled: removing an input from now on is the user's own business
-            if isinstance(result, _Failure):
-                self._set_state(WorkerState.FAILED)
-                self.report_error(result.error, context=context)
-                if on_failed is not None:
-                    on_failed(result.error)
-                return
-            self._set_state(WorkerState.DONE)
-            try:
-                on_returned(result)
-            except Exception as exc:  # a failing result handler must not kill the widget
-                self._set_state(WorkerState.FAILED)
-                self.report_error(exc, context=context)
-                if on_failed is not None:
-                    on_failed(exc)
-
-        def _aborted() -> None:
-            if not lifeline.alive or removed:  # reported once finished
-                return
-            self._set_state(WorkerState.CANCELLED)
-            self.set_status("Cancelled.")
-
-        def _finished() -> None:
-            if watching:
-                layer_events.removed.disconnect(_on_layer_removed)
-            if lifeline.worker is worker:
-                lifeline.worker = None
-            if not lifeline.alive:
-                return
-            self._worker = None
-            if show_progress:
-                self.finish_progress()
-            if removed:
-                self._set_state(WorkerState.CANCELLED)
-                what = f"{context}: stopped" if context else "Stopped"
-                self.report_warning(
-                    f"{what}, because the input layer {removed[0]!r} was removed from the viewer while it "
-                    "ran; nothing was added. Load the layer again to redo it."
-                )
-            elif self._state is WorkerState.RUNNING:  # neither returned nor aborted
-                self._set_state(WorkerState.IDLE)
-            if on_finished is not None:
-                on_finished()
-
-        worker.yielded.connect(_yielded)
-        worker.returned.connect(_returned)
-        worker.aborted.connect(_aborted)
-        worker.finished.connect(_finished)
+        self._lifeline.worker = worker
+        task = WorkerTask(
+            self, worker, on_returned=on_returned, on_failed=on_failed, on_finished=on_finished,
+            show_progress=show_progress, context=context, inputs=inputs,
+        )
+        task.connect()
         if show_progress:
             self.start_progress(0)
         self._set_state(WorkerState.RUNNING)
