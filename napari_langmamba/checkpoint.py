@@ -165,9 +165,6 @@ def save_checkpoint(
     Path
         The written checkpoint.
     """
-    import torch
-
-    from napari_langmamba import __version__
     from napari_langmamba.models import model_config, needs_codebook
 
     path = Path(path)
@@ -179,6 +176,31 @@ def save_checkpoint(
         codebook = getattr(model, "codebook", None)
         if codebook is None or not hasattr(codebook, "sha256"):
             raise CheckpointError(f"A {kind} model must carry its codebook (model.codebook) to be saved.")
+
+    tensors = _storage_tensors(model, storage)
+    expected = _expected_tensors(kind, config, codebook)
+    _compare_names(expected, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
+                   what=f"the model does not match its {kind} config", storage=storage)
+
+    text = _config_text(kind, config, codebook, storage, extra)
+
+    from safetensors.torch import save as save_safetensors
+
+    weights = save_safetensors(tensors, metadata={"format": "pt", "kind": kind})
+    if path.suffix.lower() == ".zip":
+        _write_zip_atomically(path, text, weights, overwrite=overwrite)
+    else:
+        _write_folder_atomically(path, text, weights, overwrite=overwrite)
+    log.info("Saved %s checkpoint to %s (%d tensors, %s)", kind, path, len(tensors), storage)
+    return path
+
+
+def _storage_tensors(model: nn.Module, storage: str) -> dict[str, Tensor]:
+    """The model's state dict on the CPU in the storage dtype, each tensor with its own storage.
+
+    Raises CheckpointError for a weight that is not finite, or that overflows the storage dtype.
+    """
+    import torch
 
     tensors: dict[str, Tensor] = {}
     for name, value in model.state_dict().items():
@@ -193,10 +215,15 @@ def save_checkpoint(
                         f"The weight {name!r} overflows {storage}; save it as float32 instead (dtype=None)."
                     )
         tensors[name] = tensor.clone()  # own storage: safetensors refuses shared tensors
+    return tensors
 
-    expected = _expected_tensors(kind, config, codebook)
-    _compare_names(expected, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
-                   what=f"the model does not match its {kind} config", storage=storage)
+
+def _config_text(kind: str, config: dict, codebook: Any, storage: str, extra: dict | None) -> str:
+    """``config.json`` of a checkpoint, validated as :func:`load_checkpoint` will read it.
+
+    ``extra`` as for :func:`save_checkpoint`. Raises ConfigError when it is not plain JSON.
+    """
+    from napari_langmamba import __version__
 
     extra = dict(extra or {})
     normalization = extra.pop("normalization", MODEL_NORMALIZATION)
@@ -222,16 +249,7 @@ def save_checkpoint(
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"Checkpoint metadata must be plain JSON (finite numbers, str, lists, dicts): {exc}") from exc
     _validate_doc(json.loads(text))
-
-    from safetensors.torch import save as save_safetensors
-
-    weights = save_safetensors(tensors, metadata={"format": "pt", "kind": kind})
-    if path.suffix.lower() == ".zip":
-        _write_zip_atomically(path, text, weights, overwrite=overwrite)
-    else:
-        _write_folder_atomically(path, text, weights, overwrite=overwrite)
-    log.info("Saved %s checkpoint to %s (%d tensors, %s)", kind, path, len(tensors), storage)
-    return path
+    return text
 
 
 def _storage_name(dtype: Any) -> str:

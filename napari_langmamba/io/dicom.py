@@ -8,6 +8,7 @@ decoders, i.e. pylibjpeg/openjpeg). Axis conventions: see :mod:`napari_langmamba
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import functools
 import hashlib
@@ -674,9 +675,8 @@ def _orientation(frames: list[_Frame], description: str) -> np.ndarray | None:
     return reference
 
 
-def _geometry(frames: list[_Frame], description: str) -> _Geometry:
-    problems: list[str] = []
-    first = frames[0]
+def _direction(frames: list[_Frame], description: str, problems: list[str]) -> np.ndarray:
+    """The 3 x 3 direction (rows: slice normal, column, row direction) from ImageOrientationPatient."""
     iop = _orientation(frames, description)
     if iop is None:
         problems.append(
@@ -699,22 +699,75 @@ def _geometry(frames: list[_Frame], description: str) -> _Geometry:
             f"the header is damaged."
         )
     normal /= norm
-    direction = np.stack([normal, col, row])  # rows: z, y, x
+    return np.stack([normal, col, row])  # rows: z, y, x
 
+
+def _pixel_spacing(frames: list[_Frame], description: str, problems: list[str]) -> tuple[float, float]:
+    """``(dy, dx)`` in mm: the first slice's PixelSpacing (1 mm, with a problem, when unusable)."""
     spacings = {f.pixel_spacing for f in frames if f.pixel_spacing is not None}
     if not spacings:
         problems.append(f"Series {description!r} has no PixelSpacing; assuming 1 mm pixels.")
-        dy, dx = 1.0, 1.0
-    else:
-        dy, dx = first.pixel_spacing or sorted(spacings)[0]
-        if len(spacings) > 1:
-            problems.append(
-                f"Series {description!r} has slices with different PixelSpacing {sorted(spacings)}; "
-                f"using {dy:g} x {dx:g} mm."
-            )
+        return 1.0, 1.0
+    dy, dx = frames[0].pixel_spacing or sorted(spacings)[0]
+    if len(spacings) > 1:
+        problems.append(
+            f"Series {description!r} has slices with different PixelSpacing {sorted(spacings)}; "
+            f"using {dy:g} x {dx:g} mm."
+        )
     if dy <= 0 or dx <= 0:
         problems.append(f"Series {description!r} has a non-positive PixelSpacing; assuming 1 mm pixels.")
-        dy, dx = 1.0, 1.0
+        return 1.0, 1.0
+    return dy, dx
+
+
+def _slice_spacing(
+    along: np.ndarray, positions: np.ndarray, normal: np.ndarray, header: Dataset, description: str,
+    problems: list[str],
+) -> float:
+    """The median distance between consecutive slices (at least two, ordered, without duplicates).
+
+    Gaps, uneven spacing and a gantry tilt (positions drifting within the slice plane: a
+    sheared volume) are recoverable problems.
+    """
+    diffs = np.diff(along)
+    dz = float(np.median(diffs))
+    tolerance = max(POSITION_TOLERANCE_MM, SPACING_RELATIVE_TOLERANCE * dz)
+    gaps = diffs > 1.5 * dz
+    if np.any(gaps):
+        missing = int(sum(round(d / dz) - 1 for d in diffs[gaps]))
+        where = ", ".join(f"{along[k]:.1f}..{along[k + 1]:.1f} mm" for k in np.flatnonzero(gaps)[:3])
+        problems.append(
+            f"Series {description!r} seems to miss about {missing} slice(s) (gaps at {where}); the "
+            f"volume is built from the slices present with a spacing of {dz:g} mm, so distances "
+            f"across the gap are wrong."
+        )
+    uneven = np.abs(diffs - dz) > tolerance
+    if np.any(uneven & ~gaps):
+        problems.append(
+            f"Series {description!r} has uneven slice spacing (from {diffs.min():.3g} to "
+            f"{diffs.max():.3g} mm); using the median, {dz:.4g} mm."
+        )
+    steps = np.diff(positions, axis=0)
+    in_plane = steps - np.outer(steps @ normal, normal)
+    shear = np.linalg.norm(in_plane, axis=1)
+    if np.any(shear > POSITION_TOLERANCE_MM + 1e-3 * np.linalg.norm(steps, axis=1)):
+        tilt = _optional_float(header, "GantryDetectorTilt")
+        angle = float(np.degrees(np.arctan2(np.median(shear), dz)))
+        problems.append(
+            f"Series {description!r} was acquired with a gantry tilt (about {angle:.1f} degrees"
+            + (f", header says {tilt:g}" if tilt else "")
+            + "): slices are shifted in-plane, so the volume shown is sheared. Distances within a "
+            "slice are right; across slices they are approximate."
+        )
+    return dz
+
+
+def _geometry(frames: list[_Frame], description: str) -> _Geometry:
+    problems: list[str] = []
+    first = frames[0]
+    direction = _direction(frames, description, problems)
+    normal = direction[0]
+    dy, dx = _pixel_spacing(frames, description, problems)
 
     thickness = _optional_float(first.header, "SliceThickness")
     fallback_dz = _optional_float(first.header, "SpacingBetweenSlices") or thickness or 1.0
@@ -744,39 +797,8 @@ def _geometry(frames: list[_Frame], description: str) -> _Geometry:
         )
         order = [order[k] for k in keep]
         along, positions = along[keep], positions[keep]
-        diffs = np.diff(along)
-
     if len(order) > 1:
-        dz = float(np.median(diffs))
-        tolerance = max(POSITION_TOLERANCE_MM, SPACING_RELATIVE_TOLERANCE * dz)
-        gaps = diffs > 1.5 * dz
-        if np.any(gaps):
-            missing = int(sum(round(d / dz) - 1 for d in diffs[gaps]))
-            where = ", ".join(f"{along[k]:.1f}..{along[k + 1]:.1f} mm" for k in np.flatnonzero(gaps)[:3])
-            problems.append(
-                f"Series {description!r} seems to miss about {missing} slice(s) (gaps at {where}); the "
-                f"volume is built from the slices present with a spacing of {dz:g} mm, so distances "
-                f"across the gap are wrong."
-            )
-        uneven = np.abs(diffs - dz) > tolerance
-        if np.any(uneven & ~gaps):
-            problems.append(
-                f"Series {description!r} has uneven slice spacing (from {diffs.min():.3g} to "
-                f"{diffs.max():.3g} mm); using the median, {dz:.4g} mm."
-            )
-        # Positions that drift within the slice plane: a gantry tilt (sheared volume).
-        steps = np.diff(positions, axis=0)
-        in_plane = steps - np.outer(steps @ normal, normal)
-        shear = np.linalg.norm(in_plane, axis=1)
-        if np.any(shear > POSITION_TOLERANCE_MM + 1e-3 * np.linalg.norm(steps, axis=1)):
-            tilt = _optional_float(first.header, "GantryDetectorTilt")
-            angle = float(np.degrees(np.arctan2(np.median(shear), dz)))
-            problems.append(
-                f"Series {description!r} was acquired with a gantry tilt (about {angle:.1f} degrees"
-                + (f", header says {tilt:g}" if tilt else "")
-                + "): slices are shifted in-plane, so the volume shown is sheared. Distances within a "
-                "slice are right; across slices they are approximate."
-            )
+        dz = _slice_spacing(along, positions, normal, first.header, description, problems)
     else:
         dz = abs(fallback_dz)
     return _Geometry(order, (dz, dy, dx), tuple(positions[0]), direction, positions, problems)
@@ -1208,6 +1230,98 @@ def _set(ds: Dataset, keyword: str, value: Any) -> None:
         logger.debug("dropped %s=%r: %s", keyword, value, exc)
 
 
+def _identity(source: dict[str, Any], *, date: str, time: str) -> dict[str, Any]:
+    """Patient, study and equipment fields of a derived series, copied from ``source``.
+
+    A source without a study gets new identifiers (a PACS files every image under a valid
+    StudyInstanceUID and a patient ID); the type 2 fields are present, possibly empty.
+    """
+    identity: dict[str, Any] = {}
+    new_study = not str(source.get("StudyInstanceUID", "") or "").strip()
+    if new_study:
+        identity.update(StudyInstanceUID=generate_uid(), StudyDate=date, StudyTime=time, StudyID="1")
+    for keyword in PATIENT_KEYWORDS + STUDY_KEYWORDS + EQUIPMENT_KEYWORDS:
+        if keyword not in identity and source.get(keyword) not in (None, ""):
+            identity[keyword] = source[keyword]
+    if new_study and not identity.get("PatientID"):
+        identity["PatientID"] = f"LM-{uuid.uuid4().hex[:10].upper()}"
+        identity.setdefault("PatientName", "ANONYMOUS")
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+        identity.setdefault(keyword, "")  # type 2: present, possibly empty
+    return identity
+
+
+def _series_template(
+    volume: CTVolume, source: dict[str, Any], description: str, *, slope: float, intercept: float
+) -> Dataset:
+    """The fields every slice of the derived series of ``volume`` shares (``source``: the DICOM fields it derives from)."""
+    date, time = _today()
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    for keyword, value in _identity(source, date=date, time=time).items():
+        _set(ds, keyword, value)
+    for keyword in ("BodyPartExamined", "PatientPosition", "KVP", "ConvolutionKernel", "ProtocolName"):
+        if source.get(keyword) not in (None, ""):
+            _set(ds, keyword, source[keyword])
+    ds.Modality = "CT"
+    ds.SeriesInstanceUID = generate_uid()
+    try:
+        ds.SeriesNumber = int(source.get("SeriesNumber")) + 1000
+    except (TypeError, ValueError):
+        ds.SeriesNumber = 1001
+    ds.SeriesDescription = description
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.DerivationDescription = description
+    ds.SoftwareVersions = f"napari-langmamba {__version__}"
+    if "Manufacturer" not in ds:
+        ds.Manufacturer = ""
+    frame_of_reference = str(volume.metadata.get("FrameOfReferenceUID") or source.get("FrameOfReferenceUID") or "")
+    ds.FrameOfReferenceUID = frame_of_reference or generate_uid()
+    ds.PositionReferenceIndicator = str(source.get("PositionReferenceIndicator", "") or "")
+    ds.AcquisitionNumber = 1
+    dz, dy, dx = volume.spacing
+    _, col, row = volume.direction
+    ds.ImageOrientationPatient = [_ds(v) for v in (*row, *col)]
+    ds.PixelSpacing = [_ds(dy), _ds(dx)]
+    thickness = source.get("SliceThickness")
+    ds.SliceThickness = _ds(float(thickness) if thickness not in (None, "") else dz)
+    ds.SpacingBetweenSlices = _ds(dz)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = volume.shape[1:]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = _ds(intercept)
+    ds.RescaleSlope = _ds(slope)
+    ds.RescaleType = "HU"
+    ds.WindowCenter, ds.WindowWidth = "40", "400"
+    return ds
+
+
+def _slice_dataset(series: Dataset, k: int, position: np.ndarray, normal: np.ndarray, stored: np.ndarray) -> Dataset:
+    """Slice ``k`` of a derived series: the series' fields, a new SOP instance, its position and pixels."""
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"LANGMAMBA_{__version__}"[:16]
+    ds = copy.deepcopy(series)
+    ds.file_meta = meta
+    ds.preamble = b"\0" * 128
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.SliceLocation = _ds(float(np.dot(position, normal)))
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
 def write_dicom_series(
     volume: CTVolume,
     out_dir: str | os.PathLike,
@@ -1252,101 +1366,26 @@ def write_dicom_series(
         raise CTWriteError("The volume holds NaN or infinite values, which DICOM cannot store; nothing was written.")
     out_dir = Path(out_dir)
     source = dict(reference.metadata if reference is not None else volume.metadata)
-    new_study = not str(source.get("StudyInstanceUID", "") or "").strip()
-    slope, intercept = _int16_rescale(hu)
-
-    date, time = _today()
-    series_uid = generate_uid()
     old_description = str(source.get("SeriesDescription", "") or "").strip()
     if description is None:
         description = f"Derived from {old_description}" if old_description else "Derived by napari-langmamba"
     description = description[:64]  # LO: 64 characters
-    try:
-        series_number = int(source.get("SeriesNumber")) + 1000
-    except (TypeError, ValueError):
-        series_number = 1001
-    frame_of_reference = str(volume.metadata.get("FrameOfReferenceUID") or source.get("FrameOfReferenceUID") or "")
-    frame_of_reference = frame_of_reference or generate_uid()
+    slope, intercept = _int16_rescale(hu)
+    series = _series_template(volume, source, description, slope=slope, intercept=intercept)
     source_uids = source.get("source_sop_instance_uids") or []
     source_class = str(source.get("SOPClassUID") or CTImageStorage)
-
-    dz, dy, dx = volume.spacing
-    normal, col, row = volume.direction
     positions = volume.slice_positions()
-    # Patient and study: copied from the source; a source without a study gets new identifiers
-    # (a PACS files every image under a valid StudyInstanceUID and a patient ID).
-    identity: dict[str, Any] = {}
-    if new_study:
-        identity.update(StudyInstanceUID=generate_uid(), StudyDate=date, StudyTime=time, StudyID="1")
-    for keyword in PATIENT_KEYWORDS + STUDY_KEYWORDS + EQUIPMENT_KEYWORDS:
-        if keyword not in identity and source.get(keyword) not in (None, ""):
-            identity[keyword] = source[keyword]
-    if new_study and not identity.get("PatientID"):
-        identity["PatientID"] = f"LM-{uuid.uuid4().hex[:10].upper()}"
-        identity.setdefault("PatientName", "ANONYMOUS")
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "StudyID", "AccessionNumber", "ReferringPhysicianName"):
-        identity.setdefault(keyword, "")  # type 2: present, possibly empty
-    n, rows, columns = volume.shape
+    n = volume.shape[0]
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for k in range(n):
             # Slice by slice: a float64 copy of the whole volume would double peak memory.
             stored = np.clip(np.rint((hu[k].astype(np.float64) - intercept) / slope), -32768, 32767).astype("<i2")
-            sop_uid = generate_uid()
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = CTImageStorage
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            meta.ImplementationVersionName = f"LANGMAMBA_{__version__}"[:16]
-            ds = Dataset()
-            ds.file_meta = meta
-            ds.preamble = b"\0" * 128
-            ds.SpecificCharacterSet = "ISO_IR 192"
-            ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-            ds.SOPClassUID = CTImageStorage
-            ds.SOPInstanceUID = sop_uid
-            for keyword, value in identity.items():
-                _set(ds, keyword, value)
-            for keyword in ("BodyPartExamined", "PatientPosition", "KVP", "ConvolutionKernel", "ProtocolName"):
-                if source.get(keyword) not in (None, ""):
-                    _set(ds, keyword, source[keyword])
-            ds.Modality = "CT"
-            ds.SeriesInstanceUID = series_uid
-            ds.SeriesNumber = series_number
-            ds.SeriesDescription = description
-            ds.SeriesDate, ds.SeriesTime = date, time
-            ds.ContentDate, ds.ContentTime = date, time
-            ds.DerivationDescription = description
-            ds.SoftwareVersions = f"napari-langmamba {__version__}"
-            if "Manufacturer" not in ds:
-                ds.Manufacturer = ""
-            ds.FrameOfReferenceUID = frame_of_reference
-            ds.PositionReferenceIndicator = str(source.get("PositionReferenceIndicator", "") or "")
-            ds.InstanceNumber = k + 1
-            ds.AcquisitionNumber = 1
-            ds.ImagePositionPatient = [_ds(v) for v in positions[k]]
-            ds.ImageOrientationPatient = [_ds(v) for v in (*row, *col)]
-            ds.SliceLocation = _ds(float(np.dot(positions[k], normal)))
-            ds.PixelSpacing = [_ds(dy), _ds(dx)]
-            thickness = source.get("SliceThickness")
-            ds.SliceThickness = _ds(float(thickness) if thickness not in (None, "") else dz)
-            ds.SpacingBetweenSlices = _ds(dz)
+            ds = _slice_dataset(series, k, positions[k], volume.direction[0], stored)
             if len(source_uids) == n:
                 item = Dataset()
                 item.ReferencedSOPClassUID = source_class
                 item.ReferencedSOPInstanceUID = source_uids[k]
                 ds.SourceImageSequence = DicomSequence([item])
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows, ds.Columns = rows, columns
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-            ds.PixelRepresentation = 1
-            ds.RescaleIntercept = _ds(intercept)
-            ds.RescaleSlope = _ds(slope)
-            ds.RescaleType = "HU"
-            ds.WindowCenter, ds.WindowWidth = "40", "400"
-            ds.PixelData = stored.tobytes()
             try:
                 ds.save_as(tmp / f"CT{k + 1:05d}.dcm", enforce_file_format=True)
             except (ValueError, TypeError, AttributeError) as exc:
