@@ -5,8 +5,8 @@ and the LangAE it was trained with in ``langae/`` (the Tokens widget reads it), 
 float16 to stay small. The training record of each run, the evaluation table and a provenance
 note go into their ``config.json``. Usage::
 
-    python scripts/bundle_weights.py --seed-run RUN --langae-run RUN [--langae-init-run RUN ...] \
-        --evaluation EVAL.json [EVAL.json ...] [--overwrite]
+    python scripts/bundle_weights.py --seed-run RUN [--seed-init-run RUN ...] --langae-run RUN \
+        [--langae-init-run RUN ...] --evaluation EVAL.json [EVAL.json ...] [--overwrite]
 
 Each run's validation curve (every epoch's validation metrics from its ``metrics.jsonl``) and
 where it stopped improving are recorded beside its training record.
@@ -28,17 +28,17 @@ from napari_langmamba.inference import DEFAULT_WEIGHTS_DIR
 
 PROVENANCE = (
     "Research weights, not a medical device. Trained on CPU with the bundled training package. "
-    "SEED: real quarter-/full-dose pairs of Mayo-2016 patients L096, L143, L286 (Siemens SOMATOM "
-    "Definition AS+, 120 kVp, 3 mm, kernels D45 and B30; AAPM-Mayo Low Dose CT Grand Challenge) and "
-    "pairs simulated at 5 % and 10 % dose by projection-domain noise insertion from 84 slices of a "
-    "contrast chest CT (Siemens Sensation 16, 100 kVp, B70f; TCIA C3N-00247), every 7th slice. "
+    "SEED: the 25 real quarter-/full-dose pairs of Mayo-2016 patients L096, L143, L286 only (Siemens "
+    "SOMATOM Definition AS+, 120 kVp, 3 mm, kernels D45 and B30, quarter dose; AAPM-Mayo Low Dose CT "
+    "Grand Challenge), trained in stages that each start from the previous one (--init). "
     "Patient L192 was never trained on: it selected the checkpoints and gives every reported number. "
     "LangAE: all normal-dose CT of ../shared/data except L192 and 15 held-out chest slices (Mayo L096 "
-    "volume and full-dose slices of L096/L143/L286, the chest volume, a Siemens Biograph40 mCT "
-    "abdominal series (Br38f), three GE LightSpeed slices), the displayable-word MiniLM vocabulary, "
-    "and the anatomy prior (tissue classes from HU physics, not organ segmentation). Not seen: other "
-    "vendors' low-dose data, doses other than 5/10/25 %, children, non-contrast chest, head, metal "
-    "implants; expect less on them."
+    "volume and full-dose slices of L096/L143/L286, a contrast chest volume (Siemens Sensation 16, "
+    "B70f), a Siemens Biograph40 mCT abdominal series (Br38f), three GE LightSpeed slices), the "
+    "displayable-word MiniLM vocabulary, and the anatomy prior (tissue classes from HU physics, not "
+    "organ segmentation). Not seen by the denoiser: other scanners, vendors and kernels (sharp kernels "
+    "such as B70f lose their texture), doses other than a quarter, children, head, metal implants; "
+    "expect less on them."
 )
 
 
@@ -64,6 +64,12 @@ def best_checkpoint(run: Path) -> Path:
     raise SystemExit(f"error: no best/ or last/ checkpoint in {run}")
 
 
+def init_runs(runs: list[Path]) -> list[dict]:
+    """The training record and validation curve of each run a bundled model started from."""
+    return [dict(load_checkpoint(run / "last").meta.get("training") or {}, validation=validation_curve(run))
+            for run in runs]
+
+
 def read_json(path: Path | None) -> dict | None:
     return None if path is None else json.loads(path.read_text())
 
@@ -71,6 +77,8 @@ def read_json(path: Path | None) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed-run", type=Path, required=True, help="run folder of the SEED + LangDA training")
+    parser.add_argument("--seed-init-run", type=Path, nargs="+", default=[],
+                        help="the SEED runs that --seed-run started from (--init), oldest first")
     parser.add_argument("--langae-run", type=Path, required=True, help="run folder of the LangAE training")
     parser.add_argument("--langae-init-run", type=Path, nargs="+", default=[],
                         help="the LangAE runs that --langae-run started from (--init), oldest first")
@@ -88,10 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     langae_ckpt = load_checkpoint(best_checkpoint(args.langae_run))
     seed_training = dict(seed_ckpt.meta.get("training") or {}, validation=validation_curve(args.seed_run))
     langae_training = dict(langae_ckpt.meta.get("training") or {}, validation=validation_curve(args.langae_run))
-    langae_training["init_runs"] = [
-        dict(load_checkpoint(run / "last").meta.get("training") or {}, validation=validation_curve(run))
-        for run in args.langae_init_run
-    ]
+    seed_training["init_runs"] = init_runs(args.seed_init_run)
+    langae_training["init_runs"] = init_runs(args.langae_init_run)
     metrics = {
         "validation": (seed_ckpt.meta.get("metrics") or {}).get("validation"),
         "evaluation": {path.parent.name: read_json(path) for path in args.evaluation},

@@ -569,3 +569,33 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(data_dir, tmp_p
     assert _train([*cmd[3:], "--resume", "--stop-at-step", str(summary["step"] + 1)]) == 0
     steps_after = [r["step"] for r in read_metrics(run) if r["kind"] == "train"]
     assert steps_after == [*steps, summary["step"] + 1]
+
+
+def test_named_step_pieces_compute_the_documented_losses():
+    """The stages' step objects alone: SEED's MSE step and the LangAE's semantic prior switch."""
+    from types import SimpleNamespace
+
+    from training.langae import SemanticPrior
+    from training.seed import DenoiserStep
+
+    torch.manual_seed(0)
+    denoised, full = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
+    step = DenoiserStep(ddp_model=None, device=torch.device("cpu"), optimizer=None, scheduler=None, amp=None)
+    losses = step.losses(denoised, full)
+    assert set(losses) == {"loss", "mse"}
+    assert float(losses["loss"]) == pytest.approx(float(((denoised - full) ** 2).mean()), rel=1e-6)
+    # a LangDA loss object's parts are reported under their own names
+    step.langda = lambda d, f: (torch.tensor(3.0), {"mse": torch.tensor(1.0), "feature": torch.tensor(0.5),
+                                                    "token": torch.tensor(1.5)})
+    assert {k: float(v) for k, v in step.losses(denoised, full).items()} == \
+        {"loss": 3.0, "mse": 1.0, "langda_feature": 0.5, "langda_token": 1.5}
+    # no pools and no anatomy scorer: the semantic loss is off whatever alpha says
+    prior = SemanticPrior(n_words=64, alpha=50.0)
+    assert not prior.on and prior.info() == {"scorer": "none"}
+    assert prior.layer_pools({"key": ["a"]}, torch.zeros(1, 1, 16, 16), SimpleNamespace(layer_embeddings=[])) is None
+    planted = SimpleNamespace(meta={"scorer": "lexicon"}, layer_masks=lambda keys, n, device: ("masks", keys, n))
+    prior = SemanticPrior(n_words=64, pools=planted, alpha=0.3)
+    assert prior.on and prior.info() == {"scorer": "lexicon", "per": "image"}
+    assert prior.layer_pools({"key": ["a", "b"]}, torch.zeros(2, 1, 16, 16), None) == ("masks", ["a", "b"], 64)
+    assert SemanticPrior(n_words=64, pools=planted, alpha=0.0).layer_pools({"key": ["a"]}, torch.zeros(1), None) \
+        is None

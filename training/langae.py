@@ -66,7 +66,8 @@ from training.options import SCORERS, LangAEOptions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LangAEOptions", "TissueNDCTDataset", "add_arguments", "freeze_features", "init_from_checkpoint", "main"]
+__all__ = ["LangAEOptions", "LangAEStep", "SemanticPrior", "TissueNDCTDataset", "add_arguments", "freeze_features",
+           "init_from_checkpoint", "main", "reconstruction_metrics"]
 
 STAGE = "langae"
 FROZEN_FEATURES = ("encoder.conv_in", "encoder.down[:-1]")
@@ -233,38 +234,42 @@ def main(args: argparse.Namespace) -> int:
     return run_stage(LangAEOptions, args, stage=STAGE, train=_train)
 
 
-def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
-    from napari_langmamba import metrics as quality
-    from napari_langmamba.models.codebook import load_codebook
-    from napari_langmamba.models.langae import LangAE, LangAEConfig
-    from napari_langmamba.models.quantizer import pyramid_semantic_loss
-    from napari_langmamba.windowing import MODEL_NORMALIZATION
-    from training.candidates import AnatomyScorer, load_candidate_pools
-    from training.distributed import make_amp, wrap_ddp
-    from training.gan import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
-    from training.runs import CheckpointSpec, StepOutput
+@dataclasses.dataclass
+class SemanticPrior:
+    """Where the word pools of a batch come from: a candidates file (one pool per image) or the
+    anatomy scorer (one pool per region, from each slice's tissue map); neither turns the
+    semantic loss off."""
 
-    device = ctx.device
-    window = parse_window(options.window)
+    n_words: int  # rows of the codebook the pools index
+    pools: Any = None  # training.candidates.CandidatePools
+    anatomy: Any = None  # training.candidates.AnatomyScorer
+    alpha: float = 0.0
 
-    # -- model, semantic prior
-    codebook = load_codebook(options.codebook)
-    model_config = dataclasses.replace(LangAEConfig.preset(options.preset, codebook_dim=codebook.d),
-                                       commitment_beta=float(options.beta))
-    model = LangAE(model_config, codebook=codebook)
-    init_info = init_from_checkpoint(model, options.init, codebook) if options.init is not None else None
-    frozen = freeze_features(model) if options.freeze_features else []
-    model = model.to(device)
-    anatomy = None
-    if options.candidates is None and options.scorer == "anatomy" and options.alpha > 0:
-        anatomy = AnatomyScorer(codebook, min_share=options.min_share)
+    @property
+    def on(self) -> bool:
+        return self.alpha > 0 and (self.pools is not None or self.anatomy is not None)
 
-    # -- data
-    train_source, val_source = _ndct_sources(options)
-    data = make_stage_data(_stage_dataset(anatomy is not None), train_source, val_source, options, ctx,
-                           source_summary={"source": [str(p) for p in options.data]}, val_label="--data")
+    def layer_pools(self, batch: dict, x: torch.Tensor, pyramid: Any) -> Any:
+        """The per-layer pool masks of this batch, or ``None`` when the semantic loss is off."""
+        if self.pools is not None and self.alpha > 0:
+            return self.pools.layer_masks(list(batch["key"]), self.n_words, device=x.device)
+        if self.anatomy is not None:
+            tissue = batch["tissue"] if "tissue" in batch else self.anatomy.tissue_maps(x)
+            return self.anatomy.position_pools(tissue, pyramid.layer_embeddings[2].shape[-2:], device=x.device)
+        return None
 
-    # -- losses
+    def info(self) -> dict[str, Any]:
+        if self.pools is not None:
+            return {"scorer": self.pools.meta.get("scorer", "candidates"), "per": "image"}
+        if self.anatomy is not None:
+            return {**self.anatomy.info(), "per": "region"}
+        return {"scorer": "none"}
+
+
+def _semantic_prior(options: LangAEOptions, codebook: Any, train_source: Any, anatomy: Any) -> SemanticPrior:
+    """The semantic prior of the run, checked against the training slices."""
+    from training.candidates import load_candidate_pools
+
     pools = None
     if options.candidates is not None:
         pools = load_candidate_pools(options.candidates, codebook=codebook)
@@ -280,143 +285,189 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
                     ", ".join(f"{k}: {len(v)} words" for k, v in anatomy.class_words.items()))
     elif options.alpha > 0:
         logger.warning("semantic loss off: --scorer none and no --candidates pools file (alpha ignored)")
-    perceptual = None
+    return SemanticPrior(n_words=codebook.n, pools=pools, anatomy=anatomy, alpha=float(options.alpha))
+
+
+@dataclasses.dataclass
+class LangAEStep:
+    """One LangAE optimisation step: reconstruction (+ eta * perceptual) + commitment + gamma * GAN
+    (after ``disc_start``) + alpha * omega * pyramid semantic loss, omega = L_VQ / L_sem."""
+
+    model: Any  # the unwrapped LangAE
+    ddp_model: Any
+    device: torch.device
+    prior: SemanticPrior
+    optimizer: torch.optim.Optimizer
+    amp: Any
+    options: LangAEOptions
+    perceptual: Any = None
+    disc: Any = None
+    ddp_disc: Any = None
+    opt_d: torch.optim.Optimizer | None = None
+
+    def __call__(self, batch: dict, state: Any) -> Any:
+        from training.runs import StepOutput
+
+        x = batch["image"].to(self.device, non_blocking=True)  # (b, 1, h, w) in [0, 1]
+        gan_on = self.disc is not None and state.step >= self.options.disc_start
+        self.ddp_model.train()
+        with self.amp.autocast():
+            losses = self.losses(batch, x, gan_on)
+        return StepOutput(losses=losses, apply=lambda: self.apply(losses["loss"], losses["gan_d"], gan_on),
+                          images=x.shape[0])
+
+    def losses(self, batch: dict, x: torch.Tensor, gan_on: bool) -> dict[str, torch.Tensor]:
+        from napari_langmamba.models.quantizer import pyramid_semantic_loss
+        from training.gan import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+
+        options, zero = self.options, x.new_zeros(())
+        recon, pyramid = self.ddp_model(x)
+        rec = F.mse_loss(recon.float(), x)
+        p_loss = self.perceptual(recon.float(), x) if self.perceptual is not None else zero
+        nll = rec + options.eta * p_loss
+        g_loss, d_weight = zero, zero
+        if gan_on:
+            self.disc.requires_grad_(False)  # the generator's GAN term must not reach D's weights
+            g_loss = hinge_g_loss(self.disc(recon.float()))
+            self.disc.requires_grad_(True)
+            d_weight = adaptive_gan_weight(nll, g_loss, self.model.decoder.conv_out.weight)
+        commit = pyramid.commitment_loss.float()
+        vq = nll + commit + options.gamma * d_weight * g_loss
+        sem, total = zero, vq
+        layer_pools = self.prior.layer_pools(batch, x, pyramid)
+        if layer_pools is not None:
+            sem = pyramid_semantic_loss([e.float() for e in pyramid.layer_embeddings],
+                                        self.model.quantizer.codebook, layer_pools)
+            if float(sem.detach()) > 0:
+                omega = (vq / sem).detach()
+                total = vq + options.alpha * omega * sem
+        d_loss = zero
+        if gan_on:
+            logits = self.ddp_disc(torch.cat([x, recon.detach().float()]))  # real and fake in one pass
+            d_loss = hinge_d_loss(logits[: x.shape[0]], logits[x.shape[0]:])
+        return {"loss": total, "recon": rec, "commit": commit, "semantic": sem, "perceptual": p_loss,
+                "gan_g": g_loss, "gan_weight": d_weight, "gan_d": d_loss}
+
+    def apply(self, total: torch.Tensor, d_loss: torch.Tensor, gan_on: bool) -> None:
+        """Backward and optimizer steps (the discriminator's after the generator's)."""
+        scaler = self.amp.scaler
+        self.optimizer.zero_grad(set_to_none=True)
+        if gan_on:
+            self.opt_d.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.step(self.optimizer)
+            if gan_on:
+                scaler.scale(d_loss).backward()
+                scaler.step(self.opt_d)
+            scaler.update()
+        else:
+            total.backward()
+            self.optimizer.step()
+            if gan_on:
+                d_loss.backward()
+                self.opt_d.step()
+
+
+@torch.no_grad()
+def reconstruction_metrics(item: dict, *, model: Any, amp: Any, window: Any) -> dict[str, float]:
+    """Validation of one slice: the LangAE's reconstruction against it (MSE, PSNR, SSIM in ``window``)."""
+    from napari_langmamba import metrics as quality
+    from napari_langmamba.windowing import MODEL_NORMALIZATION
+
+    x = crop_to_multiple(item["image"][None].to(model.decoder.conv_out.weight.device))  # (1, 1, h, w)
+    with amp.autocast():
+        recon, _ = model(x)
+    recon = recon.float().clamp(0.0, 1.0)
+    ref_hu = MODEL_NORMALIZATION.to_hu(x[0, 0].cpu().numpy())
+    out_hu = MODEL_NORMALIZATION.to_hu(recon[0, 0].cpu().numpy())
+    return {"recon_mse": float(F.mse_loss(recon, x)),
+            "psnr": quality.psnr(out_hu, ref_hu, window),
+            "ssim": quality.ssim(out_hu, ref_hu, window)}
+
+
+def _perceptual_loss(options: LangAEOptions, device: torch.device) -> Any:
     if options.perceptual_weights is not None and options.eta > 0:
         from training.perceptual import load_perceptual_loss
 
-        perceptual = load_perceptual_loss(options.perceptual_weights).to(device)
-    elif options.eta > 0:
+        return load_perceptual_loss(options.perceptual_weights).to(device)
+    if options.eta > 0:
         logger.warning("perceptual loss off: no --perceptual-weights given (no feature network is downloaded; "
                        "eta ignored)")
-    use_gan = options.gamma > 0
-    disc = PatchDiscriminator(in_channels=1, ndf=options.disc_channels, n_layers=options.disc_layers).to(device) \
-        if use_gan else None
+    return None
 
+
+def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
+    from functools import partial
+
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.langae import LangAE, LangAEConfig
+    from training.candidates import AnatomyScorer
+    from training.distributed import make_amp, wrap_ddp
+    from training.gan import PatchDiscriminator
+    from training.runs import CheckpointSpec
+
+    device = ctx.device
+    # -- model, semantic prior, data
+    codebook = load_codebook(options.codebook)
+    model_config = dataclasses.replace(LangAEConfig.preset(options.preset, codebook_dim=codebook.d),
+                                       commitment_beta=float(options.beta))
+    model = LangAE(model_config, codebook=codebook)
+    init_info = init_from_checkpoint(model, options.init, codebook) if options.init is not None else None
+    frozen = freeze_features(model) if options.freeze_features else []
+    model = model.to(device)
+    anatomy = None
+    if options.candidates is None and options.scorer == "anatomy" and options.alpha > 0:
+        anatomy = AnatomyScorer(codebook, min_share=options.min_share)
+    train_source, val_source = _ndct_sources(options)
+    data = make_stage_data(_stage_dataset(anatomy is not None), train_source, val_source, options, ctx,
+                           source_summary={"source": [str(p) for p in options.data]}, val_label="--data")
+    prior = _semantic_prior(options, codebook, train_source, anatomy)
+
+    # -- losses, optimizers
+    perceptual = _perceptual_loss(options, device)
+    disc = PatchDiscriminator(in_channels=1, ndf=options.disc_channels, n_layers=options.disc_layers).to(device) \
+        if options.gamma > 0 else None
     lr = float(options.lr) if options.lr is not None else options.base_lr * options.batch_size * ctx.world_size
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if disc is not None else None
     amp = make_amp(options.amp, device)
-    ddp_model = wrap_ddp(model, ctx)
-    ddp_disc = wrap_ddp(disc, ctx) if disc is not None else None
-    last_layer = model.decoder.conv_out.weight
-
-    def step_fn(batch: dict, state: Any) -> StepOutput:
-        x = batch["image"].to(device, non_blocking=True)  # (b, 1, h, w) in [0, 1]
-        keys = list(batch["key"])
-        gan_on = disc is not None and state.step >= options.disc_start
-        ddp_model.train()
-        zero = x.new_zeros(())
-        with amp.autocast():
-            recon, pyramid = ddp_model(x)
-            rec = F.mse_loss(recon.float(), x)
-            p_loss = perceptual(recon.float(), x) if perceptual is not None else zero
-            nll = rec + options.eta * p_loss
-            g_loss, d_weight = zero, zero
-            if gan_on:
-                disc.requires_grad_(False)  # the generator's GAN term must not reach D's weights
-                g_loss = hinge_g_loss(disc(recon.float()))
-                disc.requires_grad_(True)
-                d_weight = adaptive_gan_weight(nll, g_loss, last_layer)
-            commit = pyramid.commitment_loss.float()
-            vq = nll + commit + options.gamma * d_weight * g_loss
-            sem = zero
-            total = vq
-            layer_pools = None
-            if pools is not None and options.alpha > 0:
-                layer_pools = pools.layer_masks(keys, codebook.n, device=device)
-            elif anatomy is not None:
-                tissue = batch["tissue"] if "tissue" in batch else anatomy.tissue_maps(x)
-                layer_pools = anatomy.position_pools(tissue, pyramid.layer_embeddings[2].shape[-2:], device=device)
-            if layer_pools is not None:
-                sem = pyramid_semantic_loss([e.float() for e in pyramid.layer_embeddings],
-                                            model.quantizer.codebook, layer_pools)
-                if float(sem.detach()) > 0:
-                    omega = (vq / sem).detach()
-                    total = vq + options.alpha * omega * sem
-            d_loss = zero
-            if gan_on:
-                logits = ddp_disc(torch.cat([x, recon.detach().float()]))  # real and fake in one pass
-                n = x.shape[0]
-                d_loss = hinge_d_loss(logits[:n], logits[n:])
-        losses = {"loss": total, "recon": rec, "commit": commit, "semantic": sem, "perceptual": p_loss,
-                  "gan_g": g_loss, "gan_weight": d_weight, "gan_d": d_loss}
-
-        def apply() -> None:
-            scaler = amp.scaler
-            optimizer.zero_grad(set_to_none=True)
-            if gan_on:
-                opt_d.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.step(optimizer)
-                if gan_on:
-                    scaler.scale(d_loss).backward()
-                    scaler.step(opt_d)
-                scaler.update()
-            else:
-                total.backward()
-                optimizer.step()
-                if gan_on:
-                    d_loss.backward()
-                    opt_d.step()
-
-        return StepOutput(losses=losses, apply=apply, images=x.shape[0])
-
-    @torch.no_grad()
-    def measure(item: dict) -> dict[str, float]:
-        x = crop_to_multiple(item["image"][None].to(device))  # (1, 1, h, w)
-        with amp.autocast():
-            recon, _ = model(x)
-        recon = recon.float().clamp(0.0, 1.0)
-        ref_hu = MODEL_NORMALIZATION.to_hu(x[0, 0].cpu().numpy())
-        out_hu = MODEL_NORMALIZATION.to_hu(recon[0, 0].cpu().numpy())
-        return {"recon_mse": float(F.mse_loss(recon, x)),
-                "psnr": quality.psnr(out_hu, ref_hu, window),
-                "ssim": quality.ssim(out_hu, ref_hu, window)}
-
+    step = LangAEStep(model=model, ddp_model=wrap_ddp(model, ctx), device=device, prior=prior, optimizer=optimizer, amp=amp,
+                      options=options, perceptual=perceptual, disc=disc,
+                      ddp_disc=wrap_ddp(disc, ctx) if disc is not None else None, opt_d=opt_d)
     objects: dict[str, Any] = {"optimizer": optimizer}
     if disc is not None:
         objects.update(discriminator=disc, optimizer_d=opt_d)
-    candidates_info = None
-    if options.candidates is not None:
-        candidates_info = {"path": str(options.candidates), "sha256": file_sha256(options.candidates)}
 
-    semantic_on = options.alpha > 0 and (pools is not None or anatomy is not None)
-    if pools is not None:
-        semantic_prior: dict[str, Any] = {"scorer": pools.meta.get("scorer", "candidates"), "per": "image"}
-    elif anatomy is not None:
-        semantic_prior = {**anatomy.info(), "per": "region"}
-    else:
-        semantic_prior = {"scorer": "none"}
-
-    def extra(state: Any) -> dict:
-        return {"training": {
-            "command_line": command_line(STAGE, options),
-            "data": data.summary,
-            "codebook": codebook.info(),
-            "candidates": candidates_info,
-            "semantic_prior": semantic_prior,
-            "init": init_info,
-            "frozen": frozen,
-            "loss": {"alpha": options.alpha, "beta": options.beta, "gamma": options.gamma,
-                     "eta": options.eta if perceptual is not None else 0.0, "disc_start": options.disc_start,
-                     "semantic": semantic_on, "perceptual": perceptual is not None},
-            "optimizer": {"name": "Adam", "lr": lr, "betas": [0.5, 0.9]},
-            "world_size": ctx.world_size,
-            "amp": amp.name,
-        }}
-
-    validate = validation(model, data.val_set, measure, keys=("recon_mse", "psnr", "ssim"), ctx=ctx,
-                          max_items=options.val_max_images)
+    record = {
+        "data": data.summary,
+        "codebook": codebook.info(),
+        "candidates": {"path": str(options.candidates), "sha256": file_sha256(options.candidates)}
+        if options.candidates is not None else None,
+        "semantic_prior": prior.info(),
+        "init": init_info,
+        "frozen": frozen,
+        "loss": {"alpha": options.alpha, "beta": options.beta, "gamma": options.gamma,
+                 "eta": options.eta if perceptual is not None else 0.0, "disc_start": options.disc_start,
+                 "semantic": prior.on, "perceptual": perceptual is not None},
+        "optimizer": {"name": "Adam", "lr": lr, "betas": [0.5, 0.9]},
+        "world_size": ctx.world_size,
+        "amp": amp.name,
+    }
+    validate = validation(model, data.val_set,
+                          partial(reconstruction_metrics, model=model, amp=amp, window=parse_window(options.window)),
+                          keys=("recon_mse", "psnr", "ssim"), ctx=ctx, max_items=options.val_max_images)
     return fit_stage(
-        options, stage=STAGE, ctx=ctx, run=run, data=data, step_fn=step_fn, validate_fn=validate, objects=objects,
+        options, stage=STAGE, ctx=ctx, run=run, data=data, step_fn=step, validate_fn=validate, objects=objects,
         amp=amp, optimizer=optimizer,
-        checkpoint=CheckpointSpec(model=model, kind="langae", config=model_config.to_dict, extra=extra),
+        checkpoint=CheckpointSpec(model=model, kind="langae", config=model_config.to_dict,
+                                  extra=lambda state: {"training": {"command_line": command_line(STAGE, options),
+                                                                    **record}}),
         start_event={
             "lr": lr, "codebook": codebook.source, "preset": options.preset,
-            "semantic": semantic_prior["scorer"] if semantic_on else None,
+            "semantic": prior.info()["scorer"] if prior.on else None,
             "init": str(options.init) if options.init is not None else None, "frozen": frozen,
-            "perceptual": perceptual is not None, "gan": use_gan, "disc_start": options.disc_start,
+            "perceptual": perceptual is not None, "gan": disc is not None, "disc_start": options.disc_start,
             "n_slices": len(train_source), "amp": amp.name,
         },
         log=logger,

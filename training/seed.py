@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from training.options import FLAGS as STAGE_FLAGS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SeedOptions", "add_arguments", "main"]
+__all__ = ["DenoiserStep", "SeedOptions", "add_arguments", "denoising_metrics", "main"]
 
 STAGE = "seed"
 FLAGS = STAGE_FLAGS[STAGE]  # options whose flag is not --<name>
@@ -207,19 +208,75 @@ def _init_from_checkpoint(model: torch.nn.Module, kind: str, options: SeedOption
             "metrics": ckpt.meta.get("metrics")}
 
 
-def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
+@dataclass
+class DenoiserStep:
+    """One denoiser optimisation step: MSE, or MSE + lambda * LangDA through the frozen LangAE."""
+
+    ddp_model: Any
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    amp: Any
+    langda: Any = None  # napari_langmamba.models.losses.LangDALoss, or None for MSE only
+
+    def __call__(self, batch: dict, state: Any) -> Any:
+        from training.runs import StepOutput
+
+        low = batch["low"].to(self.device, non_blocking=True)  # (b, 1, h, w) in [0, 1]
+        full = batch["full"].to(self.device, non_blocking=True)
+        self.ddp_model.train()
+        with self.amp.autocast():
+            losses = self.losses(self.ddp_model(low).float(), full)
+        return StepOutput(losses=losses, apply=lambda: self.apply(losses["loss"]), images=low.shape[0])
+
+    def losses(self, denoised: torch.Tensor, full: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.langda is None:
+            loss = F.mse_loss(denoised, full)
+            return {"loss": loss, "mse": loss.detach()}
+        loss, parts = self.langda(denoised, full)
+        return {"loss": loss, "mse": parts["mse"], "langda_feature": parts["feature"], "langda_token": parts["token"]}
+
+    def apply(self, loss: torch.Tensor) -> None:
+        """Backward, optimizer step (loss-scaled under fp16) and the cosine schedule's step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.amp.scaler is not None:
+            self.amp.scaler.scale(loss).backward()
+            self.amp.scaler.step(self.optimizer)
+            self.amp.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+
+
+@torch.no_grad()
+def denoising_metrics(item: dict, *, model: Any, amp: Any, window: Any) -> dict[str, float]:
+    """Validation of one pair: PSNR / SSIM (in ``window``) of the denoised and of the low-dose slice."""
     from napari_langmamba import metrics as quality
+    from napari_langmamba.windowing import MODEL_NORMALIZATION
+
+    device = next(model.parameters()).device
+    low = crop_to_multiple(item["low"][None].to(device))  # (1, 1, h, w)
+    full = crop_to_multiple(item["full"][None].to(device))
+    with amp.autocast():
+        denoised = model(low).float()
+    low_hu, full_hu = (MODEL_NORMALIZATION.to_hu(t[0, 0].cpu().numpy()) for t in (low, full))
+    out_hu = MODEL_NORMALIZATION.to_hu(denoised[0, 0].cpu().numpy())
+    return {"psnr": quality.psnr(out_hu, full_hu, window), "ssim": quality.ssim(out_hu, full_hu, window),
+            "input_psnr": quality.psnr(low_hu, full_hu, window), "input_ssim": quality.ssim(low_hu, full_hu, window),
+            "mse": float(F.mse_loss(denoised, full))}
+
+
+def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
+    from functools import partial
+
     from napari_langmamba.models import model_config
     from napari_langmamba.models.losses import LangDALoss
-    from napari_langmamba.windowing import MODEL_NORMALIZATION
     from training.datasets import PairedSliceDataset
     from training.distributed import make_amp, wrap_ddp
-    from training.runs import CheckpointSpec, StepOutput
+    from training.runs import CheckpointSpec
 
     device = ctx.device
-    window = parse_window(options.window)
-
-    # -- data
     train_source, val_source, val_description = _pair_sources(options)
     data = make_stage_data(
         PairedSliceDataset, train_source, val_source, options, ctx,
@@ -239,72 +296,35 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps),
                                                            eta_min=options.lr_min)
     amp = make_amp(options.amp, device)
-    ddp_model = wrap_ddp(model, ctx)
+    step = DenoiserStep(ddp_model=wrap_ddp(model, ctx), device=device, optimizer=optimizer, scheduler=scheduler,
+                        amp=amp, langda=langda)
     n_trainable = sum(p.numel() for p in params)
     logger.info("%s (%s preset): %.2fM trainable parameters; %d steps", kind, options.preset, n_trainable / 1e6,
                 total_steps)
 
-    def step_fn(batch: dict, state: Any) -> StepOutput:
-        low = batch["low"].to(device, non_blocking=True)  # (b, 1, h, w) in [0, 1]
-        full = batch["full"].to(device, non_blocking=True)
-        ddp_model.train()
-        with amp.autocast():
-            denoised = ddp_model(low).float()
-            if langda is not None:
-                loss, parts = langda(denoised, full)
-                losses = {"loss": loss, "mse": parts["mse"], "langda_feature": parts["feature"],
-                          "langda_token": parts["token"]}
-            else:
-                loss = F.mse_loss(denoised, full)
-                losses = {"loss": loss, "mse": loss.detach()}
-
-        def apply() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            if amp.scaler is not None:
-                amp.scaler.scale(loss).backward()
-                amp.scaler.step(optimizer)
-                amp.scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-
-        return StepOutput(losses=losses, apply=apply, images=low.shape[0])
-
-    @torch.no_grad()
-    def measure(item: dict) -> dict[str, float]:
-        low = crop_to_multiple(item["low"][None].to(device))  # (1, 1, h, w)
-        full = crop_to_multiple(item["full"][None].to(device))
-        with amp.autocast():
-            denoised = model(low).float()
-        low_hu, full_hu = (MODEL_NORMALIZATION.to_hu(t[0, 0].cpu().numpy()) for t in (low, full))
-        out_hu = MODEL_NORMALIZATION.to_hu(denoised[0, 0].cpu().numpy())
-        return {"psnr": quality.psnr(out_hu, full_hu, window), "ssim": quality.ssim(out_hu, full_hu, window),
-                "input_psnr": quality.psnr(low_hu, full_hu, window), "input_ssim": quality.ssim(low_hu, full_hu, window),
-                "mse": float(F.mse_loss(denoised, full))}
-
-    def extra(state: Any) -> dict:
-        return {"training": {
-            "command_line": command_line(STAGE, options, flags=FLAGS),
-            "data": data.summary,
-            "backbone": options.backbone,
-            "langda_weight": options.langda_weight,
-            "langae": langae_info,
-            "init": init_info,
-            "codebook": (langae_info or {}).get("codebook"),
-            "optimizer": {"name": "AdamW", "lr": options.lr, "lr_min": options.lr_min, "betas": [0.9, 0.99],
-                          "weight_decay": options.weight_decay, "schedule": "cosine"},
-            "window": options.window,
-            "world_size": ctx.world_size,
-            "amp": amp.name,
-        }}
-
-    validate = validation(model, data.val_set, measure, keys=("psnr", "ssim", "input_psnr", "input_ssim", "mse"),
-                          ctx=ctx, max_items=options.val_max_images)
+    record = {
+        "data": data.summary,
+        "backbone": options.backbone,
+        "langda_weight": options.langda_weight,
+        "langae": langae_info,
+        "init": init_info,
+        "codebook": (langae_info or {}).get("codebook"),
+        "optimizer": {"name": "AdamW", "lr": options.lr, "lr_min": options.lr_min, "betas": [0.9, 0.99],
+                      "weight_decay": options.weight_decay, "schedule": "cosine"},
+        "window": options.window,
+        "world_size": ctx.world_size,
+        "amp": amp.name,
+    }
+    validate = validation(model, data.val_set,
+                          partial(denoising_metrics, model=model, amp=amp, window=parse_window(options.window)),
+                          keys=("psnr", "ssim", "input_psnr", "input_ssim", "mse"), ctx=ctx,
+                          max_items=options.val_max_images)
     return fit_stage(
-        options, stage=STAGE, ctx=ctx, run=run, data=data, step_fn=step_fn, validate_fn=validate,
+        options, stage=STAGE, ctx=ctx, run=run, data=data, step_fn=step, validate_fn=validate,
         objects={"optimizer": optimizer, "scheduler": scheduler}, amp=amp, optimizer=optimizer,
-        checkpoint=CheckpointSpec(model=model, kind=kind, config=lambda: model_config(kind, model), extra=extra),
+        checkpoint=CheckpointSpec(
+            model=model, kind=kind, config=lambda: model_config(kind, model),
+            extra=lambda state: {"training": {"command_line": command_line(STAGE, options, flags=FLAGS), **record}}),
         start_event={
             "backbone": options.backbone, "model_kind": kind, "preset": options.preset,
             "lambda": options.langda_weight, "n_slices": len(train_source), "trainable_parameters": n_trainable,
