@@ -48,6 +48,7 @@ from napari_langmamba.compare import (
 from napari_langmamba.errors import ConfigError, LangMambaError
 from napari_langmamba.session import current_slice_index, require_axial_view
 from napari_langmamba.widgets._base import CUSTOM_WINDOW, WidgetBase, ct_image_layers
+from napari_langmamba.widgets._viewer import viewer_camera, viewer_grid
 from napari_langmamba.windowing import get_window
 
 logger = logging.getLogger(__name__)
@@ -72,18 +73,6 @@ class ViewState:
     active: Layer | None
     grid: dict[str, Any]
     camera: dict[str, Any]
-
-
-def _camera(viewer: Any) -> Any:
-    """napari >= 0.9 keeps the camera in ``viewer.scene``; older versions on the viewer."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None else viewer.camera
-
-
-def _grid(viewer: Any) -> Any:
-    """napari >= 0.9: ``viewer.canvas.grid``; older versions: ``viewer.grid``."""
-    canvas = getattr(viewer, "canvas", None)
-    return canvas.grid if canvas is not None else viewer.grid
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -537,13 +526,13 @@ class CompareWidget(WidgetBase):
 
     def _save_view(self) -> ViewState:
         viewer = self.viewer
-        camera = _camera(viewer)
+        camera = viewer_camera(viewer)
         return ViewState(
             layers=list(viewer.layers),
             visible={id(layer): layer.visible for layer in viewer.layers},
             selected=list(viewer.layers.selection),
             active=viewer.layers.selection.active,
-            grid={k: getattr(_grid(viewer), k) for k in ("enabled", "shape", "stride", "spacing")},
+            grid={k: getattr(viewer_grid(viewer), k) for k in ("enabled", "shape", "stride", "spacing")},
             camera={
                 "center": tuple(camera.center),
                 "zoom": float(camera.zoom),
@@ -575,7 +564,7 @@ class CompareWidget(WidgetBase):
                 layer.contrast_limits = window.limits
             viewer.layers.link_layers(images, ("contrast_limits",))
             self._linked = images
-            _grid(viewer).update(
+            viewer_grid(viewer).update(
                 {"enabled": True, "stride": 2, "shape": (2 if differences else 1, len(images)), "spacing": 0.02}
             )
             viewer.layers.selection.active = images[0]
@@ -684,7 +673,7 @@ class CompareWidget(WidgetBase):
         if state is None:
             return
         self._saved_view = None
-        _grid(viewer).update(state.grid)
+        viewer_grid(viewer).update(state.grid)
         # restore the previous order of the layers still present; layers added since stay on top
         previous = [layer for layer in state.layers if layer in viewer.layers]
         for target, layer in enumerate(previous):
@@ -697,5 +686,5 @@ class CompareWidget(WidgetBase):
         viewer.layers.selection.update([layer for layer in state.selected if layer in viewer.layers])
         if state.active is not None and state.active in viewer.layers:
             viewer.layers.selection.active = state.active
-        _camera(viewer).update(state.camera)
+        viewer_camera(viewer).update(state.camera)
         self.set_status("Back to the single view.")
