@@ -4,14 +4,14 @@ A thin view over :mod:`napari_langmamba.compare`: it picks the current slice of 
 layer and the ROI rectangle(s) of a Shapes layer, runs :func:`compare_slices` in a worker
 (debounced: the ROI and the slice can change many times a second) and draws the result. The
 side-by-side view uses napari's grid (one camera, one slice position, linked contrast
-limits) plus difference layers, and its exact previous state is restored by one click.
+limits) plus difference layers, and its exact previous state is restored by one click
+(:class:`~napari_langmamba.widgets._compare_grid.SideBySide`). ROI geometry, the comparison
+the worker runs and the table's texts are Qt-free, in :mod:`napari_langmamba.widgets._compare_core`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from napari.layers import Image, Layer, Shapes
+from napari.layers import Image, Shapes
 from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
@@ -38,50 +38,36 @@ from napari_langmamba.compare import (
     Comparison,
     Roi,
     check_compatible,
-    compare_slices,
     draw_comparison,
     save_figure,
-    slice_of,
-    symmetric_limits,
     write_csv,
 )
 from napari_langmamba.errors import ConfigError, LangMambaError
 from napari_langmamba.session import current_slice_index, require_axial_view
 from napari_langmamba.widgets._base import CUSTOM_WINDOW, WidgetBase, ct_image_layers
-from napari_langmamba.widgets._viewer import viewer_camera, viewer_grid
+from napari_langmamba.widgets._compare_core import (
+    BACKGROUND_COLOUR,
+    METADATA_KEY,
+    NONE,
+    REGION_CHOICES,
+    ROI_COLOUR,
+    ROI_LAYER_NAME,
+    TABLE_COLUMNS,
+    background_beside,
+    compute_comparison,
+    metric_cells,
+    pixel_to_roi_data,
+    roi_data_to_pixel,
+)
+from napari_langmamba.widgets._compare_grid import SideBySide
 from napari_langmamba.windowing import get_window
 
 logger = logging.getLogger(__name__)
 
-NONE = "(none)"
-ROI_LAYER_NAME = "ROI"
-ROI_COLOUR = "yellow"
-BACKGROUND_COLOUR = "cyan"
 DEBOUNCE_MS = 150
-METADATA_KEY = "langmamba_compare"  # marks layers this widget created (differences)
-REGION_CHOICES = {"ROI": "roi", "whole slice": "slice"}
-TABLE_COLUMNS = ("image", "mean HU", "SD HU", "CNR", "PSNR", "SSIM", "FSIM")
 
 
-@dataclass
-class ViewState:
-    """What side-by-side mode changes, saved to be restored exactly."""
-
-    layers: list[Layer]
-    visible: dict[int, bool]  # id(layer) -> visible
-    selected: list[Layer]
-    active: Layer | None
-    grid: dict[str, Any]
-    camera: dict[str, Any]
-
-
-def _fmt(value: float, digits: int) -> str:
-    if math.isnan(value):
-        return "-"
-    return f"{value:.{digits}f}" if math.isfinite(value) else ("inf" if value > 0 else "-inf")
-
-
-class CompareWidget(WidgetBase):
+class CompareWidget(SideBySide, WidgetBase):
     """Compare before / after (/ reference) image layers: grid view, ROI crops, metrics, export."""
 
     TOOLTIP_SECTION = "compare"
@@ -92,12 +78,7 @@ class CompareWidget(WidgetBase):
         super().__init__(napari_viewer, parent)
         self.comparison: Comparison | None = None
         self.roi_layer: Shapes | None = None
-        self.difference_layers: list[Image] = []
-        self.roi_copies: list[Shapes] = []
-        """In side-by-side mode: the ROI drawn over every grid cell but the first (which has ``roi_layer``)."""
-        self._syncing_rois = False
-        self._saved_view: ViewState | None = None
-        self._linked: list[Image] = []
+        self._init_side_by_side()
         self._dirty = False
         self._refreshing = False
         self._timer = QTimer(self)
@@ -290,14 +271,6 @@ class CompareWidget(WidgetBase):
         require_axial_view(self.viewer.dims, what="Compare")
         return current_slice_index(layer, self.viewer.dims.point)[0]
 
-    def _pixel_to_roi_data(self, layer: Image, roi_layer: Shapes, vertices_yx: np.ndarray) -> np.ndarray:
-        world = vertices_yx * np.asarray(layer.scale[-2:]) + np.asarray(layer.translate[-2:])
-        return (world - np.asarray(roi_layer.translate[-2:])) / np.asarray(roi_layer.scale[-2:])
-
-    def _roi_data_to_pixel(self, layer: Image, roi_layer: Shapes, vertices: np.ndarray) -> np.ndarray:
-        world = vertices[:, -2:] * np.asarray(roi_layer.scale[-2:]) + np.asarray(roi_layer.translate[-2:])
-        return (world - np.asarray(layer.translate[-2:])) / np.asarray(layer.scale[-2:])
-
     # --- ROI ----------------------------------------------------------------------------
     def add_roi(self, *, recentre: bool = False) -> Shapes:
         """The ROI Shapes layer, created with a rectangle in the centre of the slice if missing."""
@@ -332,14 +305,10 @@ class CompareWidget(WidgetBase):
         if current[1] is not None:
             return current[1]
         roi = current[0]
-        height, width = self.chosen_layers()["before"].data.shape[-2:]
-        x0 = roi.x0 - 2 * (roi.x1 - roi.x0)
-        if x0 < 0:
-            x0 = min(roi.x1 + (roi.x1 - roi.x0), width - (roi.x1 - roi.x0))
-        background = Roi(roi.y0, x0, roi.y1, x0 + (roi.x1 - roi.x0))
+        background = background_beside(roi, self.chosen_layers()["before"].data.shape[-1])
         layer = self.chosen_layers()["before"]
         roi_layer.add_rectangles(
-            self._pixel_to_roi_data(layer, roi_layer, background.corners()), edge_color=BACKGROUND_COLOUR
+            pixel_to_roi_data(layer, roi_layer, background.corners()), edge_color=BACKGROUND_COLOUR
         )
         self.schedule_update()
         return background
@@ -350,10 +319,10 @@ class CompareWidget(WidgetBase):
         if self.roi_layer is None or self.roi_layer not in self.viewer.layers:
             self.add_roi()
         roi_layer = self.roi_layer
-        shapes = [self._pixel_to_roi_data(layer, roi_layer, roi.corners())]
+        shapes = [pixel_to_roi_data(layer, roi_layer, roi.corners())]
         colours = [ROI_COLOUR]
         if background is not None:
-            shapes.append(self._pixel_to_roi_data(layer, roi_layer, background.corners()))
+            shapes.append(pixel_to_roi_data(layer, roi_layer, background.corners()))
             colours.append(BACKGROUND_COLOUR)
         roi_layer.selected_data = set()
         roi_layer.data = []
@@ -367,7 +336,7 @@ class CompareWidget(WidgetBase):
             raise ConfigError("Draw a rectangle in the ROI layer (or press ROI) to choose the region to compare.")
         shape = layer.data.shape[-2:]
         found = [
-            Roi.from_vertices(self._roi_data_to_pixel(layer, self.roi_layer, np.asarray(v, dtype=float)), shape)
+            Roi.from_vertices(roi_data_to_pixel(layer, self.roi_layer, np.asarray(v, dtype=float)), shape)
             for v in self.roi_layer.data[:2]
         ]
         return found[0], (found[1] if len(found) > 1 else None)
@@ -404,18 +373,6 @@ class CompareWidget(WidgetBase):
             "region": region,
         }
 
-    @staticmethod
-    def _compute(inputs: dict[str, Any]) -> Comparison:
-        slices = {role: (name, slice_of(data, inputs["index"])) for role, (name, data) in inputs["layers"].items()}
-        return compare_slices(
-            slices,
-            roi=inputs["roi"],
-            background=inputs["background"],
-            window=inputs["window"],
-            metrics_region=inputs["region"],
-            slice_index=inputs["index"],
-        )
-
     def update_now(self, *, explicit: bool = False) -> None:
         """Recompute the comparison for the current slice and ROI in a worker.
 
@@ -436,7 +393,7 @@ class CompareWidget(WidgetBase):
             return
         self._dirty = False
         self.run_function(
-            partial(self._compute, inputs),
+            partial(compute_comparison, inputs),
             on_returned=self._show,
             on_failed=lambda _e: self._after_compute(),
             context="Comparison failed",
@@ -462,16 +419,14 @@ class CompareWidget(WidgetBase):
         table = self.metrics_table
         table.setRowCount(len(comparison.metrics))
         for row, m in enumerate(comparison.metrics):
-            values = (m.role, _fmt(m.mean_hu, 1), _fmt(m.sd_hu, 1), _fmt(m.cnr, 2),
-                      _fmt(m.psnr, 2), _fmt(m.ssim, 4), _fmt(m.fsim, 4))
-            for column, text in enumerate(values):
+            for column, text in enumerate(metric_cells(m)):
                 item = QTableWidgetItem(text)
                 item.setToolTip(f"{m.role}: {m.image}")
                 table.setItem(row, column, item)
 
     def compute_now(self) -> Comparison:
         """Compute the comparison on the GUI thread and return it (export uses this)."""
-        comparison = self._compute(self._inputs(create_roi=True))
+        comparison = compute_comparison(self._inputs(create_roi=True))
         self._show(comparison)
         return comparison
 
@@ -498,193 +453,3 @@ class CompareWidget(WidgetBase):
             self.report_error(exc, context="Export failed")
             return
         show_info(f"Saved the figure {png} and the metrics {csv}.")
-
-    # --- side by side -------------------------------------------------------------------
-    @property
-    def side_by_side(self) -> bool:
-        return self._saved_view is not None
-
-    def set_side_by_side(self, enabled: bool) -> None:
-        """Switch the grid comparison on (saving the view) or off (restoring it)."""
-        if enabled == self.side_by_side:
-            return
-        self.grid_button.blockSignals(True)
-        try:
-            if enabled:
-                self._enter_grid()
-            else:
-                self._leave_grid()
-        finally:
-            self.grid_button.setChecked(self.side_by_side)
-            self.grid_button.blockSignals(False)
-
-    def _on_grid_toggled(self, checked: bool) -> None:
-        try:
-            self.set_side_by_side(checked)
-        except Exception as exc:
-            self.report_error(exc, context="Side-by-side view")
-
-    def _save_view(self) -> ViewState:
-        viewer = self.viewer
-        camera = viewer_camera(viewer)
-        return ViewState(
-            layers=list(viewer.layers),
-            visible={id(layer): layer.visible for layer in viewer.layers},
-            selected=list(viewer.layers.selection),
-            active=viewer.layers.selection.active,
-            grid={k: getattr(viewer_grid(viewer), k) for k in ("enabled", "shape", "stride", "spacing")},
-            camera={
-                "center": tuple(camera.center),
-                "zoom": float(camera.zoom),
-                "angles": tuple(camera.angles),
-                "perspective": float(camera.perspective),
-            },
-        )
-
-    def _enter_grid(self) -> None:
-        chosen = self.chosen_layers()
-        window = self.current_window()
-        viewer = self.viewer
-        state = self._save_view()
-        images = [chosen[r] for r in ("before", "after", "reference") if r in chosen]
-        differences = self._make_differences(chosen)
-        try:
-            cells = [*images, *differences]
-            rois = [self.add_roi(), *self._make_roi_copies(cells[1:])]
-            for layer in viewer.layers:
-                layer.visible = False
-            # Two layers per grid cell (stride 2), at the bottom of the list in cell order: each image
-            # with an ROI layer over it: before, after, reference, then the differences.
-            for k, (image, roi) in enumerate(zip(cells, rois, strict=True)):
-                for offset, layer in enumerate((image, roi)):
-                    viewer.layers.move(viewer.layers.index(layer), 2 * k + offset)
-                    layer.visible = True
-            images[0].contrast_limits = window.limits
-            for layer in images[1:]:
-                layer.contrast_limits = window.limits
-            viewer.layers.link_layers(images, ("contrast_limits",))
-            self._linked = images
-            viewer_grid(viewer).update(
-                {"enabled": True, "stride": 2, "shape": (2 if differences else 1, len(images)), "spacing": 0.02}
-            )
-            viewer.layers.selection.active = images[0]
-        except Exception:
-            self._saved_view = state
-            self._leave_grid()
-            raise
-        self._saved_view = state
-        viewer.reset_view()
-        self.set_status("Side by side: one camera, one slice, linked window. Press again to go back.")
-
-    def _make_differences(self, chosen: dict[str, Image]) -> list[Image]:
-        import dask.array as da
-
-        after = chosen["after"]
-        index = self.current_slice_index(after)
-        pairs = [("before", chosen["before"])] + ([("reference", chosen["reference"])] if "reference" in chosen else [])
-        created = []
-        for role, other in pairs:
-            chunks = (1, *after.data.shape[1:]) if after.ndim == 3 else after.data.shape
-            # lazy: napari computes only the slice on screen, the volume is never duplicated
-            difference = da.from_array(after.data, chunks=chunks).astype(np.float32) - da.from_array(
-                other.data, chunks=chunks
-            ).astype(np.float32)
-            shown = slice_of(after.data, index) - slice_of(other.data, index)
-            layer = self.viewer.add_image(
-                difference,
-                name=f"{after.name} - {other.name}",
-                colormap="bwr",
-                contrast_limits=symmetric_limits(shown),
-                scale=after.scale,
-                translate=after.translate,
-                metadata={METADATA_KEY: f"after - {role}"},
-            )
-            created.append(layer)
-        self.difference_layers = created
-        return created
-
-    def _make_roi_copies(self, cells: list[Image]) -> list[Shapes]:
-        """One Shapes layer per cell in ``cells`` showing the ROI (and background ROI) of :attr:`roi_layer`."""
-        roi = self.roi_layer
-        copies = []
-        for cell in cells:
-            copy = self.viewer.add_shapes(
-                name=f"{ROI_LAYER_NAME} ({cell.name})",
-                scale=roi.scale,
-                translate=roi.translate,
-                face_color="transparent",
-                metadata={METADATA_KEY: "roi copy"},
-            )
-            copy.events.data.connect(self._on_roi_data)
-            copies.append(copy)
-        self.roi_copies = copies
-        self._sync_rois(roi)
-        for copy in copies:
-            copy.mode = "select"
-        return copies
-
-    def _on_roi_data(self, event: Any = None) -> None:
-        source = getattr(event, "source", None)
-        if isinstance(source, Shapes):
-            self._sync_rois(source)
-
-    def _sync_rois(self, source: Shapes) -> None:
-        """Give every ROI layer of the grid the rectangles of ``source``: moving one moves all."""
-        if self._syncing_rois or not self.roi_copies:
-            return
-        layers = [layer for layer in (self.roi_layer, *self.roi_copies) if layer is not None]
-        if source not in layers:
-            return
-        data = [np.asarray(v, dtype=float) for v in source.data]
-        colours = np.asarray(source.edge_color)
-        widths = list(source.edge_width)
-        self._syncing_rois = True
-        try:
-            for layer in layers:
-                if layer is source:
-                    continue
-                same = len(layer.data) == len(data) and all(
-                    np.array_equal(a, b) for a, b in zip(layer.data, data, strict=True)
-                )
-                if same:
-                    continue
-                layer.selected_data = set()
-                layer.data = []
-                if data:
-                    layer.add_rectangles(data, edge_color=list(colours), edge_width=widths)
-        finally:
-            self._syncing_rois = False
-        if source is not self.roi_layer and self.roi_layer is not None:
-            self.schedule_update()  # the master ROI changed without an event of its own
-
-    def _leave_grid(self) -> None:
-        state = self._saved_view
-        viewer = self.viewer
-        if self._linked:
-            present = [layer for layer in self._linked if layer in viewer.layers]
-            if len(present) > 1:
-                viewer.layers.unlink_layers(present, ("contrast_limits",))
-            self._linked = []
-        for layer in [*self.difference_layers, *self.roi_copies]:
-            if layer in viewer.layers:
-                viewer.layers.remove(layer)
-        self.difference_layers = []
-        self.roi_copies = []
-        if state is None:
-            return
-        self._saved_view = None
-        viewer_grid(viewer).update(state.grid)
-        # restore the previous order of the layers still present; layers added since stay on top
-        previous = [layer for layer in state.layers if layer in viewer.layers]
-        for target, layer in enumerate(previous):
-            current = viewer.layers.index(layer)
-            if current != target:
-                viewer.layers.move(current, target)
-        for layer in previous:
-            layer.visible = state.visible[id(layer)]
-        viewer.layers.selection.clear()
-        viewer.layers.selection.update([layer for layer in state.selected if layer in viewer.layers])
-        if state.active is not None and state.active in viewer.layers:
-            viewer.layers.selection.active = state.active
-        viewer_camera(viewer).update(state.camera)
-        self.set_status("Back to the single view.")
