@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,16 +20,6 @@ from napari_langmamba.widgets._compare_core import (
     roi_data_to_pixel,
 )
 from napari_langmamba.windowing import get_window
-
-
-def test_compare_core_imports_no_qt():
-    code = (
-        "import sys, napari_langmamba.widgets._compare_core\n"
-        "print(','.join(m for m in ('qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'napari') if m in sys.modules))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ""
 
 
 def test_metrics_are_written_with_their_digits_and_dashes():
