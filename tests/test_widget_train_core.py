@@ -98,3 +98,40 @@ def test_the_plot_draws_the_histories_or_a_hint():
     assert ax_loss.get_yscale() == "log"  # a factor 100 between the values
     assert [line.get_label() for line in ax_val.lines] == ["psnr"] and ax_val.get_ylabel() == "PSNR (dB)"
     assert [line.get_label() for line in ax_val2.lines] == ["ssim"] and ax_val2.get_ylabel() == "other metrics"
+
+
+def test_a_recorded_run_fills_the_form_it_was_started_from():
+    from napari_langmamba.widgets._train_form import recorded_form, stage_default
+
+    seed = recorded_form("seed", {
+        "data": ["/a", "/b"], "val_data": None, "preset": "lite", "epochs": 3, "steps_per_epoch": "many",
+        "batch_size": 2, "patch_size": 48, "lr": 0.0002, "device": "cpu", "backbone": "redcnn",
+        "langda_weight": 0, "langae": "/ae", "codebook": "ignored for seed",
+    })
+    assert list(seed)[0] == "stage_combo" and seed["stage_combo"] == "seed"
+    assert seed == {
+        "stage_combo": "seed", "data_edit": "/a; /b", "val_edit": "", "preset_combo": "lite", "epochs_spin": 3,
+        "batch_spin": 2, "patch_spin": 48, "lr_edit": "0.0002", "device_combo": "cpu",
+        "backbone_combo": "redcnn", "lambda_spin": 0.0, "langae_edit": "/ae",
+    }  # steps_per_epoch of the wrong type is left out: the control keeps its value
+    langae = recorded_form("langae", {"data": "/ct", "preset": "no such preset", "lr": None, "candidates": "/c.json"})
+    assert "preset_combo" not in langae and langae["lr_edit"] == "" and langae["data_edit"] == "/ct"
+    assert langae["codebook_edit"] == stage_default("langae", "codebook") and langae["candidates_edit"] == "/c.json"
+    assert "backbone_combo" not in langae and "langae_edit" not in langae
+
+
+def test_resume_is_offered_only_for_an_unfinished_checkpointed_run_of_the_stage():
+    from types import SimpleNamespace
+
+    from napari_langmamba.widgets._train_form import adopted_run_hint, can_resume
+
+    def run(**kw):
+        return SimpleNamespace(**{"resumable": True, "stage": "seed", "status": "stopped", **kw})
+
+    assert can_resume(run(), "seed") and can_resume(run(stage=None), "langae")
+    assert not can_resume(None, "seed") and not can_resume(run(), "evaluate")
+    assert not can_resume(run(resumable=False), "seed") and not can_resume(run(stage="langae"), "seed")
+    assert not can_resume(run(status="completed"), "seed")
+    assert adopted_run_hint(run(status="completed")).startswith("it is complete")
+    assert adopted_run_hint(run()) == "press Resume to continue it"
+    assert adopted_run_hint(run(resumable=False)) == "it has no checkpoint to resume"

@@ -355,3 +355,52 @@ def resume_arguments(last_args: Sequence[str], args: list[str], output: Path | N
     if i + 1 < len(last_args) and Path(last_args[i + 1]) == output:
         return [a for a in last_args if a != "--resume"] + ["--resume"]
     return args
+
+
+def recorded_form(stage: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The form a run's recorded ``options`` (its ``config.json``) fill: ``{control name: value}``.
+
+    In the order the widget sets them (the stage first). Options missing or of the wrong type
+    are left out, so those controls keep their values; paths are written as the form writes
+    them (:func:`paths_text`), a learning rate as its shortest text (blank: the stage derives it).
+    """
+    o = options
+    form: dict[str, Any] = {
+        "stage_combo": stage, "data_edit": paths_text(o.get("data")), "val_edit": paths_text(o.get("val_data")),
+    }
+    if o.get("preset") in stage_choices("preset"):
+        form["preset_combo"] = o["preset"]
+    for name, key in (("epochs_spin", "epochs"), ("steps_spin", "steps_per_epoch"),
+                      ("batch_spin", "batch_size"), ("patch_spin", "patch_size")):
+        if isinstance(o.get(key), int):
+            form[name] = o[key]
+    form["lr_edit"] = "" if o.get("lr") is None else num_text(float(o["lr"]))
+    if isinstance(o.get("device"), str):
+        form["device_combo"] = o["device"]
+    if stage == "langae":
+        form["codebook_edit"] = str(o.get("codebook") or stage_default("langae", "codebook"))
+        form["candidates_edit"] = paths_text(o.get("candidates"))
+    else:
+        if o.get("backbone") in stage_choices("backbone"):
+            form["backbone_combo"] = o["backbone"]
+        if isinstance(o.get("langda_weight"), (int, float)):
+            form["lambda_spin"] = float(o["langda_weight"])
+        form["langae_edit"] = paths_text(o.get("langae"))
+    return form
+
+
+def can_resume(info: Any, stage: str) -> bool:
+    """Whether Resume may continue the run ``info`` (a ``RunInfo``) with the form's ``stage``."""
+    return (
+        info is not None and stage in TRAINING_STAGES and info.resumable
+        and info.stage in (None, stage) and info.status != "completed"
+    )
+
+
+def adopted_run_hint(info: Any) -> str:
+    """What to do with an existing run folder the form was filled from."""
+    if info.status == "completed":
+        return "it is complete (choose a new folder for a new run)"
+    if info.resumable:
+        return "press Resume to continue it"
+    return "it has no checkpoint to resume"

@@ -69,14 +69,15 @@ from napari_langmamba.widgets._train_form import (
     TrainingRunState,
     TrainSettings,
     TrainStatus,
+    adopted_run_hint,
     build_arguments,
+    can_resume,
     format_eta,
     lr_text,
-    num_text,
     optional_path,
     parse_extra_options,
     parse_learning_rate,
-    paths_text,
+    recorded_form,
     split_paths,
     stage_choices,
     stage_default,
@@ -370,31 +371,18 @@ class TrainWidget(TrainProcess, WidgetBase):
         info = inspect_run(folder)
         if info.stage not in TRAINING_STAGES or not info.options:
             return False
-        o = info.options
-
         self._filling = True
         try:
-            self.stage_combo.setCurrentIndex(self.stage_combo.findData(info.stage))
-            self.data_edit.setText(paths_text(o.get("data")))
-            self.val_edit.setText(paths_text(o.get("val_data")))
-            if o.get("preset") in stage_choices("preset"):
-                self.preset_combo.setCurrentText(o["preset"])
-            for spin, key in ((self.epochs_spin, "epochs"), (self.steps_spin, "steps_per_epoch"),
-                              (self.batch_spin, "batch_size"), (self.patch_spin, "patch_size")):
-                if isinstance(o.get(key), int):
-                    spin.setValue(o[key])
-            self.lr_edit.setText("" if o.get("lr") is None else num_text(float(o["lr"])))
-            if isinstance(o.get("device"), str):
-                self.device_combo.setCurrentText(o["device"])
-            if info.stage == "langae":
-                self.codebook_edit.setText(str(o.get("codebook") or stage_default("langae", "codebook")))
-                self.candidates_edit.setText(paths_text(o.get("candidates")))
-            else:
-                if o.get("backbone") in stage_choices("backbone"):
-                    self.backbone_combo.setCurrentIndex(self.backbone_combo.findData(o["backbone"]))
-                if isinstance(o.get("langda_weight"), (int, float)):
-                    self.lambda_spin.setValue(float(o["langda_weight"]))
-                self.langae_edit.setText(paths_text(o.get("langae")))
+            for name, value in recorded_form(info.stage, info.options).items():
+                control = getattr(self, name)
+                if isinstance(control, QLineEdit):
+                    control.setText(value)
+                elif isinstance(control, (QSpinBox, QDoubleSpinBox)):
+                    control.setValue(value)
+                elif control.findData(value) >= 0:  # the stage and backbone combos hold keys as data
+                    control.setCurrentIndex(control.findData(value))
+                else:
+                    control.setCurrentText(value)
         finally:
             self._filling = False
         self._on_form_changed()
@@ -408,12 +396,7 @@ class TrainWidget(TrainProcess, WidgetBase):
             return
         info = inspect_run(output)
         if info.holds_run and self.load_run_settings(output):
-            if info.status == "completed":
-                hint = "it is complete (choose a new folder for a new run)"
-            elif info.resumable:
-                hint = "press Resume to continue it"
-            else:
-                hint = "it has no checkpoint to resume"
+            hint = adopted_run_hint(info)
             self.set_status(f"{output} holds {info.describe()}: the form shows its settings; {hint}.")
 
     # --- buttons follow the status ------------------------------------------------------
@@ -428,10 +411,7 @@ class TrainWidget(TrainProcess, WidgetBase):
         self.stop_button.setText("Kill now" if status is TrainStatus.STOPPING else "Stop")
         output = optional_path(self.output_edit.text())
         info = inspect_run(output) if output is not None and not active else None
-        self.resume_button.setEnabled(
-            info is not None and self.stage in TRAINING_STAGES and info.resumable
-            and info.stage in (None, self.stage) and info.status != "completed"
-        )
+        self.resume_button.setEnabled(can_resume(info, self.stage))
         self.use_button.setEnabled(info is not None and info.stage == "seed" and info.checkpoint is not None)
 
     @property
