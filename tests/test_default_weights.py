@@ -28,7 +28,10 @@ def test_bundle_is_small_and_documents_its_making():
     assert data["validation"]["patients"] == {"L192": {"n_slices": 11, "kernels": ["B30f", "D45f"], "doses": [0.25],
                                                        "origins": ["real"]}}
     assert training["seed"]["codebook"]["source"] == "words:minilm"
-    assert training["seed"]["validation"]["best_psnr"] > 30.0
+    assert training["seed"]["validation"]["best_psnr"] > 30.3
+    # the fine-tuning chain: each stage started from the one before (--init)
+    assert [r["init"]["path"].rstrip("/").split("/")[-2] for r in training["seed"]["init_runs"][1:]] == ["seed-real"]
+    assert training["seed"]["init"]["path"].rstrip("/").split("/")[-2] == "seed-ft"
     assert "not a medical device" in config["extra"]["provenance"]
     assert "L192" in json.dumps(config["metrics"]["evaluation"])
     langae = json.loads((DEFAULT_WEIGHTS_DIR / "langae" / "config.json").read_text())
