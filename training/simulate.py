@@ -432,6 +432,127 @@ def _package_version() -> str:
     return __version__
 
 
+def _checked_arguments(inputs: Any, slice_step: Any, workers: int | None) -> tuple[list, int]:
+    """The inputs as a list and the worker count (``None``: one per CPU); clear errors otherwise."""
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not inputs:
+        raise ConfigError("No input CT given to simulate from; pass one or more DICOM folders or volume files.")
+    if isinstance(slice_step, bool) or not isinstance(slice_step, int) or slice_step < 1:
+        raise ConfigError(f"slice_step must be an integer >= 1; got {slice_step!r}.")
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1; got {workers}.")
+    return inputs, workers
+
+
+def _existing_dataset(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of a dataset in ``out`` made from the same inputs and options, else ``None``.
+
+    A dataset made otherwise is removed with ``overwrite`` and refused without; any other
+    non-empty folder is refused.
+    """
+    if not (out / MANIFEST_NAME).is_file():
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise ConfigError(
+                f"{out} exists and is not an empty folder or a simulated dataset; choose another output folder."
+            )
+        return None
+    try:
+        existing = read_manifest(out)
+    except ConfigError:
+        existing = None
+    if existing is not None and existing.get("fingerprint") == fingerprint:
+        return existing
+    if not overwrite:
+        raise ConfigError(
+            f"{out} already holds a simulated dataset made from other inputs or options; "
+            "choose another output folder or pass --overwrite to replace it."
+        )
+    logger.info("Replacing the dataset in %s (other inputs or options).", out)
+    for sub in (LOW_DIR, FULL_DIR):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    (out / MANIFEST_NAME).unlink()
+    return None
+
+
+def _new_manifest(fingerprint: str, options: SimulationOptions, slice_step: int,
+                  sources: Sequence[_Source]) -> dict[str, Any]:
+    """The manifest of a dataset being made (``complete`` false, no slices yet)."""
+    return {
+        "format": DATASET_FORMAT,
+        "version": DATASET_VERSION,
+        "complete": False,
+        "fingerprint": fingerprint,
+        "package_version": _package_version(),
+        "options": options_to_dict(options),
+        "slice_step": slice_step,
+        "geometry": "parallel-beam, skimage.transform.radon/iradon, detector bin = pixel, circle=False",
+        "units": "float32 HU in low/ and full/; low = full + FBP(projection noise)",
+        "sources": [
+            {"path": s.path, "hu_sha256": s.hu_sha256, "shape": list(s.shape), "spacing_mm": list(s.spacing)}
+            for s in sources
+        ],
+        "slices": [],
+    }
+
+
+def _completed_manifest(manifest: dict[str, Any], plan: list[tuple[int, int]], keys: list[str],
+                        sources: Sequence[_Source], stats: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """``manifest`` with every slice's record (files, source, position, noise) and the summary."""
+    slices = [
+        {
+            "key": keys[n],
+            "low": f"{LOW_DIR}/{keys[n]}.npy",
+            "full": f"{FULL_DIR}/{keys[n]}.npy",
+            "source": s_idx,
+            "slice_index": k,
+            "position_mm": sources[s_idx].positions_mm[sources[s_idx].slice_indices.index(k)],
+            "pixel_mm": _pixel_mm(sources[s_idx].spacing, sources[s_idx].path),
+            **stats[keys[n]],
+        }
+        for n, (s_idx, k) in enumerate(plan)
+    ]
+    central = [s["central_noise_sd_hu"] for s in slices]
+    whole = [s["noise_sd_hu"] for s in slices]
+    summary = {
+        "n_slices": len(plan),
+        "central_noise_sd_hu_mean": float(np.mean(central)) if central else None,
+        "noise_sd_hu_mean": float(np.mean(whole)) if whole else None,
+    }
+    return {**manifest, "slices": slices, "summary": summary, "complete": True}
+
+
+def _run_jobs(jobs: list[_SliceJob], options: SimulationOptions,
+              workers: int) -> Generator[tuple[_SliceJob, dict[str, float]], None, None]:
+    """Simulate ``jobs``, yielding each finished job with its noise statistics."""
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job, _simulate_job(job, options)
+        return
+    # spawn: no fork of a parent that may hold torch/BLAS threads. A sliding window keeps at
+    # most 2 slices per worker in flight, so memory does not grow with the dataset.
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        pending: dict[cf.Future, _SliceJob] = {}
+        queue = iter(jobs)
+        try:
+            while True:
+                while len(pending) < 2 * workers:
+                    job = next(queue, None)
+                    if job is None:
+                        break
+                    pending[pool.submit(_simulate_job, job, options)] = job
+                if not pending:
+                    break
+                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    yield pending.pop(future), future.result()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
 def iter_simulate_dataset(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -466,16 +587,7 @@ def iter_simulate_dataset(
         and options is returned without recomputing anything.
     """
     options = options or SimulationOptions()
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = list(inputs)
-    if not inputs:
-        raise ConfigError("No input CT given to simulate from; pass one or more DICOM folders or volume files.")
-    if isinstance(slice_step, bool) or not isinstance(slice_step, int) or slice_step < 1:
-        raise ConfigError(f"slice_step must be an integer >= 1; got {slice_step!r}.")
-    workers = (os.cpu_count() or 1) if workers is None else int(workers)
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1; got {workers}.")
+    inputs, workers = _checked_arguments(inputs, slice_step, workers)
     out = Path(out_dir)
 
     yield Progress(0, len(inputs), "reading inputs")
@@ -492,27 +604,7 @@ def iter_simulate_dataset(
     keys = [f"{n:05d}" for n in range(len(plan))]
     total = len(plan)
 
-    existing: dict[str, Any] | None = None
-    if (out / MANIFEST_NAME).is_file():
-        try:
-            existing = read_manifest(out)
-        except ConfigError:
-            existing = None
-        if existing is None or existing.get("fingerprint") != fingerprint:
-            if not overwrite:
-                raise ConfigError(
-                    f"{out} already holds a simulated dataset made from other inputs or options; "
-                    "choose another output folder or pass --overwrite to replace it."
-                )
-            logger.info("Replacing the dataset in %s (other inputs or options).", out)
-            for sub in (LOW_DIR, FULL_DIR):
-                shutil.rmtree(out / sub, ignore_errors=True)
-            (out / MANIFEST_NAME).unlink()
-            existing = None
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"{out} exists and is not an empty folder or a simulated dataset; choose another output folder."
-        )
+    existing = _existing_dataset(out, fingerprint, overwrite)
 
     def files_of(key: str) -> tuple[Path, Path]:
         return out / LOW_DIR / f"{key}.npy", out / FULL_DIR / f"{key}.npy"
@@ -526,22 +618,7 @@ def iter_simulate_dataset(
 
     (out / LOW_DIR).mkdir(parents=True, exist_ok=True)
     (out / FULL_DIR).mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {
-        "format": DATASET_FORMAT,
-        "version": DATASET_VERSION,
-        "complete": False,
-        "fingerprint": fingerprint,
-        "package_version": _package_version(),
-        "options": options_to_dict(options),
-        "slice_step": slice_step,
-        "geometry": "parallel-beam, skimage.transform.radon/iradon, detector bin = pixel, circle=False",
-        "units": "float32 HU in low/ and full/; low = full + FBP(projection noise)",
-        "sources": [
-            {"path": s.path, "hu_sha256": s.hu_sha256, "shape": list(s.shape), "spacing_mm": list(s.spacing)}
-            for s in sources
-        ],
-        "slices": [],
-    }
+    manifest = _new_manifest(fingerprint, options, slice_step, sources)
     _write_manifest(out, manifest)
 
     stats: dict[str, dict[str, float]] = {}
@@ -562,60 +639,12 @@ def iter_simulate_dataset(
         logger.info("Resuming: %d of %d slices already simulated.", done, total)
     yield Progress(done, total, "simulating")
 
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            stats[keys[job.index]] = _simulate_job(job, options)
-            done += 1
-            yield Progress(done, total, f"slice {keys[job.index]}")
-    else:
-        # spawn: no fork of a parent that may hold torch/BLAS threads. A sliding window keeps
-        # at most 2 slices per worker in flight, so memory does not grow with the dataset.
-        context = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-            pending: dict[cf.Future, _SliceJob] = {}
-            queue = iter(jobs)
-            try:
-                while True:
-                    while len(pending) < 2 * workers:
-                        job = next(queue, None)
-                        if job is None:
-                            break
-                        pending[pool.submit(_simulate_job, job, options)] = job
-                    if not pending:
-                        break
-                    finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                    for future in finished:
-                        job = pending.pop(future)
-                        stats[keys[job.index]] = future.result()
-                        done += 1
-                        yield Progress(done, total, f"slice {keys[job.index]}")
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
+    for job, job_stats in _run_jobs(jobs, options, workers):
+        stats[keys[job.index]] = job_stats
+        done += 1
+        yield Progress(done, total, f"slice {keys[job.index]}")
 
-    manifest["slices"] = [
-        {
-            "key": keys[n],
-            "low": f"{LOW_DIR}/{keys[n]}.npy",
-            "full": f"{FULL_DIR}/{keys[n]}.npy",
-            "source": s_idx,
-            "slice_index": k,
-            "position_mm": sources[s_idx].positions_mm[sources[s_idx].slice_indices.index(k)],
-            "pixel_mm": _pixel_mm(sources[s_idx].spacing, sources[s_idx].path),
-            **stats[keys[n]],
-        }
-        for n, (s_idx, k) in enumerate(plan)
-    ]
-    central = [s["central_noise_sd_hu"] for s in manifest["slices"]]
-    whole = [s["noise_sd_hu"] for s in manifest["slices"]]
-    manifest["summary"] = {
-        "n_slices": total,
-        "central_noise_sd_hu_mean": float(np.mean(central)) if central else None,
-        "noise_sd_hu_mean": float(np.mean(whole)) if whole else None,
-    }
-    manifest["complete"] = True
-    _write_manifest(out, manifest)
+    _write_manifest(out, _completed_manifest(manifest, plan, keys, sources, stats))
     return out
 
 
