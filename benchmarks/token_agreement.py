@@ -300,7 +300,58 @@ def markdown(result: dict) -> str:
 # --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict:
+def _measure_l192_pair(name: str, full_path: Path, quarter_path: Path, *, pyramid: Any, denoiser: Any,
+                       sets: dict, pair_counts: dict, words: Any, threshold: float) -> dict:
+    """Add one L192 pair (full, quarter and denoised words) to ``sets`` and ``pair_counts``; its record."""
+    from napari_langmamba.anatomy import TISSUE_CLASSES, tissue_map
+
+    full, spacing = read_slice(full_path)
+    quarter, _ = read_slice(quarter_path)
+    tissue = tissue_map(full, pixel_spacing=spacing)
+    versions = {"full": full, "quarter": quarter}
+    if denoiser is not None:
+        versions["denoised"] = denoiser.denoise(quarter)
+    pyramids = {key: pyramid(hu) for key, hu in versions.items()}
+    record: dict[str, Any] = {"set": "L192", "slice": name,
+                              "tissue_pixels": np.bincount(tissue.ravel(), minlength=len(TISSUE_CLASSES)).tolist()}
+    for key, p in pyramids.items():
+        per_layer = sets[f"L192 {key}"].add(p, tissue, words, threshold)
+        record[f"{key}_tissue_agreement"] = {str(k): v["agreement"] for k, v in per_layer.items()}
+    for pair_name, other in (("quarter vs full", "quarter"), ("denoised vs full", "denoised")):
+        if other not in pyramids:
+            continue
+        agree = pair_agreement(pyramids[other], pyramids["full"])
+        for layer, (same, n, chance) in agree.items():
+            pair_counts[pair_name][layer][0] += same
+            pair_counts[pair_name][layer][1] += n
+            pair_counts[pair_name][layer][2] += chance * n
+        record[f"{other}_vs_full"] = {str(k): same / n for k, (same, n, _) in agree.items()}
+    return record
+
+
+def _pair_summary(pair_counts: dict, n_slices: int) -> dict:
+    """Identical-word shares per slice pair kind and layer, with the agreement expected by chance."""
+    return {
+        name: {"slices": n_slices, "layers": {
+            str(layer): {"identical": same, "regions": n, "agreement": same / n if n else None,
+                         "chance": chance / n if n else None}
+            for layer, (same, n, chance) in counts.items()
+        }}
+        for name, counts in pair_counts.items()
+    }
+
+
+def _goals(result: dict) -> dict:
+    """Each issue goal (GOALS) with the measured value and whether it is met."""
+    goals = {}
+    for key, (name, layer, goal) in GOALS.items():
+        source = result["sets"].get(name) or result["pairs"].get(name)
+        value = source["layers"][str(layer)]["agreement"] if source else None
+        goals[key] = {"value": value, "goal": goal, "met": value is not None and value >= goal}
+    return goals
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--langae", default="default",
@@ -315,6 +366,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one L192 pair per kernel and three chest slices")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"JSON output (default {OUT.relative_to(REPO_ROOT)})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = _parser()
     args = parser.parse_args(argv)
     if not 0.5 < args.dominance <= 1.0:
         parser.error("--dominance must be in (0.5, 1]: one class at most can dominate a region")
@@ -357,28 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     for i, (name, full_path, quarter_path) in enumerate(pairs, 1):
         print(f"[{i}/{len(pairs)}] L192 {name}", file=sys.stderr, flush=True)
-        full, spacing = read_slice(full_path)
-        quarter, _ = read_slice(quarter_path)
-        tissue = tissue_map(full, pixel_spacing=spacing)
-        versions = {"full": full, "quarter": quarter}
-        if denoiser is not None:
-            versions["denoised"] = denoiser.denoise(quarter)
-        pyramids = {key: pyramid(hu) for key, hu in versions.items()}
-        record: dict[str, Any] = {"set": "L192", "slice": name,
-                                  "tissue_pixels": np.bincount(tissue.ravel(), minlength=len(class_names)).tolist()}
-        for key, p in pyramids.items():
-            per_layer = sets[f"L192 {key}"].add(p, tissue, words, threshold)
-            record[f"{key}_tissue_agreement"] = {str(k): v["agreement"] for k, v in per_layer.items()}
-        for pair_name, other in (("quarter vs full", "quarter"), ("denoised vs full", "denoised")):
-            if other not in pyramids:
-                continue
-            agree = pair_agreement(pyramids[other], pyramids["full"])
-            for layer, (same, n, chance) in agree.items():
-                pair_counts[pair_name][layer][0] += same
-                pair_counts[pair_name][layer][1] += n
-                pair_counts[pair_name][layer][2] += chance * n
-            record[f"{other}_vs_full"] = {str(k): same / n for k, (same, n, _) in agree.items()}
-        per_slice.append(record)
+        per_slice.append(_measure_l192_pair(name, full_path, quarter_path, pyramid=pyramid, denoiser=denoiser,
+                                            sets=sets, pair_counts=pair_counts, words=words, threshold=threshold))
 
     chest_info = None
     if args.chest is not None:
@@ -392,14 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "full_tissue_agreement": {str(k): v["agreement"] for k, v in per_layer.items()}})
         chest_info = {"folder": str(args.chest), "slices": len(hu)}
 
-    pairs_out = {
-        name: {"slices": len(pairs), "layers": {
-            str(layer): {"identical": same, "regions": n, "agreement": same / n if n else None,
-                         "chance": chance / n if n else None}
-            for layer, (same, n, chance) in counts.items()
-        }}
-        for name, counts in pair_counts.items()
-    }
+    pairs_out = _pair_summary(pair_counts, len(pairs))
     result: dict[str, Any] = {
         "benchmark": "token_agreement",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -420,12 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs": pairs_out,
         "per_slice": per_slice,
     }
-    goals = {}
-    for key, (name, layer, goal) in GOALS.items():
-        source = result["sets"].get(name) or result["pairs"].get(name)
-        value = source["layers"][str(layer)]["agreement"] if source else None
-        goals[key] = {"value": value, "goal": goal, "met": value is not None and value >= goal}
-    result["goals"] = goals
+    result["goals"] = _goals(result)
     result["seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
