@@ -1243,6 +1243,12 @@ class Sandbox:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
+                # End of file: the worker is dying. Let it finish, so that the caller's poll()
+                # tells a crash from a hang (a dying worker was once counted as a timeout).
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
                 return None
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)

@@ -231,6 +231,27 @@ def test_the_sandbox_reports_timeouts_and_memory_and_recovers(corpus):
         assert box.restarts == 2
 
 
+def test_a_worker_that_dies_is_a_crash_not_a_timeout(corpus):
+    class DyingWorker(fuzz_harness.Sandbox):
+        die_next = False
+
+        def _receive(self, timeout: float) -> dict | None:
+            if self.die_next:  # the worker dies while it reads the case (as an aborting decoder does)
+                self.die_next = False
+                self._proc.kill()
+            return super()._receive(timeout)
+
+    seed = _seed(corpus, "dicom", "CT_small.dcm")
+    case = _case("dicom", dict(seed.files), seed.target)
+    with DyingWorker(timeout=20.0) as box:
+        assert box.run(case).outcome == "loaded"
+        box.die_next = True
+        result = box.run(case)
+        assert box.run(case).outcome == "loaded"  # a fresh worker takes over
+    assert result.outcome == "crash" and "exit code -9" in result.message
+    assert result.seconds < 10 and box.restarts == 1
+
+
 # --------------------------------------------------------------- regressions for holes it found
 POSIX_ONLY = pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"),
                                 reason="named pipes and /dev/zero need a POSIX system")
