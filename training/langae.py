@@ -67,7 +67,7 @@ from training.options import SCORERS, LangAEOptions
 logger = logging.getLogger(__name__)
 
 __all__ = ["LangAEOptions", "LangAEStep", "SemanticPrior", "TissueNDCTDataset", "add_arguments", "freeze_features",
-           "init_from_checkpoint", "main", "reconstruction_metrics"]
+           "init_from_checkpoint", "main", "reconstruction_metrics", "seed_feature_prefixes"]
 
 STAGE = "langae"
 FROZEN_FEATURES = ("encoder.conv_in", "encoder.down[:-1]")
@@ -220,6 +220,11 @@ def init_from_checkpoint(model: Any, path: Path, codebook: Any) -> dict[str, Any
         ) from exc
     return {"path": str(path), "sha256": file_sha256(path / "model.safetensors") if path.is_dir() else file_sha256(path),
             "codebook": ckpt.codebook.source, "preset": ckpt.config.get("name")}
+
+
+def seed_feature_prefixes(encoder: Any) -> tuple[str, ...]:
+    """State-dict prefixes (in a LangAE or SEED) of the encoder layers SEED runs: conv_in, down[:-1]."""
+    return ("encoder.conv_in.", *(f"encoder.down.{i}." for i in range(len(encoder.down) - 1)))
 
 
 def freeze_features(model: Any) -> list[str]:

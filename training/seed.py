@@ -183,9 +183,10 @@ def _init_from_checkpoint(model: torch.nn.Module, kind: str, options: SeedOption
         raise ConfigError(f"--init {path} is a {ckpt.kind!r} checkpoint; --backbone {options.backbone} needs {kind!r}.")
     if kind == "seed":
         # The encoder stays frozen, so a model trained on another LangAE's encoder would silently change.
-        # Only the layers SEED runs count (conv_in, down[:-1]): a LangAE fine-tuned with
-        # --freeze-features keeps them, and its later layers may differ.
-        used = ("encoder.conv_in.", *(f"encoder.down.{i}." for i in range(len(model.encoder.down) - 1)))
+        # Only the layers SEED runs count: a LangAE fine-tuned with --freeze-features keeps them.
+        from training.langae import seed_feature_prefixes
+
+        used = seed_feature_prefixes(model.encoder)
         current = {k: v for k, v in model.state_dict().items() if k.startswith(used)}
         for name, value in current.items():
             stored = ckpt.state_dict.get(name)
@@ -203,8 +204,7 @@ def _init_from_checkpoint(model: torch.nn.Module, kind: str, options: SeedOption
         raise ConfigError(
             f"--init {path} holds a {kind} of another architecture ({preset}); give the matching --preset."
         ) from exc
-    weights = path / "model.safetensors" if path.is_dir() else path
-    return {"path": str(path), "sha256": file_sha256(weights), "kind": ckpt.kind,
+    return {"path": str(path), "sha256": file_sha256(path), "kind": ckpt.kind,
             "metrics": ckpt.meta.get("metrics")}
 
 
