@@ -24,7 +24,9 @@ from training.datasets import (
     open_pairs,
     patient_folder_pairs,
     simulated_pair_groups,
+    transplanted_pair_groups,
 )
+from training.options import SeedOptions
 from training.simulate import SimulationOptions, iter_simulate_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # .npy inputs carry no spacing
@@ -382,3 +384,64 @@ def test_the_mayo_patient_folders_pair_by_position():
     low, full = val.pair_hu(0)
     assert low.shape == full.shape == (512, 512)
     assert 10.0 < float(np.std((low - full)[192:320, 192:320])) < 100.0  # real quarter-dose noise, same slice
+
+
+def _residual_variants(noise):
+    return [noise, noise[::-1], noise[:, ::-1], noise[::-1, ::-1]]
+
+
+def test_noise_transplant_adds_a_donor_pairs_real_noise_to_new_slices(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):  # two donor patients whose noise is a fixed random image
+        full = np.stack([_random_hu((24, 24), seed=k) * 0.2 for k in range(2)])
+        np.save(tmp_path / f"{name}_full.npy", full)
+        np.save(tmp_path / f"{name}_low.npy", full + rng.normal(0, 30, full.shape).astype(np.float32))
+    (tmp_path / "pairs.csv").write_text("low,full,patient\na_low.npy,a_full.npy,PA\nb_low.npy,b_full.npy,PB\n")
+    pairs = collect_pairs(manifest=[tmp_path / "pairs.csv"])
+    train = pairs.select(["PB"], exclude=True)  # PB plays the validation patient: never a donor
+    target = np.stack([_random_hu((24, 24), seed=10 + k) * 0.2 for k in range(5)])
+    np.save(tmp_path / "target.npy", target)
+    groups = transplanted_pair_groups([f"PT={tmp_path / 'target.npy'}"], train, slice_step=2, variants=3, seed=7,
+                                      exclude_patients=["PB"])
+    (group,) = groups
+    assert (group.patient, group.origin, group.dose, len(group.source)) == ("PT", "transplanted", None, 9)
+    donor_noise = [np.subtract(*train.pair_hu(i)) for i in range(len(train))]
+    for i in range(len(group.source)):
+        low, full = group.source.pair_hu(i)
+        np.testing.assert_array_equal(full, target[2 * (i // 3)])  # slices 0, 2, 4; three variants each
+        noise = low - full
+        assert any(np.allclose(noise, v, atol=1e-4) for d in donor_noise for v in _residual_variants(d))
+        assert group.source.key(i).split("+")[1].startswith("PA/")
+    assert len(set(map(str, group.source._draws))) > 1  # the variants differ in donor or flip
+    again = transplanted_pair_groups([f"PT={tmp_path / 'target.npy'}"], train, slice_step=2, variants=3, seed=7)[0]
+    np.testing.assert_array_equal(again.source.pair_hu(4)[0], group.source.pair_hu(4)[0])  # stable across runs
+    mixed = PairSet([*train.groups, group])
+    assert mixed.summary()["n_transplanted_slices"] == 9 and mixed.summary()["n_real_slices"] == 2
+    # a validation patient's scan is refused; a target of another shape has no donor
+    with pytest.raises(ConfigError, match="validation patient"):
+        transplanted_pair_groups([f"PB={tmp_path / 'target.npy'}"], train, exclude_patients=["PB"])
+    np.save(tmp_path / "other.npy", np.zeros((2, 16, 16), np.float32))
+    with pytest.raises(ConfigError, match="no real noise to add"):
+        transplanted_pair_groups([tmp_path / "other.npy"], train)
+    with pytest.raises(ConfigError, match="does not exist"):
+        transplanted_pair_groups([tmp_path / "nowhere.npy"], train)
+    with pytest.raises(ConfigError, match="needs --val-patients"):  # donors must be known training pairs
+        SeedOptions(output=tmp_path / "run", manifest=[tmp_path / "pairs.csv"], backbone="redcnn", langda_weight=0,
+                    transplant_onto=[tmp_path / "target.npy"])
+
+
+def test_noise_transplant_onto_the_real_l096_volume_uses_d45_noise_only():
+    volume = MAYO_PAIRS.parent / "mayo2016_L096_full_dose"
+    if not (MAYO_PAIRS.is_dir() and volume.is_dir()):
+        pytest.skip(f"real CT data not found at {MAYO_PAIRS.parent} (../shared/data is absent)")
+    train = collect_pairs(pairs=[MAYO_PAIRS]).select(["L192"], exclude=True)
+    (group,) = transplanted_pair_groups([volume], train, slice_step=40, variants=2, exclude_patients=["L192"])
+    assert (group.patient, group.kernel, group.dose, len(group.source)) == ("L096", "D45f", 0.25, 10)
+    assert {len(group.source.residuals)} == {18}  # the D45 pairs of L096, L143 and L286; no B30, no L192
+    assert not any("L192" in key or "B30" in key for key, _ in group.source.residuals)
+    low, full = group.source.pair_hu(4)
+    assert low.shape == full.shape == (512, 512)
+    assert 20.0 < float(np.std((low - full)[192:320, 192:320])) < 100.0  # real quarter-dose noise, as the pairs
+    assert -1100.0 < float(full.min()) and float(np.median(full[200:300, 200:300])) > -200.0  # HU of a body
+    with pytest.raises(ConfigError, match="validation patient"):
+        transplanted_pair_groups([MAYO_PAIRS / "L192" / "full_3mm_D45"], train, exclude_patients=["L192"])

@@ -421,7 +421,8 @@ class PairGroup:
 
     ``patient`` names the person scanned (validation splits by it), ``kernel`` the
     reconstruction kernel, ``dose`` the low-dose fraction (``None`` when unknown), ``origin``
-    ``"real"`` or ``"simulated"``, ``name`` the prefix of its keys and ``path`` where it came from.
+    ``"real"``, ``"simulated"`` or ``"transplanted"`` (:class:`TransplantedNoisePairs`), ``name``
+    the prefix of its keys and ``path`` where it came from.
     """
 
     source: Any
@@ -517,6 +518,7 @@ def pair_summary(source: Any) -> dict[str, Any]:
         "doses": ordered(i["dose"] for i in infos),
         "n_real_slices": sum(i["origin"] == "real" for i in infos),
         "n_simulated_slices": sum(i["origin"] == "simulated" for i in infos),
+        "n_transplanted_slices": sum(i["origin"] == "transplanted" for i in infos),
     }
 
 
@@ -683,6 +685,23 @@ def folder_pair_group(folder: str | os.PathLike, *, split: str | None = None) ->
                      origin="simulated" if isinstance(source, SimulatedPairs) else "real", path=str(folder))
 
 
+def labelled_input(item: str | os.PathLike, purpose: str) -> tuple[str | None, Path]:
+    """``(label or None, path)`` of an input given as ``PATH`` or ``LABEL=PATH`` (the label names the patient).
+
+    Raises
+    ------
+    ConfigError
+        The path does not exist (``purpose`` says what it was for).
+    """
+    text, label = os.fspath(item), None
+    if "=" in text and not Path(text).exists():
+        label, _, text = text.partition("=")
+    path = Path(text)
+    if not path.exists():
+        raise ConfigError(f"The normal-dose CT {path} ({purpose}) does not exist.")
+    return label, path
+
+
 def default_simulation_cache() -> Path:
     """Where simulated pairs are cached unless told otherwise (``$XDG_CACHE_HOME/napari-langmamba/simulated``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -715,12 +734,7 @@ def simulated_pair_groups(
     cache = Path(cache) if cache is not None else default_simulation_cache()
     groups = []
     for item in inputs:
-        text, label = os.fspath(item), None
-        if "=" in text and not Path(text).exists():
-            label, _, text = text.partition("=")
-        path = Path(text)
-        if not path.exists():
-            raise ConfigError(f"The normal-dose CT {path} (to simulate from) does not exist.")
+        label, path = labelled_input(item, "to simulate from")
         volume = _quiet_read(path)
         patient = label or patient_label(volume.metadata, path.name)
         kernel = _kernel_of(volume.metadata)
@@ -737,6 +751,105 @@ def simulated_pair_groups(
                                                  workers=workers, slice_step=slice_step, overwrite=True))
             groups.append(PairGroup(SimulatedPairs(folder), patient=patient, name=f"{patient}/sim{dose:g}",
                                     kernel=kernel, dose=dose, origin="simulated", path=str(path)))
+    return groups
+
+
+class TransplantedNoisePairs:
+    """Normal-dose slices plus the real noise of other pairs: ``low = full + (donor low - donor full)``.
+
+    A real low-dose pair's difference image is that scanner's own quantum noise at that dose,
+    reconstructed with that kernel: its texture is exactly what the model must remove, which
+    projection-domain simulation only approximates. Adding it to another normal-dose slice of
+    the same scanner and kernel makes a new pair with real noise over new anatomy ("noise
+    transplant"). ``donors`` are ``(key, low, full)`` arrays of the same shape as the slices;
+    each slice gets ``variants`` pairs, each with a donor and a flip drawn from ``seed``
+    (stable across runs, so a run can be resumed and repeated).
+    """
+
+    def __init__(self, slices: NDCTSlices, donors: Sequence[tuple[str, np.ndarray, np.ndarray]], *,
+                 variants: int = 2, seed: int = 0):
+        if not donors:
+            raise ConfigError("Noise transplant needs at least one donor pair.")
+        if isinstance(variants, bool) or not isinstance(variants, int) or variants < 1:
+            raise ConfigError(f"--transplant-variants must be an integer >= 1; got {variants!r}.")
+        self.slices = slices
+        self.residuals = [(key, (np.asarray(low, np.float32) - np.asarray(full, np.float32))) for key, low, full in donors]
+        rng = np.random.default_rng(seed)
+        n = len(slices) * variants
+        # (donor index, flip rows, flip columns) of each pair, drawn once.
+        self._draws = list(zip(rng.integers(len(self.residuals), size=n).tolist(),
+                               rng.integers(2, size=n).astype(bool).tolist(),
+                               rng.integers(2, size=n).astype(bool).tolist(), strict=True))
+        self.variants = variants
+
+    def __len__(self) -> int:
+        return len(self._draws)
+
+    def key(self, index: int) -> str:
+        return f"{self.slices.key(index // self.variants)}+{self.residuals[self._draws[index][0]][0]}"
+
+    def pair_hu(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        donor, flip_rows, flip_cols = self._draws[index]
+        full = np.asarray(self.slices.slice_hu(index // self.variants), dtype=np.float32)
+        noise = self.residuals[donor][1]
+        if noise.shape != full.shape:
+            raise ConfigError(f"The donor noise {self.residuals[donor][0]!r} is {noise.shape[0]}x{noise.shape[1]} but "
+                              f"the slice {self.key(index)!r} is {full.shape[0]}x{full.shape[1]}.")
+        noise = noise[::-1] if flip_rows else noise
+        noise = noise[:, ::-1] if flip_cols else noise
+        return full + noise, full
+
+
+def transplanted_pair_groups(
+    inputs: Sequence[str | os.PathLike],
+    donors: PairSet,
+    *,
+    slice_step: int = 1,
+    variants: int = 2,
+    seed: int = 0,
+    exclude_patients: Sequence[str] = (),
+) -> list[PairGroup]:
+    """Pairs made by adding the real noise of ``donors`` to normal-dose CTs (:class:`TransplantedNoisePairs`).
+
+    Each input (``LABEL=PATH`` names its patient) takes as donors the real pairs of ``donors``
+    with its reconstruction kernel and slice shape, so a kernel's noise texture never lands on
+    another kernel's image; pass only training pairs (never a validation patient's). An input of
+    a patient in ``exclude_patients`` is refused.
+
+    Raises
+    ------
+    ConfigError
+        An input is missing, belongs to an excluded patient, or has no donor of its kernel and shape.
+    """
+    groups = []
+    for item in inputs:
+        label, path = labelled_input(item, "to add real noise to")
+        slices = NDCTSlices([path], slice_step=slice_step)
+        metadata = slices.metadata(0)
+        patient = label or patient_label(metadata, path.name)
+        if patient in {str(p) for p in exclude_patients}:
+            raise ConfigError(f"{path} is a scan of {patient}, a validation patient; it cannot be trained on.")
+        kernel = _kernel_of(metadata)
+        shape = slices.slice_hu(0).shape
+        chosen = []
+        for index in range(len(donors)):
+            info = donors.info(index)
+            if info["origin"] != "real" or (kernel is not None and info["kernel"] != kernel):
+                continue
+            low, full = donors.pair_hu(index)
+            if low.shape == shape:
+                chosen.append((donors.key(index), low, full))
+        if not chosen:
+            raise ConfigError(
+                f"No real training pair has the kernel {kernel or '(unknown)'} and the slice shape "
+                f"{shape[0]}x{shape[1]} of {path}, so there is no real noise to add to it."
+            )
+        doses = {donors.info(i)["dose"] for i in range(len(donors)) if donors.key(i) in {c[0] for c in chosen}}
+        logger.info("noise transplant: %d slices of %s (%s, kernel %s) x %d variants from %d real pairs",
+                    len(slices), path, patient, kernel, variants, len(chosen))
+        groups.append(PairGroup(TransplantedNoisePairs(slices, chosen, variants=variants, seed=seed),
+                                patient=patient, name=f"{patient}/transplant", kernel=kernel,
+                                dose=doses.pop() if len(doses) == 1 else None, origin="transplanted", path=str(path)))
     return groups
 
 
