@@ -219,6 +219,30 @@ def test_position_pools_match_naive_reference_values_and_gradients():
     assert torch.equal(grad[silent], torch.zeros_like(grad[silent])) and grad[~silent].abs().sum() > 0
 
 
+def test_pool_balance_weighs_each_position_by_its_pool_frequency():
+    g = torch.Generator().manual_seed(13)
+    table = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    emb = torch.randn(1, 5, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    pool_ids = torch.tensor([[1, 2], [7, -1]])
+    index = torch.tensor([[[0, 0], [0, 1]]])  # three positions share pool 0, one has pool 1
+    pools = [PositionPools(pool_ids, index)]
+    lists = [[1, 2], [1, 2], [1, 2], [7]]
+    per_position = torch.stack([_naive_position_semantic(emb[..., i // 2, i % 2, None, None], table, [ids])
+                                for i, ids in enumerate(lists)])
+    plain = pyramid_semantic_loss([emb], table, pools)
+    assert torch.allclose(plain, per_position.mean(), rtol=1e-10)
+    assert torch.allclose(pyramid_semantic_loss([emb], table, pools, balance=0.0), plain, rtol=1e-12)
+    # balance 1: each pool counts once, whatever the number of positions holding it
+    even = pyramid_semantic_loss([emb], table, pools, balance=1.0)
+    assert torch.allclose(even, (per_position[:3].mean() + per_position[3]) / 2, rtol=1e-10)
+    half = pyramid_semantic_loss([emb], table, pools, balance=0.5)
+    w = torch.tensor([3 ** -0.5] * 3 + [1.0], dtype=torch.float64)
+    assert torch.allclose(half, (per_position * w).sum() / w.sum(), rtol=1e-10)
+    (grad,) = torch.autograd.grad(even, emb)
+    (ref,) = torch.autograd.grad((per_position[:3].mean() + per_position[3]) / 2, emb)
+    assert torch.allclose(grad, ref, rtol=1e-8, atol=1e-12)
+
+
 def test_position_pools_reduce_to_per_image_pools():
     g = torch.Generator().manual_seed(12)
     table = torch.randn(30, 4, generator=g, dtype=torch.float64)

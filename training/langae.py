@@ -106,6 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(model, "--min-share", type=float, metavar="SHARE",
                help="anatomy scorer: a tissue class's words join a region's pool when it covers this share of "
                     f"the region (default {d('min_share')})")
+    add_option(model, "--pool-balance", type=float, metavar="P",
+               help="weigh each position of the semantic loss by (positions sharing its pool) ** -P, so that rare "
+                    f"tissues are not outvoted by air and fat; 0 = plain mean, 1 = every pool equal (default "
+                    f"{d('pool_balance')})")
     add_option(model, "--init", type=Path, metavar="DIR",
                help="start from this LangAE checkpoint's weights (fresh optimizer); its codebook must be the same "
                     "language-model table (minilm weights may train a words:minilm model)")
@@ -249,6 +253,7 @@ class SemanticPrior:
     pools: Any = None  # training.candidates.CandidatePools
     anatomy: Any = None  # training.candidates.AnatomyScorer
     alpha: float = 0.0
+    balance: float = 0.0  # exponent of the pool-frequency weights of the semantic loss
 
     @property
     def on(self) -> bool:
@@ -265,9 +270,9 @@ class SemanticPrior:
 
     def info(self) -> dict[str, Any]:
         if self.pools is not None:
-            return {"scorer": self.pools.meta.get("scorer", "candidates"), "per": "image"}
+            return {"scorer": self.pools.meta.get("scorer", "candidates"), "per": "image", "pool_balance": self.balance}
         if self.anatomy is not None:
-            return {**self.anatomy.info(), "per": "region"}
+            return {**self.anatomy.info(), "per": "region", "pool_balance": self.balance}
         return {"scorer": "none"}
 
 
@@ -290,7 +295,8 @@ def _semantic_prior(options: LangAEOptions, codebook: Any, train_source: Any, an
                     ", ".join(f"{k}: {len(v)} words" for k, v in anatomy.class_words.items()))
     elif options.alpha > 0:
         logger.warning("semantic loss off: --scorer none and no --candidates pools file (alpha ignored)")
-    return SemanticPrior(n_words=codebook.n, pools=pools, anatomy=anatomy, alpha=float(options.alpha))
+    return SemanticPrior(n_words=codebook.n, pools=pools, anatomy=anatomy, alpha=float(options.alpha),
+                         balance=float(options.pool_balance))
 
 
 @dataclasses.dataclass
@@ -342,7 +348,7 @@ class LangAEStep:
         layer_pools = self.prior.layer_pools(batch, x, pyramid)
         if layer_pools is not None:
             sem = pyramid_semantic_loss([e.float() for e in pyramid.layer_embeddings],
-                                        self.model.quantizer.codebook, layer_pools)
+                                        self.model.quantizer.codebook, layer_pools, balance=self.prior.balance)
             if float(sem.detach()) > 0:
                 omega = (vq / sem).detach()
                 total = vq + options.alpha * omega * sem

@@ -211,6 +211,7 @@ class LangAEOptions(TrainOptions):
     candidates: Path | None = None
     scorer: str = "anatomy"
     min_share: float = 0.25
+    pool_balance: float = 0.0
     init: Path | None = None
     freeze_features: bool = False
     alpha: float = 0.3
@@ -238,6 +239,8 @@ class LangAEOptions(TrainOptions):
             )
         if not 0.0 < float(self.min_share) <= 1.0:
             raise ConfigError(f"--min-share must be in (0, 1]; got {self.min_share}.")
+        if not 0.0 <= float(self.pool_balance) <= 1.0:
+            raise ConfigError(f"--pool-balance must be in [0, 1]; got {self.pool_balance}.")
         for name in ("alpha", "beta", "gamma", "eta", "base_lr"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value >= 0.0):

@@ -320,6 +320,7 @@ def pyramid_semantic_loss(
     pools: Sequence[Tensor | PositionPools | None],
     *,
     block_elements: int | None = None,
+    balance: float = 0.0,
 ) -> Tensor:
     """Pyramid semantic loss: pull each layer's embeddings toward its candidate token pool.
 
@@ -341,6 +342,11 @@ def pyramid_semantic_loss(
         Per layer: a bool mask (b, n) or (n,) of pool members (one pool per image), a
         :class:`PositionPools` (one pool per position), or ``None`` to skip the layer. Images and
         positions whose pool is empty do not contribute.
+    balance
+        Exponent of the pool-frequency weights: in each layer a position whose pool ``k`` is
+        held by ``c_k`` positions of the batch weighs ``c_k ** -balance`` (0: a plain mean;
+        0.5: rare pools, such as soft tissue beside much air and fat, count more; 1: every
+        distinct pool counts the same). Weights are normalised to mean 1.
 
     Returns
     -------
@@ -363,7 +369,14 @@ def pyramid_semantic_loss(
             continue
         x = emb.permute(0, 2, 3, 1).reshape(-1, d)[keep]  # (positions with a pool, d)
         block = _rows_per_block(n, block_elements)
-        per_layer.append(_PoolCrossEntropy.apply(x, table, sq_norms, pool_of[keep], mean, mean_sq, block).mean())
+        losses = _PoolCrossEntropy.apply(x, table, sq_norms, pool_of[keep], mean, mean_sq, block)
+        if balance:
+            kept = pool_of[keep]
+            counts = torch.bincount(kept, minlength=int(kept.max()) + 1).to(losses.dtype)
+            weights = counts[kept].pow(-float(balance))
+            per_layer.append((losses * weights).sum() / weights.sum())
+        else:
+            per_layer.append(losses.mean())
     if not per_layer:
         return layer_embeddings[0].sum() * 0.0
     return torch.stack(per_layer).mean()
