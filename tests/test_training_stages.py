@@ -489,15 +489,23 @@ def test_seed_trains_on_many_patients_and_validates_on_whole_patients(data_dir, 
     assert "No pairs of patient(s) P7" in capsys.readouterr().err
 
     run = tmp_path / "run"
-    assert _train([*args, "--output", str(run), "--val-patients", "P2"]) == 0
-    data = load_checkpoint(run / "last").meta["training"]["data"]
+    assert _train([*args, "--output", str(run), "--val-patients", "P2", "--window-weight", "3", "--log-every", "1"]) == 0
+    training = load_checkpoint(run / "last").meta["training"]
+    assert training["window_weight"] == 3.0 and training["window"] == "abdomen"
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    # the loss holds the window term: MSE + 3 x (window span in model units)^2 x MSE in window units
+    span = 400.0 / 3000.0
+    assert train and all(r["losses"]["window_mse"] > 0 for r in train)
+    assert all(abs(r["losses"]["loss"] - r["losses"]["mse"] - 3 * span ** 2 * r["losses"]["window_mse"])
+               < 1e-6 * r["losses"]["loss"] for r in train)
+    data = training["data"]
     assert data["n_slices"] == 4 and data["n_val_slices"] == 2 and data["val_source"] == "patients P2"
     assert data["train"]["patients"] == {
         "P0": {"n_slices": 2, "kernels": ["K0"], "doses": [0.25], "origins": ["real"]},
         "P1": {"n_slices": 2, "kernels": ["K1"], "doses": [0.25], "origins": ["real"]}}
     assert list(data["validation"]["patients"]) == ["P2"] and data["validation"]["kernels"] == ["K0"]
     assert data["inputs"] == {"manifest": [str(tmp_path / "pairs.csv")]}
-    assert set(_losses(run)) == {2}  # 4 training slices / batch 2
+    assert set(_losses(run)) == {1, 2}  # 4 training slices / batch 2, logged every step
     (epoch,) = [r for r in read_metrics(run) if r["kind"] == "epoch"]
     assert epoch["val"]["n_images"] == 2  # both P2 slices, and only those
 

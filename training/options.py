@@ -268,6 +268,7 @@ class SeedOptions(TrainOptions, PairDataOptions):
     lr_min: float = 1e-6
     weight_decay: float = 1e-9
     patch_size: int = 64
+    window_weight: float = 0.0
     transplant_onto: tuple[str, ...] = ()
     transplant_slice_step: int = 1
     transplant_variants: int = 2
@@ -311,6 +312,8 @@ class SeedOptions(TrainOptions, PairDataOptions):
             raise ConfigError(f"--lr-min ({self.lr_min}) must not exceed --lr ({self.lr}).")
         if not float(self.weight_decay) >= 0:
             raise ConfigError(f"--weight-decay must be >= 0; got {self.weight_decay}.")
+        if not (math.isfinite(float(self.window_weight)) and float(self.window_weight) >= 0):
+            raise ConfigError(f"--window-weight must be a finite number >= 0; got {self.window_weight}.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -95,6 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(model, "--lr-min", type=float, metavar="LR",
                help=f"final learning rate of the cosine schedule (default {d('lr_min')})")
     add_option(model, "--weight-decay", type=float, metavar="W", help=f"AdamW weight decay (default {d('weight_decay')})")
+    add_option(model, "--window-weight", type=float, metavar="W",
+               help="add W x the MSE of output and target both clipped to --window (in that window's units, as its "
+                    "PSNR sees them), so the model spends its capacity on the tissue a reader looks at rather than "
+                    f"on bone and air edges; 0 = plain MSE (default {d('window_weight')})")
 
 
 def _pair_sources(options: SeedOptions) -> tuple[Any, Any | None, str | None]:
@@ -236,6 +240,8 @@ class DenoiserStep:
     scheduler: Any
     amp: Any
     langda: Any = None  # napari_langmamba.models.losses.LangDALoss, or None for MSE only
+    window: tuple[float, float] | None = None  # (lower, upper) in model units of the window term
+    window_weight: float = 0.0
 
     def __call__(self, batch: dict, state: Any) -> Any:
         from training.runs import StepOutput
@@ -250,9 +256,17 @@ class DenoiserStep:
     def losses(self, denoised: torch.Tensor, full: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.langda is None:
             loss = F.mse_loss(denoised, full)
-            return {"loss": loss, "mse": loss.detach()}
-        loss, parts = self.langda(denoised, full)
-        return {"loss": loss, "mse": parts["mse"], "langda_feature": parts["feature"], "langda_token": parts["token"]}
+            out = {"loss": loss, "mse": loss.detach()}
+        else:
+            loss, parts = self.langda(denoised, full)
+            out = {"loss": loss, "mse": parts["mse"], "langda_feature": parts["feature"], "langda_token": parts["token"]}
+        if self.window_weight > 0 and self.window is not None:
+            lower, upper = self.window
+            # Both images clipped to the window and rescaled to it: the error its PSNR measures.
+            window_mse = F.mse_loss(denoised.clamp(lower, upper), full.clamp(lower, upper)) / (upper - lower) ** 2
+            out["loss"] = out["loss"] + self.window_weight * (upper - lower) ** 2 * window_mse
+            out["window_mse"] = window_mse.detach()
+        return out
 
     def apply(self, loss: torch.Tensor) -> None:
         """Backward, optimizer step (loss-scaled under fp16) and the cosine schedule's step."""
@@ -314,8 +328,12 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps),
                                                            eta_min=options.lr_min)
     amp = make_amp(options.amp, device)
+    from napari_langmamba.windowing import MODEL_NORMALIZATION, get_window
+
+    window = get_window(parse_window(options.window))
     step = DenoiserStep(ddp_model=wrap_ddp(model, ctx), device=device, optimizer=optimizer, scheduler=scheduler,
-                        amp=amp, langda=langda)
+                        amp=amp, langda=langda, window_weight=float(options.window_weight),
+                        window=tuple(float(MODEL_NORMALIZATION.to_model(torch.tensor(v))) for v in window.limits))
     n_trainable = sum(p.numel() for p in params)
     logger.info("%s (%s preset): %.2fM trainable parameters; %d steps", kind, options.preset, n_trainable / 1e6,
                 total_steps)
@@ -330,6 +348,7 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
         "optimizer": {"name": "AdamW", "lr": options.lr, "lr_min": options.lr_min, "betas": [0.9, 0.99],
                       "weight_decay": options.weight_decay, "schedule": "cosine"},
         "window": options.window,
+        "window_weight": options.window_weight,
         "world_size": ctx.world_size,
         "amp": amp.name,
     }
