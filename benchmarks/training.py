@@ -14,7 +14,8 @@ data). Measured on CPU with 2 torch and 2 numba threads, for:
 see the same machine load (the 2 cores are shared): "before" selects the previous training
 code paths through :func:`napari_langmamba.models.scan.legacy_training_paths` (the unfused
 ES2D scan with its split/merge gathers and separate projections; the unfused LayerNorm x
-SiLU gate; LangDA's quantizer graph). RED-CNN has no separate fast path: one mode. Each
+SiLU gate; LangDA's quantizer graph). For SEED-lite, "after_bf16" is the current paths under
+CPU bfloat16 autocast (``--amp bf16``), with ``ratio_bf16`` = before / after_bf16. RED-CNN has no separate fast path: one mode. Each
 mode gets one warm-up step (numba compiles or loads its kernels, oneDNN builds its
 primitives), then ``--steps`` timed steps; the median wall time gives steps/s and training
 pixels/s (batch x patch^2 per step), and ``ratio`` is before / after of the median step
@@ -39,10 +40,10 @@ os.environ.setdefault("NUMBA_NUM_THREADS", str(THREADS))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import argparse  # noqa: E402
-import subprocess  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -106,10 +107,11 @@ def _measure(model: str, batch: int, size: int, langda: bool, steps: int, modes:
     low = torch.rand(batch, 1, size, size, generator=g)
     full = (low + 0.05 * torch.randn(batch, 1, size, size, generator=g)).clamp(0, 1)
 
-    def step() -> float:
+    def step(bf16: bool = False) -> float:
         optimizer.zero_grad(set_to_none=True)
-        out = net(low)
-        loss = loss_fn(out, full)[0] if loss_fn is not None else F.mse_loss(out, full)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = net(low)
+            loss = loss_fn(out.float(), full)[0] if loss_fn is not None else F.mse_loss(out.float(), full)
         loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -120,12 +122,12 @@ def _measure(model: str, batch: int, size: int, langda: bool, steps: int, modes:
     try:
         for mode in modes:  # warm-up of each path
             legacy_training_paths(mode == "before")
-            step()
+            step(mode == "after_bf16")
         for _ in range(steps):
             for mode in modes:
                 legacy_training_paths(mode == "before")
                 c0, t0 = time.process_time(), time.perf_counter()
-                step()
+                step(mode == "after_bf16")
                 walls[mode].append(time.perf_counter() - t0)
                 cpus[mode].append(time.process_time() - c0)
     finally:
@@ -152,6 +154,8 @@ def _measure(model: str, batch: int, size: int, langda: bool, steps: int, modes:
         out["ratio"] = out["before"]["step_s"] / out["after"]["step_s"]
         out["ratio_min"] = min(walls["before"]) / min(walls["after"])
         out["ratio_cpu"] = out["before"]["cpu_s"] / out["after"]["cpu_s"]
+    if "before" in out and "after_bf16" in out:
+        out["ratio_bf16"] = out["before"]["step_s"] / out["after_bf16"]["step_s"]
     out["load_average_after"] = os.getloadavg()
     return out
 
@@ -159,7 +163,6 @@ def _measure(model: str, batch: int, size: int, langda: bool, steps: int, modes:
 def _host() -> dict:
     import numba
     import torch
-
     from models import _host as models_host  # benchmarks/models.py: CPU, versions
 
     return {**models_host(), "torch_threads": torch.get_num_threads(), "numba_threads": numba.config.NUMBA_NUM_THREADS}
@@ -201,12 +204,14 @@ def _run_thread_job(job: dict) -> None:
 def _row(r: dict) -> str:
     name = f"{r['model']:<11} {r['batch']}x{r['patch']:<4} langda={'on ' if r['langda'] else 'off'}"
     parts = []
-    for mode in ("before", "after"):
+    for mode in ("before", "after", "after_bf16"):
         if mode in r:
             m = r[mode]
             parts.append(f"{mode} {m['step_s']:.3f} s/step {m['steps_per_s']:.2f} st/s {m['pixels_per_s'] / 1e3:.0f} kpx/s")
     if "ratio" in r:
         parts.append(f"ratio {r['ratio']:.2f} (min {r['ratio_min']:.2f}, cpu {r['ratio_cpu']:.2f})")
+    if "ratio_bf16" in r:
+        parts.append(f"ratio bf16 {r['ratio_bf16']:.2f}")
     return name + " | " + " | ".join(parts)
 
 
@@ -228,21 +233,22 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(THREADS)
     both = ["after", "before"]
+    seed_modes = [*both, "after_bf16"]  # --amp bf16 on CPU: the fused paths under bfloat16 autocast
     if args.quick:
         steps = args.steps or 1
-        cases = [("seed-lite", 2, 32, False, both), ("seed-lite", 2, 32, True, both),
+        cases = [("seed-lite", 2, 32, False, seed_modes), ("seed-lite", 2, 32, True, both),
                  ("redcnn-tiny", 2, 32, False, ["after"])]
     else:
         steps = args.steps or 3
         cases = []
-        for model, modes in (("seed-lite", both), ("seed-paper", both), ("redcnn-paper", ["after"])):
+        for model, modes in (("seed-lite", seed_modes), ("seed-paper", both), ("redcnn-paper", ["after"])):
             for langda in (False, True):
                 for batch, size in ((4, 128), (4, 64), (8, 64)):
                     cases.append((model, batch, size, langda, modes))
     if args.only:
         cases = [c for c in cases if any(c[0].startswith(o) for o in args.only)]
     if args.goal_only:
-        cases = [("seed-lite", 4, 128, False, both)]
+        cases = [("seed-lite", 4, 128, False, seed_modes)]
     output = args.output or (RESULTS.with_name("training_quick.json") if args.quick else RESULTS)
 
     from napari_langmamba.models.scan import scan_backend
@@ -281,11 +287,14 @@ def main(argv: list[str] | None = None) -> int:
             "results": threads,
         },
         "goal": None if goal is None else {
-            "what": "SEED-lite, 4 x 128^2, LangDA off: steps/s after over before",
+            "what": "SEED-lite, 4 x 128^2, LangDA off: steps/s after over before (value: float32, the default; "
+                    "value_bf16: with --amp bf16)",
             "value": goal["ratio"],
             "value_cpu": goal["ratio_cpu"],
+            "value_bf16": goal.get("ratio_bf16"),
             "goal": GOAL_RATIO,
             "met": goal["ratio"] >= GOAL_RATIO,
+            "met_bf16": goal.get("ratio_bf16", 0.0) >= GOAL_RATIO,
         },
     }
     output.parent.mkdir(parents=True, exist_ok=True)

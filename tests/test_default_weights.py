@@ -85,9 +85,9 @@ TUNED_NLM = {"h_factor": 1.5}
 @pytest.fixture(scope="module")
 def l192_pair():
     """A real quarter-/full-dose pair of the validation patient L192 (never trained on)."""
-    from napari_langmamba.io import read_ct
-
     from conftest import SHARED_DATA
+
+    from napari_langmamba.io import read_ct
 
     folder = SHARED_DATA / "ct" / "mayo2016_pairs" / "L192"
     if not folder.is_dir():

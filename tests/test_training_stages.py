@@ -416,6 +416,25 @@ def test_seed_stage_writes_a_seed_checkpoint_with_its_provenance(data_dir, langa
     assert (run / "best" / "model.safetensors").is_file()
 
 
+def test_bf16_autocast_on_cpu_only_when_asked(data_dir, langae_ckpt, tmp_path):
+    from training.distributed import make_amp
+
+    cpu = torch.device("cpu")
+    assert make_amp("bf16", cpu).dtype == torch.bfloat16 and make_amp("bf16", cpu).scaler is None
+    assert [make_amp(o, cpu).dtype for o in ("auto", "off", "fp16")] == [None, None, None]  # float32
+    run = tmp_path / "run"
+    assert _train(["seed", "--data", str(data_dir), "--output", str(run), "--preset", "tiny", "--langae",
+                   str(langae_ckpt), "--lambda", "0", "--epochs", "1", "--batch-size", "2", "--patch-size", "32",
+                   "--log-every", "1", "--val-fraction", "0.2", "--amp", "bf16"]) == 0
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert len(train) == 2 and all(0 < r["losses"]["mse"] < 1 for r in train)
+    ckpt = load_checkpoint(run / "last")
+    assert ckpt.meta["training"]["amp"] == "bf16"
+    model = build_model(ckpt)  # weights stay float32; only the forward pass ran in bf16
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert 0 < ckpt.meta["metrics"]["validation"]["ssim"] <= 1
+
+
 def test_seed_resume_continues_exactly(data_dir, langae_ckpt, tmp_path):
     # On CPU this runs the numba scan, whose gradients are reproducible to the bit.
     args = ["seed", "--data", str(data_dir), "--preset", "tiny", "--langae", str(langae_ckpt), "--epochs", "1",

@@ -101,8 +101,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, cls: type[TrainOptions]
                help=f"auto, cpu, cuda or cuda:N; under torchrun each process uses cuda:LOCAL_RANK "
                     f"(default {d('device')})")
     add_option(loop, "--amp", choices=AMP_CHOICES,
-               help=f"mixed precision on CUDA: auto (bf16 if supported, else fp16 with loss scaling), off, "
-                    f"bf16, fp16; CPU always trains in float32 (default {d('amp')})")
+               help=f"mixed precision: on CUDA auto (bf16 if supported, else fp16 with loss scaling), off, bf16, "
+                    f"fp16; on CPU float32 unless bf16 is given (faster on CPUs with AVX512-BF16/AMX) "
+                    f"(default {d('amp')})")
     add_option(loop, "--deterministic", action=argparse.BooleanOptionalAction,
                help="use deterministic algorithms only (slower on CUDA; CPU runs are deterministic anyway) "
                     f"(default {d('deterministic')})")

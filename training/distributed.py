@@ -306,13 +306,20 @@ class AmpPolicy:
 
 
 def make_amp(option: str, device: torch.device) -> AmpPolicy:
-    """Mixed precision for ``--amp {auto,off,bf16,fp16}`` on ``device`` (CUDA only)."""
+    """Mixed precision for ``--amp {auto,off,bf16,fp16}`` on ``device``.
+
+    CUDA: ``auto`` is bf16 where supported, else fp16 with loss scaling. CPU: float32 unless
+    ``bf16`` is asked for explicitly (bfloat16 autocast: convolutions and matrix products in
+    bf16, which CPUs with AVX512-BF16 or AMX run much faster); fp16 is CUDA only.
+    """
     option = str(option).lower()
     if option not in AMP_CHOICES:
         raise ConfigError(f"Unknown --amp {option!r}; choose one of {', '.join(AMP_CHOICES)}.")
+    if device.type == "cpu" and option == "bf16":
+        return AmpPolicy(device_type="cpu", dtype=torch.bfloat16)
     if device.type != "cuda" or option == "off":
-        if device.type != "cuda" and option in ("bf16", "fp16"):
-            logger.warning("--amp %s needs CUDA; training on %s in float32", option, device)
+        if device.type != "cuda" and option == "fp16":
+            logger.warning("--amp fp16 needs CUDA; training on %s in float32", device)
         return AmpPolicy(device_type=device.type)
     if option == "auto":
         option = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -352,8 +352,10 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
         "world_size": ctx.world_size,
         "amp": amp.name,
     }
+    # On CPU the product denoises in float32, so validation (and model selection) does too.
+    val_amp = amp if device.type == "cuda" else make_amp("off", device)
     validate = validation(model, data.val_set,
-                          partial(denoising_metrics, model=model, amp=amp, window=parse_window(options.window)),
+                          partial(denoising_metrics, model=model, amp=val_amp, window=parse_window(options.window)),
                           keys=("psnr", "ssim", "input_psnr", "input_ssim", "mse"), ctx=ctx,
                           max_items=options.val_max_images)
     return fit_stage(
