@@ -157,7 +157,7 @@ def denoise_file(
     ``input + strength/100 * (denoised - input)``.
     """
     from napari_langmamba import io
-    from napari_langmamba.inference import DEFAULT_TILE, Denoiser
+    from napari_langmamba.inference import DEFAULT_TILE, Denoiser, kernel_advice, series_kernel
     from napari_langmamba.session import derived_volume
 
     input_path, output = Path(input_path).expanduser(), Path(output).expanduser()
@@ -177,6 +177,9 @@ def denoise_file(
     load_done = time.perf_counter()
     volume = _drive(io.iter_read_ct(input_path, series=series), desc="reading", unit="slice", quiet=quiet)
     read_done = time.perf_counter()
+    advice = kernel_advice(denoiser.info.get("trained_kernels"), series_kernel(volume.metadata))
+    if advice:
+        print(f"warning: {advice}", file=sys.stderr)
     hu = _drive(
         denoiser.iter_denoise(volume.hu, batch_size=batch_size, tile=tile or DEFAULT_TILE),
         desc="denoising",

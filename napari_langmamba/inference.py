@@ -31,7 +31,7 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -269,6 +269,7 @@ class Denoiser:
             "scan_backend": _scan_backend(device) if checkpoint.kind == "seed" else None,
             "created": checkpoint.meta.get("created"),
             "trained_with_package": checkpoint.meta.get("package_version"),
+            "trained_kernels": trained_kernels(checkpoint.meta),
         }
         logger.info("loaded %s %s from %s on %s", info["kind"], info["preset"], path, device)
         return cls(model, normalization=normalization, device=device, amp=amp, info=info)
@@ -427,6 +428,47 @@ class Denoiser:
         # count twice, e.g. shift air at -1024 HU further down.
         hu = self.normalization.to_hu(y.float()[:, 0].clamp(0.0, 1.0))  # (b, h, w)
         return hu.cpu().numpy().astype(np.float32, copy=False)
+
+
+def trained_kernels(meta: dict) -> list[str] | None:
+    """The reconstruction kernels of a denoiser's training pairs, from its checkpoint record.
+
+    Bundled weights record each stage (``training.seed``); a run's checkpoint records its own
+    run (``training``). ``None`` when the record does not say (older or foreign checkpoints).
+    """
+    training = meta.get("training") if isinstance(meta, dict) else None
+    if not isinstance(training, dict):
+        return None
+    for record in (training.get("seed"), training.get("redcnn"), training):
+        data = record.get("data") if isinstance(record, dict) else None
+        train = data.get("train") if isinstance(data, dict) else None
+        kernels = train.get("kernels") if isinstance(train, dict) else None
+        if isinstance(kernels, list) and any(isinstance(k, str) for k in kernels):
+            return sorted({k for k in kernels if isinstance(k, str)})
+    return None
+
+
+def series_kernel(metadata: dict | None) -> str | None:
+    """A series' reconstruction kernel from its DICOM fields (``ConvolutionKernel``), if recorded."""
+    kernel = (metadata or {}).get("ConvolutionKernel")
+    if isinstance(kernel, (list, tuple)):
+        kernel = "/".join(str(k) for k in kernel)
+    kernel = str(kernel).strip() if kernel is not None else ""
+    return kernel or None
+
+
+def kernel_advice(trained: Sequence[str] | None, kernel: str | None) -> str | None:
+    """A warning when a series' kernel is not one the denoiser was trained on (``None``: no reason to warn).
+
+    A denoiser learns the noise texture of the kernels it saw; on a sharper kernel it also
+    removes the kernel's own fine texture (measured: the bundled model on a B70f chest scan).
+    """
+    if not trained or not kernel or kernel in trained:
+        return None
+    return (f"This series was reconstructed with the kernel {kernel}; the model was trained on {', '.join(trained)} "
+            "only. On a kernel it has not seen it may smooth away the kernel's own texture with the noise (sharp "
+            "kernels most): compare with the input, lower the strength, or fine-tune the model on pairs from your "
+            "scanner (python -m training seed --init ...).")
 
 
 def _find_preset(config: dict) -> str | None:

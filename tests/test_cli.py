@@ -87,6 +87,22 @@ def test_denoise_dicom_gives_a_derived_series(series_dir, ckpt, tmp_path, capsys
     assert "DERIVED" in list(new[0].ImageType)
 
 
+def test_denoise_warns_about_a_kernel_the_model_never_saw(series_dir, ckpt, tmp_path, capsys):
+    from napari_langmamba.models.redcnn import REDCNN, REDCNNConfig
+
+    kernel = list(pydicom.dcmread(next(series_dir.iterdir()), stop_before_pixels=True).ConvolutionKernel)
+    assert kernel == ["Br38f", "3"]  # the real series' kernel (a two-valued field: named as training records it)
+    torch.manual_seed(0)
+    record = {"training": {"data": {"train": {"kernels": ["B30f", "D45f"]}}}}
+    smooth_only = save_checkpoint(tmp_path / "b30", REDCNN(REDCNNConfig.preset("tiny")), kind="redcnn", extra=record)
+    args = [str(series_dir), "--device", "cpu", "-q"]
+    assert cli.main(["denoise", *args, "-o", str(tmp_path / "a"), "--weights", str(smooth_only)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: This series was reconstructed with the kernel Br38f/3; the model was trained on B30f, D45f" in err
+    assert cli.main(["denoise", *args, "-o", str(tmp_path / "b"), "--weights", str(ckpt)]) == 0  # no record: quiet
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_refuses_to_overwrite(series_dir, ckpt, tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()

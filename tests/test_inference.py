@@ -85,6 +85,24 @@ def test_load_records_provenance(seed_ckpt):
     assert not any(p.requires_grad for p in denoiser.model.parameters())
 
 
+def test_trained_kernels_and_the_advice_for_a_kernel_never_seen(tmp_path):
+    from napari_langmamba.inference import kernel_advice, series_kernel, trained_kernels
+
+    bundle = {"training": {"seed": {"data": {"train": {"kernels": ["D45f", "B30f"]}}}, "langae": {}}}
+    run = {"training": {"data": {"train": {"kernels": ["B30f", None]}}}}
+    assert trained_kernels(bundle) == ["B30f", "D45f"] and trained_kernels(run) == ["B30f"]
+    assert trained_kernels({}) is None and trained_kernels({"training": {"data": {"train": {"kernels": [None]}}}}) is None
+    assert series_kernel({"ConvolutionKernel": ["B70f", "LUNG"]}) == "B70f/LUNG"
+    assert series_kernel({"ConvolutionKernel": " D45f "}) == "D45f" and series_kernel({}) is None
+    advice = kernel_advice(["B30f", "D45f"], "B70f")
+    assert "kernel B70f" in advice and "trained on B30f, D45f only" in advice and "--init" in advice
+    assert kernel_advice(["B30f", "D45f"], "D45f") is None  # a kernel it saw
+    assert kernel_advice(None, "B70f") is None and kernel_advice(["B30f"], None) is None  # nothing to compare
+    # a loaded denoiser carries its record's kernels
+    path = save_checkpoint(tmp_path / "ck", make_tiny_seed(0), kind="seed", extra=run)
+    assert Denoiser.load(path, device="cpu").info["trained_kernels"] == ["B30f"]
+
+
 def test_load_is_cached_and_reloads_when_the_file_changes(tmp_path):
     path = save_checkpoint(tmp_path / "ck", make_tiny_seed(0), kind="seed")
     first = Denoiser.load(path, device="cpu")

@@ -117,6 +117,34 @@ def test_run_adds_a_linked_layer(viewer_widget, qtbot, ckpt):
     np.testing.assert_array_equal(viewer.layers["ct denoised"].data, first)
 
 
+def test_a_kernel_the_model_never_saw_is_named_in_a_warning(make_napari_viewer, qtbot, tmp_path):
+    from napari_langmamba.models.redcnn import REDCNN, REDCNNConfig
+
+    torch.manual_seed(0)
+    record = {"training": {"data": {"train": {"kernels": ["B30f", "D45f"]}}}}
+    trained = save_checkpoint(tmp_path / "trained", REDCNN(REDCNNConfig.preset("tiny")), kind="redcnn", extra=record)
+    Denoiser.clear_cache()
+    viewer = make_napari_viewer()
+    sharp = ct_layer_kwargs()
+    sharp["metadata"]["ct"]["metadata"]["ConvolutionKernel"] = "B70f"
+    viewer.add_image(**sharp)
+    smooth = ct_layer_kwargs()
+    smooth["metadata"]["ct"]["metadata"]["ConvolutionKernel"] = "B30f"
+    viewer.add_image(**{**smooth, "name": "smooth"})
+    widget = DenoiseWidget(viewer)
+    widget.set_weights(trained)
+    widget.device_combo.setCurrentText("cpu")
+    widget.scope_combo.setCurrentIndex(widget.scope_combo.findData("slice"))
+    for name, warned in (("ct", True), ("smooth", False)):
+        widget.layer_combo.setCurrentText(name)
+        widget.run()
+        wait_idle(qtbot, widget)
+        assert widget.state is WorkerState.DONE, widget.status_label.text()
+        text = widget.status_label.text()
+        assert text.startswith(f"Added '{name} denoised'")
+        assert ("kernel B70f; the model was trained on B30f, D45f only" in text) is warned
+
+
 def test_current_slice_gives_a_placed_single_slice_layer(viewer_widget, qtbot, ckpt):
     viewer, widget, layer = viewer_widget
     viewer.dims.set_current_step(0, 2)

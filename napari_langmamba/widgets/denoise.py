@@ -51,7 +51,7 @@ from qtpy.QtWidgets import (
 from napari_langmamba import __version__
 from napari_langmamba.errors import CheckpointError, ConfigError
 from napari_langmamba.events import Progress
-from napari_langmamba.inference import DEFAULT_TILE, Denoiser
+from napari_langmamba.inference import DEFAULT_TILE, Denoiser, kernel_advice, series_kernel
 from napari_langmamba.io.layers import ct_layer_metadata
 from napari_langmamba.io.volume import CTVolume
 from napari_langmamba.session import (
@@ -356,10 +356,13 @@ class DenoiseWidget(WidgetBase):
         self.result_layer = out
         self._record_strength(out, self.strength)
         where = "" if settings.slice_index is None else f" (slice {settings.slice_index})"
-        self.set_status(
-            f"Added '{out.name}'{where}: {info.get('kind')} {info.get('preset') or ''} on "
-            f"{info.get('device')} in {seconds:.1f} s."
-        )
+        status = (f"Added '{out.name}'{where}: {info.get('kind')} {info.get('preset') or ''} on "
+                  f"{info.get('device')} in {seconds:.1f} s.")
+        advice = kernel_advice(info.get("trained_kernels"), series_kernel(volume.metadata))
+        if advice:  # a kernel the model never saw: say so where the user looks, and as a notification
+            self.report_warning(f"{status}\n{advice}")
+        else:
+            self.set_status(status)
 
     # --- strength -----------------------------------------------------------------------
     @property
