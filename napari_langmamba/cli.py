@@ -325,7 +325,7 @@ def _demo_input(quiet: bool) -> tuple[Any, str]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from napari_langmamba import io
-    from napari_langmamba.inference import Denoiser
+    from napari_langmamba.inference import Denoiser, kernel_advice, series_kernel
     from napari_langmamba.session import derived_volume, resolve_weights
 
     try:
@@ -339,6 +339,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     volume, described = _demo_input(args.quiet)
     denoiser = Denoiser.load("default", device=args.device)
     loaded = time.perf_counter()
+    advice = kernel_advice(denoiser.info.get("trained_kernels"), series_kernel(volume.metadata))
+    if advice:
+        print(f"warning: {advice}", file=sys.stderr)
     hu = _drive(
         denoiser.iter_denoise(volume.hu, batch_size=args.batch_size),
         desc="denoising",
