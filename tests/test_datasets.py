@@ -427,10 +427,10 @@ def test_noise_transplant_adds_a_donor_pairs_real_noise_to_new_slices(tmp_path):
         transplanted_pair_groups([tmp_path / "nowhere.npy"], train)
     with pytest.raises(ConfigError, match="needs --val-patients"):  # donors must be known training pairs
         SeedOptions(output=tmp_path / "run", manifest=[tmp_path / "pairs.csv"], backbone="redcnn", langda_weight=0,
-                    transplant_onto=[tmp_path / "target.npy"])
+                    transplant_noise_onto=[tmp_path / "target.npy"])
 
 
-def test_noise_transplant_onto_the_real_l096_volume_uses_d45_noise_only():
+def test_noise_transplant_noise_onto_the_real_l096_volume_uses_d45_noise_only():
     volume = MAYO_PAIRS.parent / "mayo2016_L096_full_dose"
     if not (MAYO_PAIRS.is_dir() and volume.is_dir()):
         pytest.skip(f"real CT data not found at {MAYO_PAIRS.parent} (../shared/data is absent)")

@@ -256,7 +256,7 @@ def test_langae_stage_trains_with_every_loss_term(data_dir, pools_minilm, tmp_pa
     ckpt = load_checkpoint(run / "best")
     assert ckpt.kind == "langae" and ckpt.meta["codebook"]["source"] == "words:minilm"
     assert ckpt.meta["training"]["loss"]["semantic"] and ckpt.meta["training"]["loss"]["perceptual"]
-    assert ckpt.meta["training"]["semantic_prior"] == {"scorer": "lexicon", "per": "image"}
+    assert ckpt.meta["training"]["semantic_prior"] == {"scorer": "lexicon", "per": "image", "pool_balance": 0.0}
     assert ckpt.meta["training"]["init"] is None and ckpt.meta["training"]["frozen"] == []
     assert ckpt.meta["training"]["data"]["n_slices"] == N_SLICES - 2  # ceil(0.2 * 6) held out
     assert ckpt.meta["metrics"]["validation"]["psnr"] == pytest.approx(epoch[0]["val"]["psnr"])
@@ -623,7 +623,7 @@ def test_named_step_pieces_compute_the_documented_losses():
     assert prior.layer_pools({"key": ["a"]}, torch.zeros(1, 1, 16, 16), SimpleNamespace(layer_embeddings=[])) is None
     planted = SimpleNamespace(meta={"scorer": "lexicon"}, layer_masks=lambda keys, n, device: ("masks", keys, n))
     prior = SemanticPrior(n_words=64, pools=planted, alpha=0.3)
-    assert prior.on and prior.info() == {"scorer": "lexicon", "per": "image"}
+    assert prior.on and prior.info() == {"scorer": "lexicon", "per": "image", "pool_balance": 0.0}
     assert prior.layer_pools({"key": ["a", "b"]}, torch.zeros(2, 1, 16, 16), None) == ("masks", ["a", "b"], 64)
     assert SemanticPrior(n_words=64, pools=planted, alpha=0.0).layer_pools({"key": ["a"]}, torch.zeros(1), None) \
         is None

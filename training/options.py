@@ -269,7 +269,7 @@ class SeedOptions(TrainOptions, PairDataOptions):
     weight_decay: float = 1e-9
     patch_size: int = 64
     window_weight: float = 0.0
-    transplant_onto: tuple[str, ...] = ()
+    transplant_noise_onto: tuple[str, ...] = ()
     transplant_slice_step: int = 1
     transplant_variants: int = 2
 
@@ -277,12 +277,12 @@ class SeedOptions(TrainOptions, PairDataOptions):
         super().__post_init__()
         self._check_pair_data()
         self._optional_paths("langae", "init")
-        object.__setattr__(self, "transplant_onto", tuple(os.fspath(p) for p in _as_tuple(self.transplant_onto)))
+        object.__setattr__(self, "transplant_noise_onto", tuple(os.fspath(p) for p in _as_tuple(self.transplant_noise_onto)))
         for name in ("transplant_slice_step", "transplant_variants"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}.")
-        if self.transplant_onto and not self.val_patients:
+        if self.transplant_noise_onto and not self.val_patients:
             raise ConfigError("--transplant-noise-onto needs --val-patients: the noise donors must be training "
                               "pairs only, and the validation patients are left out by name.")
         if not self.data and not self.has_pair_inputs():

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="paired training data: simulate output folders or Mayo 2D roots (quarter_1mm/, full_1mm/)")
     add_pair_arguments(parser)
     add_option(parser, "--split", metavar="NAME", help="sub-folder of a Mayo root, e.g. train")
-    add_option(parser, "--transplant-noise-onto", dest="transplant_onto", type=str, nargs="+", action="extend",
+    add_option(parser, "--transplant-noise-onto", dest="transplant_noise_onto", type=str, nargs="+", action="extend",
                metavar="[LABEL=]CT",
                help="normal-dose CT(s) made into extra pairs by adding the real noise (low - full) of training "
                     "pairs of the same kernel and slice shape; needs --val-patients; LABEL= names the patient")
@@ -113,11 +113,11 @@ def _pair_sources(options: SeedOptions) -> tuple[Any, Any | None, str | None]:
     source = options.collect(options.data, split=options.split, workers=workers)
     if options.val_patients:
         train, val = split_by_patient(source, options.val_patients)
-        if options.transplant_onto:
+        if options.transplant_noise_onto:
             from training.datasets import PairSet, transplanted_pair_groups
 
             train = PairSet(train.groups + transplanted_pair_groups(
-                options.transplant_onto, train, slice_step=options.transplant_slice_step,
+                options.transplant_noise_onto, train, slice_step=options.transplant_slice_step,
                 variants=options.transplant_variants, seed=options.seed, exclude_patients=options.val_patients))
         return train, val, f"patients {', '.join(options.val_patients)}"
     if options.val_data:
@@ -143,8 +143,8 @@ def _data_summary(options: SeedOptions, train: Any, val: Any | None) -> dict[str
     if options.simulate_from:
         inputs["sim_doses"] = list(options.sim_doses)
         inputs["sim_slice_step"] = options.sim_slice_step
-    if options.transplant_onto:
-        inputs["transplant_onto"] = list(options.transplant_onto)
+    if options.transplant_noise_onto:
+        inputs["transplant_noise_onto"] = list(options.transplant_noise_onto)
         inputs["transplant_slice_step"] = options.transplant_slice_step
         inputs["transplant_variants"] = options.transplant_variants
     return {
