@@ -528,6 +528,19 @@ def test_seed_trains_on_many_patients_and_validates_on_whole_patients(data_dir, 
     (epoch,) = [r for r in read_metrics(run) if r["kind"] == "epoch"]
     assert epoch["val"]["n_images"] == 2  # both P2 slices, and only those
 
+    # the real noise of P0/P1's pairs added to a normal-dose volume: 3 slices x 2 donors each
+    np.save(tmp_path / "extra.npy", np.stack([np.load(f) - 1024.0 for f in fulls[:3]]))
+    extra = tmp_path / "extra-run"
+    assert _train([*args, "--output", str(extra), "--val-patients", "P2", "--transplant-noise-onto",
+                   f"PX={tmp_path / 'extra.npy'}"]) == 0
+    data = load_checkpoint(extra / "last").meta["training"]["data"]
+    assert data["train"]["n_transplanted_slices"] == 6 and data["train"]["n_real_slices"] == 4
+    assert data["train"]["patients"]["PX"]["origins"] == ["transplanted"] and "PX" not in data["validation"]["patients"]
+    assert data["inputs"]["transplant_noise_onto"] == [f"PX={tmp_path / 'extra.npy'}"]
+    assert _train([*args, "--output", str(tmp_path / "no"), "--val-patients", "P2", "--transplant-noise-onto",
+                   f"P2={tmp_path / 'extra.npy'}"]) == 2  # a validation patient's scan is never trained on
+    assert "validation patient" in capsys.readouterr().err
+
 
 def test_seed_on_the_mayo_patient_folders(tmp_path):
     pairs_dir = REPO_ROOT.parent / "shared" / "data" / "ct" / "mayo2016_pairs"
