@@ -96,9 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help=f"final learning rate of the cosine schedule (default {d('lr_min')})")
     add_option(model, "--weight-decay", type=float, metavar="W", help=f"AdamW weight decay (default {d('weight_decay')})")
     add_option(model, "--window-weight", type=float, metavar="W",
-               help="add W x the MSE of output and target both clipped to --window (in that window's units, as its "
-                    "PSNR sees them), so the model spends its capacity on the tissue a reader looks at rather than "
-                    f"on bone and air edges; 0 = plain MSE (default {d('window_weight')})")
+               help="add W x the MSE of output and target both clipped to --window (in model units; the log's "
+                    "window_mse is that error in the window's own units, as its PSNR sees it), so the model spends its "
+                    "capacity on the tissue a reader looks at rather than on bone and air edges; 0 = plain MSE "
+                    f"(default {d('window_weight')})")
 
 
 def _pair_sources(options: SeedOptions) -> tuple[Any, Any | None, str | None]:
