@@ -16,6 +16,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LANGMAMBA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (the scripts are not a package), to test its pieces."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(autouse=True)
 def _private_widget_settings(tmp_path_factory, monkeypatch):
     """Widgets remember their settings in a fresh temporary folder per test, never in the user's own file."""

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark
 
 from napari_langmamba.anatomy import BONE, FAT, OUTSIDE_AIR, TISSUE_CLASSES
 from napari_langmamba.tokens import TokenPyramid, token_pyramid
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "token_agreement.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("token_agreement", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("token_agreement")
 
 
 @pytest.fixture(scope="module")
