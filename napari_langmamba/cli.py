@@ -157,7 +157,7 @@ def denoise_file(
     ``input + strength/100 * (denoised - input)``.
     """
     from napari_langmamba import io
-    from napari_langmamba.inference import DEFAULT_TILE, Denoiser, kernel_advice, series_kernel
+    from napari_langmamba.inference import DEFAULT_TILE, Denoiser
     from napari_langmamba.session import derived_volume
 
     input_path, output = Path(input_path).expanduser(), Path(output).expanduser()
@@ -177,9 +177,7 @@ def denoise_file(
     load_done = time.perf_counter()
     volume = _drive(io.iter_read_ct(input_path, series=series), desc="reading", unit="slice", quiet=quiet)
     read_done = time.perf_counter()
-    advice = kernel_advice(denoiser.info.get("trained_kernels"), series_kernel(volume.metadata))
-    if advice:
-        print(f"warning: {advice}", file=sys.stderr)
+    _warn_unseen_kernel(denoiser, volume)
     hu = _drive(
         denoiser.iter_denoise(volume.hu, batch_size=batch_size, tile=tile or DEFAULT_TILE),
         desc="denoising",
@@ -210,6 +208,15 @@ def denoise_file(
         model=dict(denoiser.info),
         strength=strength,
     )
+
+
+def _warn_unseen_kernel(denoiser: Any, volume: Any) -> None:
+    """On stderr: the series' kernel is not one the model was trained on (see ``kernel_advice``)."""
+    from napari_langmamba.inference import kernel_advice, series_kernel
+
+    advice = kernel_advice(denoiser.info.get("trained_kernels"), series_kernel(volume.metadata))
+    if advice:
+        print(f"warning: {advice}", file=sys.stderr)
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -325,7 +332,7 @@ def _demo_input(quiet: bool) -> tuple[Any, str]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from napari_langmamba import io
-    from napari_langmamba.inference import Denoiser, kernel_advice, series_kernel
+    from napari_langmamba.inference import Denoiser
     from napari_langmamba.session import derived_volume, resolve_weights
 
     try:
@@ -339,9 +346,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     volume, described = _demo_input(args.quiet)
     denoiser = Denoiser.load("default", device=args.device)
     loaded = time.perf_counter()
-    advice = kernel_advice(denoiser.info.get("trained_kernels"), series_kernel(volume.metadata))
-    if advice:
-        print(f"warning: {advice}", file=sys.stderr)
+    _warn_unseen_kernel(denoiser, volume)
     hu = _drive(
         denoiser.iter_denoise(volume.hu, batch_size=args.batch_size),
         desc="denoising",

@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import Dataset
 
 from napari_langmamba.errors import ConfigError
+from napari_langmamba.inference import series_kernel
 from napari_langmamba.windowing import MODEL_NORMALIZATION, Normalization
 from training.simulate import MANIFEST_NAME, read_manifest
 
@@ -547,13 +548,6 @@ def patient_label(metadata: dict[str, Any] | None, fallback: str) -> str:
     return fallback
 
 
-def _kernel_of(metadata: dict[str, Any] | None) -> str | None:
-    kernel = (metadata or {}).get("ConvolutionKernel")
-    if isinstance(kernel, (list, tuple)):
-        kernel = "/".join(str(k) for k in kernel)
-    return str(kernel).strip() or None if kernel else None
-
-
 def _series_folders(folder: Path) -> tuple[dict[str, Path], dict[str, tuple[Path, float | None]]]:
     """``({suffix: full folder}, {suffix: (low folder, dose)})`` of a patient folder."""
     fulls: dict[str, Path] = {}
@@ -601,7 +595,7 @@ def patient_folder_pairs(root: str | os.PathLike) -> list[PairGroup]:
         for suffix in sorted(fulls):
             low_dir, dose = lows[suffix]
             source = DicomPairs(_quiet_read(low_dir), _quiet_read(fulls[suffix]))
-            kernel = _kernel_of(source.low_volume.metadata) or suffix.strip("_-") or None
+            kernel = series_kernel(source.low_volume.metadata) or suffix.strip("_-") or None
             groups.append(PairGroup(source, patient=patient_dir.name, name=f"{patient_dir.name}/{low_dir.name}",
                                     kernel=kernel, dose=dose, path=str(low_dir)))
     if not groups:
@@ -619,7 +613,7 @@ def dicom_pair_group(low: str | os.PathLike | Any, full: str | os.PathLike | Any
     meta = source.low_volume.metadata
     name = Path(os.fspath(low)).name if isinstance(low, (str, os.PathLike)) else "low"
     label = patient or patient_label(meta, name)
-    return PairGroup(source, patient=label, name=f"{label}/{name}", kernel=kernel or _kernel_of(meta), dose=dose,
+    return PairGroup(source, patient=label, name=f"{label}/{name}", kernel=kernel or series_kernel(meta), dose=dose,
                      path=os.fspath(low) if isinstance(low, (str, os.PathLike)) else "")
 
 
@@ -737,7 +731,7 @@ def simulated_pair_groups(
         label, path = labelled_input(item, "to simulate from")
         volume = _quiet_read(path)
         patient = label or patient_label(volume.metadata, path.name)
-        kernel = _kernel_of(volume.metadata)
+        kernel = series_kernel(volume.metadata)
         del volume
         for dose in doses:
             dose = parse_dose(dose, where="--sim-doses")
@@ -829,9 +823,9 @@ def transplanted_pair_groups(
         patient = label or patient_label(metadata, path.name)
         if patient in {str(p) for p in exclude_patients}:
             raise ConfigError(f"{path} is a scan of {patient}, a validation patient; it cannot be trained on.")
-        kernel = _kernel_of(metadata)
+        kernel = series_kernel(metadata)
         shape = slices.slice_hu(0).shape
-        chosen = []
+        chosen, doses = [], set()
         for index in range(len(donors)):
             info = donors.info(index)
             if info["origin"] != "real" or (kernel is not None and info["kernel"] != kernel):
@@ -839,12 +833,12 @@ def transplanted_pair_groups(
             low, full = donors.pair_hu(index)
             if low.shape == shape:
                 chosen.append((donors.key(index), low, full))
+                doses.add(info["dose"])
         if not chosen:
             raise ConfigError(
                 f"No real training pair has the kernel {kernel or '(unknown)'} and the slice shape "
                 f"{shape[0]}x{shape[1]} of {path}, so there is no real noise to add to it."
             )
-        doses = {donors.info(i)["dose"] for i in range(len(donors)) if donors.key(i) in {c[0] for c in chosen}}
         logger.info("noise transplant: %d slices of %s (%s, kernel %s) x %d variants from %d real pairs",
                     len(slices), path, patient, kernel, variants, len(chosen))
         groups.append(PairGroup(TransplantedNoisePairs(slices, chosen, variants=variants, seed=seed),
