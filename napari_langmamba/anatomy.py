@@ -72,6 +72,7 @@ __all__ = [
     "TissueClass",
     "body_mask",
     "class_words",
+    "dominant_region_classes",
     "region_class_sets",
     "region_edges",
     "tissue_map",
@@ -295,6 +296,19 @@ def region_edges(latent_size: int, image_size: int) -> list[np.ndarray]:
     return [latent_blocks(p, latent_size) * cell for p in axis_positions(latent_size)]
 
 
+def _checked_maps(tissue: np.ndarray) -> np.ndarray:
+    """Tissue maps as a (b, y, x) integer array of class values, or a ConfigError."""
+    maps = np.asarray(tissue)
+    if maps.ndim == 2:
+        maps = maps[None]
+    if maps.ndim != 3 or not np.issubdtype(maps.dtype, np.integer):
+        raise ConfigError(f"Tissue maps are integer (y, x) or (b, y, x) arrays; got {maps.dtype} {maps.shape}.")
+    n_classes = len(TISSUE_CLASSES)
+    if maps.size and (maps.min() < 0 or maps.max() >= n_classes):
+        raise ConfigError(f"Tissue map values must be class values 0..{n_classes - 1}.")
+    return maps
+
+
 def region_class_sets(
     tissue: np.ndarray, latent_shape: tuple[int, int], *, min_share: float = 0.25
 ) -> list[np.ndarray]:
@@ -315,26 +329,42 @@ def region_class_sets(
     list of three uint8 arrays (b, rows_l, cols_l)
         Bit ``k`` of a value is set when class ``k`` covers the region (``(b,)`` dropped for a 2-D map).
     """
-    maps = np.asarray(tissue)
-    single = maps.ndim == 2
-    if single:
-        maps = maps[None]
-    if maps.ndim != 3 or not np.issubdtype(maps.dtype, np.integer):
-        raise ConfigError(f"Tissue maps are integer (y, x) or (b, y, x) arrays; got {maps.dtype} {maps.shape}.")
-    n_classes = len(TISSUE_CLASSES)
-    if maps.size and (maps.min() < 0 or maps.max() >= n_classes):
-        raise ConfigError(f"Tissue map values must be class values 0..{n_classes - 1}.")
+    maps = _checked_maps(tissue)
+    single = np.asarray(tissue).ndim == 2
     if not 0.0 <= float(min_share) <= 1.0:
         raise ConfigError(f"min_share must be in [0, 1]; got {min_share}.")
-    b, h, w = maps.shape
-    onehot = (maps[..., None] == np.arange(n_classes, dtype=maps.dtype)).astype(np.int32)  # (b, h, w, k)
-    weights = (1 << np.arange(n_classes)).astype(np.int64)
+    weights = (1 << np.arange(len(TISSUE_CLASSES))).astype(np.int64)
     out = []
-    for rows, cols in zip(region_edges(latent_shape[0], h), region_edges(latent_shape[1], w), strict=True):
-        counts = np.add.reduceat(np.add.reduceat(onehot, rows[:-1], axis=1), cols[:-1], axis=2)  # (b, r, c, k)
+    for counts in _region_class_counts(maps, latent_shape):  # (b, r, c, k)
         share = counts / counts.sum(-1, keepdims=True)
         members = (counts > 0) & (share >= float(min_share))
         np.put_along_axis(members, counts.argmax(-1)[..., None], True, axis=-1)
         bits = (members * weights).sum(-1).astype(np.uint8)
         out.append(bits[0] if single else bits)
+    return out
+
+
+def _region_class_counts(maps: np.ndarray, latent_shape: tuple[int, int]) -> list[np.ndarray]:
+    """Per pyramid layer, (b, rows_l, cols_l, classes) pixel counts of tissue maps (b, y, x)."""
+    b, h, w = maps.shape
+    onehot = (maps[..., None] == np.arange(len(TISSUE_CLASSES), dtype=maps.dtype)).astype(np.int32)  # (b, h, w, k)
+    return [np.add.reduceat(np.add.reduceat(onehot, rows[:-1], axis=1), cols[:-1], axis=2)
+            for rows, cols in zip(region_edges(latent_shape[0], h), region_edges(latent_shape[1], w), strict=True)]
+
+
+def dominant_region_classes(tissue: np.ndarray, latent_shape: tuple[int, int], *, dominance: float = 0.6) -> list[np.ndarray]:
+    """Per pyramid layer, the tissue class covering at least ``dominance`` of each region's pixels.
+
+    The regions are those of :func:`region_class_sets`; ``benchmarks/token_agreement.py`` counts a
+    region's word as agreeing when it is in the list of this class. Returns three int64 arrays
+    (b, rows_l, cols_l) (``(b,)`` dropped for a 2-D map), ``-1`` where no class dominates.
+    """
+    maps = _checked_maps(tissue)
+    if not 0.5 < float(dominance) <= 1.0:
+        raise ConfigError(f"dominance must be in (0.5, 1]: one class at most can dominate a region; got {dominance}.")
+    out = []
+    for counts in _region_class_counts(maps, latent_shape):
+        share = counts / np.maximum(counts.sum(-1, keepdims=True), 1)
+        dominant = np.where(share.max(-1) >= float(dominance), share.argmax(-1), -1).astype(np.int64)
+        out.append(dominant[0] if np.asarray(tissue).ndim == 2 else dominant)
     return out

@@ -9,7 +9,12 @@ note go into their ``config.json``. Usage::
         [--langae-init-run RUN ...] --evaluation EVAL.json [EVAL.json ...] [--overwrite]
 
 Each run's validation curve (every epoch's validation metrics from its ``metrics.jsonl``) and
-where it stopped improving are recorded beside its training record.
+where its selection metric (the ``best`` key of its ``summary.json``, PSNR by default) peaked are
+recorded beside its training record. An init run may also be an earlier bundled model's folder
+(e.g. a copy of ``langae/``): its own record, curve and init chain are taken as they are.
+``--seed-bundle DIR`` keeps the SEED of an earlier bundle (weights, record and evaluation) instead
+of ``--seed-run``, for a new LangAE that leaves SEED's encoder layers unchanged (``langae
+--train-part`` or ``--freeze-features``); the LangAE's are checked to be identical.
 """
 
 from __future__ import annotations
@@ -52,8 +57,11 @@ def validation_curve(run: Path) -> dict:
             curve.append({"step": record["step"], **{k: round(float(v), 5) for k, v in record["val"].items()}})
     if not curve:
         return {"curve": []}
-    best = max(curve, key=lambda r: r.get("psnr", float("-inf")))
-    return {"curve": curve, "best_step": best["step"], "best_psnr": best.get("psnr"),
+    summary = run / "summary.json"
+    key = (json.loads(summary.read_text()).get("best") or {}).get("key") if summary.is_file() else None
+    key = key or "psnr"
+    best = max(curve, key=lambda r: r.get(key, float("-inf")))
+    return {"curve": curve, "best_key": key, "best_step": best["step"], f"best_{key}": best.get(key),
             "last_step": curve[-1]["step"], "steps_without_improvement": curve[-1]["step"] - best["step"]}
 
 
@@ -65,9 +73,26 @@ def best_checkpoint(run: Path) -> Path:
 
 
 def init_runs(runs: list[Path]) -> list[dict]:
-    """The training record and validation curve of each run a bundled model started from."""
-    return [dict(load_checkpoint(run / "last").meta.get("training") or {}, validation=validation_curve(run))
-            for run in runs]
+    """The training record and validation curve of each run a bundled model started from; for an
+    earlier bundled model's folder, its record as it is (curve and init chain included)."""
+    records = []
+    for run in runs:
+        if (run / "config.json").is_file() and not (run / "last").is_dir():
+            records.append(dict(load_checkpoint(run).meta.get("training") or {}, bundled_from=str(run)))
+        else:
+            records.append(dict(load_checkpoint(run / "last").meta.get("training") or {},
+                                validation=validation_curve(run)))
+    return records
+
+
+def _same_seed_encoder(seed_ckpt, langae_ckpt) -> bool:
+    """Whether the SEED's frozen encoder layers equal the LangAE's (conv_in, down[:-1]) at the bundle's
+    float16 precision."""
+    seed_state, langae_state = build_model(seed_ckpt).state_dict(), build_model(langae_ckpt).state_dict()
+    prefixes = ("encoder.conv_in.", *(f"encoder.down.{i}." for i in range(4)))
+    keys = [k for k in langae_state if k.startswith(prefixes)]
+    return bool(keys) and all(k in seed_state and torch.equal(seed_state[k].half(), langae_state[k].half())
+                              for k in keys)
 
 
 def read_json(path: Path | None) -> dict | None:
@@ -76,7 +101,10 @@ def read_json(path: Path | None) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed-run", type=Path, required=True, help="run folder of the SEED + LangDA training")
+    seed = parser.add_mutually_exclusive_group(required=True)
+    seed.add_argument("--seed-run", type=Path, help="run folder of the SEED + LangDA training")
+    seed.add_argument("--seed-bundle", type=Path,
+                      help="keep the SEED of this earlier bundle as it is (its weights, record and evaluation)")
     parser.add_argument("--seed-init-run", type=Path, nargs="+", default=[],
                         help="the SEED runs that --seed-run started from (--init), oldest first")
     parser.add_argument("--langae-run", type=Path, required=True, help="run folder of the LangAE training")
@@ -92,16 +120,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.out} already holds weights; pass --overwrite to replace them", file=sys.stderr)
         return 2
 
-    seed_ckpt = load_checkpoint(best_checkpoint(args.seed_run))
     langae_ckpt = load_checkpoint(best_checkpoint(args.langae_run))
-    seed_training = dict(seed_ckpt.meta.get("training") or {}, validation=validation_curve(args.seed_run))
     langae_training = dict(langae_ckpt.meta.get("training") or {}, validation=validation_curve(args.langae_run))
-    seed_training["init_runs"] = init_runs(args.seed_init_run)
     langae_training["init_runs"] = init_runs(args.langae_init_run)
-    metrics = {
-        "validation": (seed_ckpt.meta.get("metrics") or {}).get("validation"),
-        "evaluation": {path.parent.name: read_json(path) for path in args.evaluation},
-    }
+    if args.seed_bundle is not None:
+        seed_ckpt = load_checkpoint(args.seed_bundle)
+        seed_training = dict((seed_ckpt.meta.get("training") or {}).get("seed") or {})
+        metrics = dict(seed_ckpt.meta.get("metrics") or {})
+        metrics["evaluation"] = {**(metrics.get("evaluation") or {}),
+                                 **{path.parent.name: read_json(path) for path in args.evaluation}}
+        if not _same_seed_encoder(seed_ckpt, langae_ckpt):
+            print(f"error: the LangAE of {args.langae_run} changed the encoder layers the SEED of {args.seed_bundle} "
+                  "uses; retrain the SEED on it (--seed-run)", file=sys.stderr)
+            return 2
+    else:
+        seed_ckpt = load_checkpoint(best_checkpoint(args.seed_run))
+        seed_training = dict(seed_ckpt.meta.get("training") or {}, validation=validation_curve(args.seed_run))
+        seed_training["init_runs"] = init_runs(args.seed_init_run)
+        metrics = {
+            "validation": (seed_ckpt.meta.get("metrics") or {}).get("validation"),
+            "evaluation": {path.parent.name: read_json(path) for path in args.evaluation},
+        }
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bundle-", dir=args.out.parent) as tmp:

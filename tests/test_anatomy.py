@@ -223,3 +223,26 @@ def test_anatomy_scorer_skips_missing_words_and_needs_some():
     assert (scorer.pool_ids[1 << SOFT_TISSUE] == -1).all()
     with pytest.raises(ConfigError, match="--scorer none"):
         AnatomyScorer(_words_codebook(["tok0", "tok1"]))
+
+
+def test_anatomy_word_classes_name_the_class_of_each_codebook_row():
+    from training.candidates import anatomy_word_classes
+
+    classes = anatomy_word_classes(_words_codebook(["bone", "lung", "piano", "fat", "liver"]))
+    assert classes.tolist() == [BONE, LUNG, -1, FAT, SOFT_TISSUE]
+    assert anatomy_word_classes(_words_codebook(["tok0", "tok1"])) is None
+
+
+def test_dominant_region_classes_need_a_share_of_the_region():
+    from napari_langmamba.anatomy import dominant_region_classes
+
+    tissue = np.full((32, 32), SOFT_TISSUE, dtype=np.uint8)  # a 2 x 2 latent: four 16 x 16 regions at layer 3
+    tissue[:16, 16:][:10] = FAT  # 10 of 16 rows fat: 62.5 % fat
+    tissue[16:, :16][:8] = FAT  # half fat, half soft tissue: no class dominates
+    layers = dominant_region_classes(tissue, (2, 2))
+    assert layers[2].tolist() == [[SOFT_TISSUE, FAT], [-1, SOFT_TISSUE]]
+    assert layers[0].shape == (1, 1) and layers[0][0, 0] == SOFT_TISSUE  # 1 - (160 + 128) / 1024 = 72 %
+    assert dominant_region_classes(tissue[None], (2, 2))[2].shape == (1, 2, 2)
+    assert dominant_region_classes(tissue, (2, 2), dominance=0.7)[2][0, 1] == -1
+    with pytest.raises(ConfigError, match="dominance"):
+        dominant_region_classes(tissue, (2, 2), dominance=0.5)

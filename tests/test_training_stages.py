@@ -323,6 +323,54 @@ def test_langae_anatomy_prior_from_init_with_frozen_features(data_dir, minilm_la
     assert sum(not torch.equal(before[k], after[k]) for k in others) > len(others) // 2
 
 
+def test_langae_train_part_words_then_decoder(data_dir, minilm_langae_ckpt, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    base = ["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--codebook", "words:minilm",
+            "--epochs", "1", "--batch-size", "2", "--patch-size", "32", "--log-every", "1", "--val-fraction", "0.2",
+            "--gamma", "0"]
+    assert _train([*base, "--output", str(tmp_path / "x"), "--train-part", "words"]) == 2
+    assert "--init" in capsys.readouterr().err  # a part is fine-tuned from a trained LangAE
+    assert _train([*base, "--output", str(tmp_path / "y"), "--init", str(minilm_langae_ckpt), "--train-part", "words",
+                   "--scorer", "none"]) == 2
+    assert "semantic loss alone" in capsys.readouterr().err
+
+    # 1. the word head alone, on the semantic and commitment losses
+    words = tmp_path / "words"
+    assert _train([*base, "--output", str(words), "--init", str(minilm_langae_ckpt), "--train-part", "words",
+                   "--alpha", "1", "--lr", "1e-2"]) == 0
+    before = load_file(str(minilm_langae_ckpt / "model.safetensors"))
+    after = load_file(str(words / "last" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    head = ("encoder.down.4.", "encoder.mid.", "encoder.norm_out.", "encoder.conv_out.", "quant_conv.")
+    assert {"quant_conv.weight", "encoder.conv_out.weight"} <= changed and all(k.startswith(head) for k in changed)
+    records = read_metrics(words)
+    train = [r for r in records if r["kind"] == "train"]
+    for r in train:  # the loss is commitment + alpha * semantic; the reconstruction is only logged
+        assert r["losses"]["loss"] == pytest.approx(r["losses"]["commit"] + r["losses"]["semantic"], rel=1e-5)
+        assert r["losses"]["recon"] > 0
+    val = [r for r in records if r["kind"] == "epoch"][0]["val"]
+    assert val["words_dominated"] > 0 and 0 <= val["words_matched"] <= val["words_dominated"]
+    assert val["word_agreement"] == pytest.approx(val["words_matched"] / val["words_dominated"])
+    training = load_checkpoint(words / "last").meta["training"]
+    assert training["train_part"] == "words"
+    assert training["frozen"] == ["encoder.conv_in", "encoder.down[:-1]", "post_quant_conv", "decoder"]
+    best = json.loads((words / "summary.json").read_text())["best"]
+    assert best["key"] == "word_agreement" and best["value"] == pytest.approx(val["word_agreement"])
+
+    # 2. then the decoder side alone, on the reconstruction: the words stay as they are
+    decoder = tmp_path / "decoder"
+    assert _train([*base, "--output", str(decoder), "--init", str(words / "last"), "--train-part", "decoder",
+                   "--lr", "1e-3"]) == 0
+    tuned = load_file(str(decoder / "last" / "model.safetensors"))
+    changed = {k for k in after if not torch.equal(after[k], tuned[k])}
+    assert changed and all(k.startswith(("post_quant_conv.", "decoder.")) for k in changed)
+    train = [r for r in read_metrics(decoder) if r["kind"] == "train"]
+    assert all(r["losses"]["semantic"] == 0 for r in train)
+    training = load_checkpoint(decoder / "last").meta["training"]
+    assert training["frozen"] == ["encoder", "quant_conv"] and training["semantic_prior"] == {"scorer": "none"}
+
+
 def test_langae_init_needs_the_same_language_table_and_architecture(data_dir, langae_ckpt, minilm_langae_ckpt,
                                                                     tmp_path, capsys):
     base = ["langae", "--data", str(data_dir / "ndct"), "--epochs", "1", "--batch-size", "2", "--patch-size", "32"]
@@ -640,3 +688,40 @@ def test_named_step_pieces_compute_the_documented_losses():
     assert prior.layer_pools({"key": ["a", "b"]}, torch.zeros(2, 1, 16, 16), None) == ("masks", ["a", "b"], 64)
     assert SemanticPrior(n_words=64, pools=planted, alpha=0.0).layer_pools({"key": ["a"]}, torch.zeros(1), None) \
         is None
+
+
+def test_bundle_keeps_a_bundled_seed_beside_a_langae_with_its_encoder_unchanged(data_dir, langae_ckpt, tmp_path,
+                                                                                capsys):
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("bundle_weights", REPO_ROOT / "scripts" / "bundle_weights.py")
+    bundle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundle)
+    common = ["--epochs", "1", "--batch-size", "2", "--patch-size", "32", "--val-fraction", "0.2"]
+    assert _train(["seed", "--data", str(data_dir), "--output", str(tmp_path / "seed"), "--preset", "tiny",
+                   "--langae", str(langae_ckpt), *common]) == 0
+    langae = ["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--codebook", "random:64x16",
+              "--init", str(langae_ckpt), "--gamma", "0", "--lr", "1e-3", *common]
+    assert _train([*langae, "--output", str(tmp_path / "decoder"), "--train-part", "decoder"]) == 0
+    assert _train([*langae, "--output", str(tmp_path / "all"), "--scorer", "none"]) == 0  # the encoder trains too
+    first = tmp_path / "bundle1"
+    assert bundle.main(["--seed-run", str(tmp_path / "seed"), "--langae-run", str(tmp_path / "all"),
+                        "--out", str(first)]) == 0
+    # a new LangAE whose SEED layers are unchanged goes beside the bundled SEED, kept bit for bit
+    second = tmp_path / "bundle2"
+    assert bundle.main(["--seed-bundle", str(first), "--langae-run", str(tmp_path / "decoder"),
+                        "--langae-init-run", str(first / "langae"), "--out", str(second)]) == 0
+    assert load_file(str(second / "model.safetensors")).keys() == load_file(str(first / "model.safetensors")).keys()
+    assert all(torch.equal(a, load_file(str(second / "model.safetensors"))[k])
+               for k, a in load_file(str(first / "model.safetensors")).items())
+    record = json.loads((second / "langae" / "config.json").read_text())["training"]
+    assert record["train_part"] == "decoder" and record["validation"]["best_key"] == "psnr"
+    assert record["init_runs"][0]["bundled_from"] == str(first / "langae")
+    assert json.loads((second / "config.json").read_text())["training"]["seed"] == \
+        json.loads((first / "config.json").read_text())["training"]["seed"]
+    # a LangAE whose encoder changed is refused: the SEED would no longer match it
+    assert bundle.main(["--seed-bundle", str(first), "--langae-run", str(tmp_path / "all"), "--out",
+                        str(tmp_path / "bundle3")]) == 2
+    assert "retrain the SEED" in capsys.readouterr().err

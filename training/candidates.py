@@ -78,6 +78,7 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "CandidatePools",
     "ClipScorer",
+    "anatomy_word_classes",
     "LexiconScorer",
     "add_arguments",
     "load_candidate_pools",
@@ -230,6 +231,38 @@ class LexiconScorer:
 # anatomy scorer (per-position pools, computed while training)
 
 
+def _class_token_ids(codebook: Any) -> tuple[list[list[int]], dict[str, list[str]], list[str]]:
+    """Per tissue class, the codebook rows of its words; the words used per class; the words skipped."""
+    from napari_langmamba.anatomy import TISSUE_CLASSES
+
+    used: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    class_ids: list[list[int]] = []
+    for tissue in TISSUE_CLASSES:
+        ids, words = [], []
+        for word in tissue.words:
+            try:
+                ids.append(codebook.token_id(word))
+                words.append(word)
+            except ConfigError:
+                skipped.append(word)
+        class_ids.append(ids)
+        used[tissue.name] = words
+    return class_ids, used, skipped
+
+
+def anatomy_word_classes(codebook: Any) -> Tensor | None:
+    """(n,) tissue class value of each codebook row that is one of that class's words, -1 for the
+    other rows; ``None`` when no class word is a row (e.g. a ``random:`` codebook)."""
+    class_ids, _, _ = _class_token_ids(codebook)
+    if not any(class_ids):
+        return None
+    table = torch.full((codebook.n,), -1, dtype=torch.long)
+    for value, ids in reversed(list(enumerate(class_ids))):  # a word of two classes counts for the first
+        table[torch.as_tensor(ids, dtype=torch.long)] = value
+    return table
+
+
 class AnatomyScorer:
     """Per-region candidate pools from a tissue map of each image (no vision-language model).
 
@@ -253,19 +286,7 @@ class AnatomyScorer:
         self.codebook = codebook
         self.min_share = float(min_share)
         self.classes = TISSUE_CLASSES
-        used: dict[str, list[str]] = {}
-        skipped: list[str] = []
-        class_ids: list[list[int]] = []
-        for tissue in TISSUE_CLASSES:
-            ids, words = [], []
-            for word in tissue.words:
-                try:
-                    ids.append(codebook.token_id(word))
-                    words.append(word)
-                except ConfigError:
-                    skipped.append(word)
-            class_ids.append(ids)
-            used[tissue.name] = words
+        class_ids, used, skipped = _class_token_ids(codebook)
         if skipped:
             logger.warning("anatomy scorer: %d class words are not tokens of the codebook %r and are skipped: %s",
                            len(skipped), codebook.source, ", ".join(skipped))

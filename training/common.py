@@ -474,8 +474,10 @@ def fit_stage(
     checkpoint: Any,
     start_event: dict[str, Any],
     log: logging.Logger,
+    best_key: str = "psnr",
 ) -> int:
-    """Train with a :class:`training.runs.Trainer` (best checkpoint by validation PSNR) and log the outcome.
+    """Train with a :class:`training.runs.Trainer` (best checkpoint by the validation metric ``best_key``,
+    higher is better) and log the outcome.
 
     ``objects`` are the stage's resumable state besides the model (the AMP gradient scaler is
     added); returns the exit code 0.
@@ -487,7 +489,7 @@ def fit_stage(
     trainer = Trainer(
         run=run, ctx=ctx, loader=data.loader, batch_sampler=data.batch_sampler, epochs=options.epochs,
         steps_per_epoch=data.steps_per_epoch, step_fn=step_fn, validate_fn=validate_fn, objects=objects,
-        checkpoint=checkpoint, lr_fn=lambda: float(optimizer.param_groups[0]["lr"]), best_key="psnr",
+        checkpoint=checkpoint, lr_fn=lambda: float(optimizer.param_groups[0]["lr"]), best_key=best_key,
         best_mode="max", log_every=options.log_every, checkpoint_every=options.checkpoint_every,
         stop_at_step=options.stop_at_step, nan_at_step=options.debug_nan_at_step, progress=options.progress,
     )

@@ -25,9 +25,19 @@ Fine-tuning: ``--init DIR`` starts from the weights of a LangAE checkpoint (fres
 step count) whose codebook is the same language-model table (e.g. a ``minilm`` checkpoint for a
 ``words:minilm`` run: the displayable words are rows of the full table); ``--freeze-features``
 freezes ``conv_in`` and ``encoder.down[:-1]``, exactly the layers SEED's frozen encoder uses
-(``Encoder.forward_features``), so a SEED trained on that encoder stays valid. The run's
-``config.json`` records the scorer with its class words, the initial checkpoint and the frozen
-parts.
+(``Encoder.forward_features``), so a SEED trained on that encoder stays valid. ``--train-part``
+fine-tunes one part of an ``--init`` checkpoint and freezes the rest (a SEED on it stays valid):
+``words`` trains only the word head, the layers between SEED's features and the words
+(``encoder.down[-1]``, ``encoder.mid``, ``encoder.norm_out``, ``encoder.conv_out`` and
+``quant_conv``), on ``beta * L_commit + alpha * L_semantic`` (no omega: nothing else is trained
+for it to balance; the reconstruction is logged, not optimised) and keeps the checkpoint with the
+best validation word agreement; ``decoder`` then trains ``post_quant_conv`` and the
+decoder on the reconstruction alone, so the decoder learns to read the new words. With the anatomy
+codebook words, validation also logs ``word_agreement``: the share of layer-3 regions dominated
+(>= 60 % of pixels) by one tissue class whose word is one of that class's words, pooled over the
+validation slices (``benchmarks/token_agreement.py`` measures the same on the product's path).
+The run's ``config.json`` records the scorer with its class words, the initial checkpoint and the
+frozen parts.
 
 Defaults are the paper's: alpha 0.3, beta 0.3, gamma 0.1, eta 0.1, Adam with betas (0.5, 0.9)
 and learning rate 4.5e-6 x (batch size x processes), taming's scaling.
@@ -62,12 +72,12 @@ from training.common import (
 )
 from training.config import add_option
 from training.datasets import NDCTDataset
-from training.options import SCORERS, LangAEOptions
+from training.options import SCORERS, TRAIN_PARTS, LangAEOptions
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LangAEOptions", "LangAEStep", "SemanticPrior", "TissueNDCTDataset", "add_arguments", "freeze_features",
-           "init_from_checkpoint", "main", "reconstruction_metrics", "seed_feature_prefixes"]
+           "freeze_all_but", "init_from_checkpoint", "main", "reconstruction_metrics", "seed_feature_prefixes"]
 
 STAGE = "langae"
 FROZEN_FEATURES = ("encoder.conv_in", "encoder.down[:-1]")
@@ -116,6 +126,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(model, "--freeze-features", action="store_true",
                help="freeze encoder.conv_in and encoder.down[:-1], the layers SEED uses, so a SEED trained on this "
                     "encoder stays valid")
+    add_option(model, "--train-part", choices=TRAIN_PARTS,
+               help="with --init: train only the word head (words: the encoder layers after SEED's features and "
+                    "quant_conv, on the semantic and commitment losses; the best checkpoint by validation word "
+                    "agreement) or only the decoder side (decoder: "
+                    f"post_quant_conv and decoder, on the reconstruction), the rest frozen (default {d('train_part')})")
     loss = parser.add_argument_group("loss and optimizer")
     add_option(loss, "--alpha", type=float, help=f"weight of the semantic loss (default {d('alpha')})")
     add_option(loss, "--beta", type=float, help=f"weight of the commitment loss (default {d('beta')})")
@@ -238,6 +253,27 @@ def freeze_features(model: Any) -> list[str]:
     return list(FROZEN_FEATURES)
 
 
+# What each --train-part trains and freezes. The word head is every layer between the features SEED
+# uses and the words (the quantizer has no parameters: its codebook is frozen).
+TRAINED_MODULES = {"words": ("encoder.down[-1]", "encoder.mid", "encoder.norm_out", "encoder.conv_out", "quant_conv"),
+                   "decoder": ("post_quant_conv", "decoder")}
+FROZEN_MODULES = {"words": ("encoder.conv_in", "encoder.down[:-1]", "post_quant_conv", "decoder"),
+                  "decoder": ("encoder", "quant_conv")}
+
+
+def freeze_all_but(model: Any, part: str) -> list[str]:
+    """Freeze every layer of a LangAE but those ``--train-part part`` trains; returns the frozen names."""
+    if part == "all":
+        return []
+    model.requires_grad_(False)
+    trained = {"words": (model.encoder.down[-1], model.encoder.mid, model.encoder.norm_out, model.encoder.conv_out,
+                         model.quant_conv),
+               "decoder": (model.post_quant_conv, model.decoder)}[part]
+    for module in trained:
+        module.requires_grad_(True)
+    return list(FROZEN_MODULES[part])
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the ``langae`` stage; returns the exit code (errors raise :class:`LangMambaError`)."""
     return run_stage(LangAEOptions, args, stage=STAGE, train=_train)
@@ -349,7 +385,9 @@ class LangAEStep:
         if layer_pools is not None:
             sem = pyramid_semantic_loss([e.float() for e in pyramid.layer_embeddings],
                                         self.model.quantizer.codebook, layer_pools, balance=self.prior.balance)
-            if float(sem.detach()) > 0:
+            if options.train_part == "words":  # only quant_conv trains: its own two terms, no omega
+                total = commit + options.alpha * sem
+            elif float(sem.detach()) > 0:
                 omega = (vq / sem).detach()
                 total = vq + options.alpha * omega * sem
         d_loss = zero
@@ -380,21 +418,50 @@ class LangAEStep:
                 self.opt_d.step()
 
 
+WORD_DOMINANCE = 0.6  # a region is dominated by a tissue class covering this share of it (as in the benchmark)
+
+
 @torch.no_grad()
-def reconstruction_metrics(item: dict, *, model: Any, amp: Any, window: Any) -> dict[str, float]:
-    """Validation of one slice: the LangAE's reconstruction against it (MSE, PSNR, SSIM in ``window``)."""
+def reconstruction_metrics(item: dict, *, model: Any, amp: Any, window: Any,
+                           word_classes: torch.Tensor | None = None) -> dict[str, float]:
+    """Validation of one slice: the LangAE's reconstruction against it (MSE, PSNR, SSIM in ``window``)
+    and, with ``word_classes`` (:func:`training.candidates.anatomy_word_classes`), the counts behind
+    the word agreement: layer-3 regions dominated by one tissue class, and those whose word is one
+    of that class's words."""
     from napari_langmamba import metrics as quality
+    from napari_langmamba.anatomy import dominant_region_classes, tissue_map
     from napari_langmamba.windowing import MODEL_NORMALIZATION
 
     x = crop_to_multiple(item["image"][None].to(model.decoder.conv_out.weight.device))  # (1, 1, h, w)
     with amp.autocast():
-        recon, _ = model(x)
+        recon, pyramid = model(x)
     recon = recon.float().clamp(0.0, 1.0)
     ref_hu = MODEL_NORMALIZATION.to_hu(x[0, 0].cpu().numpy())
     out_hu = MODEL_NORMALIZATION.to_hu(recon[0, 0].cpu().numpy())
-    return {"recon_mse": float(F.mse_loss(recon, x)),
-            "psnr": quality.psnr(out_hu, ref_hu, window),
-            "ssim": quality.ssim(out_hu, ref_hu, window)}
+    metrics = {"recon_mse": float(F.mse_loss(recon, x)),
+               "psnr": quality.psnr(out_hu, ref_hu, window),
+               "ssim": quality.ssim(out_hu, ref_hu, window)}
+    if word_classes is not None:
+        ids = pyramid.ids[2][0].cpu()  # (h/16, w/16) layer-3 words
+        dominant = dominant_region_classes(tissue_map(ref_hu), tuple(ids.shape), dominance=WORD_DOMINANCE)[2]
+        said = word_classes[ids].numpy()
+        metrics["words_dominated"] = float((dominant >= 0).sum())
+        metrics["words_matched"] = float(((said == dominant) & (dominant >= 0)).sum())
+    return metrics
+
+
+def _with_word_agreement(validate: Any) -> Any:
+    """A validate_fn that adds ``word_agreement`` (matched / dominated regions, pooled over the slices)."""
+    if validate is None:
+        return None
+
+    def run(state: Any) -> dict:
+        result = validate(state)
+        if result.get("words_dominated"):
+            result["word_agreement"] = result["words_matched"] / result["words_dominated"]
+        return result
+
+    return run
 
 
 def _perceptual_loss(options: LangAEOptions, device: torch.device) -> Any:
@@ -413,7 +480,7 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
 
     from napari_langmamba.models.codebook import load_codebook
     from napari_langmamba.models.langae import LangAE, LangAEConfig
-    from training.candidates import AnatomyScorer
+    from training.candidates import AnatomyScorer, anatomy_word_classes
     from training.distributed import make_amp, wrap_ddp
     from training.gan import PatchDiscriminator
     from training.runs import CheckpointSpec
@@ -426,19 +493,27 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     model = LangAE(model_config, codebook=codebook)
     init_info = init_from_checkpoint(model, options.init, codebook) if options.init is not None else None
     frozen = freeze_features(model) if options.freeze_features else []
+    frozen += [name for name in freeze_all_but(model, options.train_part) if name not in frozen]
     model = model.to(device)
     anatomy = None
-    if options.candidates is None and options.scorer == "anatomy" and options.alpha > 0:
+    semantic = options.train_part != "decoder"  # the decoder side gets no gradient from the semantic loss
+    if semantic and options.candidates is None and options.scorer == "anatomy" and options.alpha > 0:
         anatomy = AnatomyScorer(codebook, min_share=options.min_share)
     train_source, val_source = _ndct_sources(options)
     data = make_stage_data(_stage_dataset(anatomy is not None), train_source, val_source, options, ctx,
                            source_summary={"source": [str(p) for p in options.data]}, val_label="--data")
-    prior = _semantic_prior(options, codebook, train_source, anatomy)
+    prior = _semantic_prior(options, codebook, train_source, anatomy) if semantic else SemanticPrior(n_words=codebook.n)
+    if options.train_part == "words" and not prior.on:
+        raise ConfigError("--train-part words trains the word head on the semantic loss alone: it needs --alpha > 0 "
+                          "and a prior (--scorer anatomy or --candidates FILE).")
+    if options.train_part != "all":
+        logger.info("--train-part %s: training %s; frozen: %s", options.train_part,
+                    ", ".join(TRAINED_MODULES[options.train_part]), ", ".join(frozen))
 
     # -- losses, optimizers
-    perceptual = _perceptual_loss(options, device)
+    perceptual = _perceptual_loss(options, device) if options.train_part != "words" else None
     disc = PatchDiscriminator(in_channels=1, ndf=options.disc_channels, n_layers=options.disc_layers).to(device) \
-        if options.gamma > 0 else None
+        if options.gamma > 0 and options.train_part != "words" else None
     lr = float(options.lr) if options.lr is not None else options.base_lr * options.batch_size * ctx.world_size
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if disc is not None else None
@@ -457,6 +532,7 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
         if options.candidates is not None else None,
         "semantic_prior": prior.info(),
         "init": init_info,
+        "train_part": options.train_part,
         "frozen": frozen,
         "loss": {"alpha": options.alpha, "beta": options.beta, "gamma": options.gamma,
                  "eta": options.eta if perceptual is not None else 0.0, "disc_start": options.disc_start,
@@ -465,12 +541,19 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
         "world_size": ctx.world_size,
         "amp": amp.name,
     }
+    word_classes = anatomy_word_classes(codebook)
+    keys = ("recon_mse", "psnr", "ssim") + (("words_dominated", "words_matched") if word_classes is not None else ())
     validate = validation(model, data.val_set,
-                          partial(reconstruction_metrics, model=model, amp=amp, window=parse_window(options.window)),
-                          keys=("recon_mse", "psnr", "ssim"), ctx=ctx, max_items=options.val_max_images)
+                          partial(reconstruction_metrics, model=model, amp=amp, window=parse_window(options.window),
+                                  word_classes=word_classes),
+                          keys=keys, ctx=ctx, max_items=options.val_max_images)
+    if options.train_part == "words" and word_classes is None:
+        raise ConfigError(f"--train-part words needs a codebook with the anatomy words (it selects its checkpoint by "
+                          f"their agreement); {codebook.source!r} has none.")
     return fit_stage(
-        options, stage=STAGE, ctx=ctx, run=run, data=data, step_fn=step, validate_fn=validate, objects=objects,
-        amp=amp, optimizer=optimizer,
+        options, stage=STAGE, ctx=ctx, run=run, data=data, step_fn=step, validate_fn=_with_word_agreement(validate),
+        objects=objects, amp=amp, optimizer=optimizer,
+        best_key="word_agreement" if options.train_part == "words" else "psnr",
         checkpoint=CheckpointSpec(model=model, kind="langae", config=model_config.to_dict,
                                   extra=lambda state: {"training": {"command_line": command_line(STAGE, options),
                                                                     **record}}),
@@ -478,6 +561,7 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
             "lr": lr, "codebook": codebook.source, "preset": options.preset,
             "semantic": prior.info()["scorer"] if prior.on else None,
             "init": str(options.init) if options.init is not None else None, "frozen": frozen,
+            "train_part": options.train_part,
             "perceptual": perceptual is not None, "gan": disc is not None, "disc_start": options.disc_start,
             "n_slices": len(train_source), "amp": amp.name,
         },

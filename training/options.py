@@ -37,6 +37,7 @@ __all__ = [
     "FLAGS",
     "PRESET_CHOICES",
     "SCORERS",
+    "TRAIN_PARTS",
     "STAGE_OPTIONS",
     "CandidateOptions",
     "EvaluateOptions",
@@ -52,6 +53,8 @@ __all__ = [
 PRESET_CHOICES = ("tiny", "lite", "paper")
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 SCORERS = ("anatomy", "none")
+# What a langae run trains: everything, only the word head (quant_conv) or only the decoder side
+TRAIN_PARTS = ("all", "words", "decoder")
 BACKBONES = ("seed", "redcnn")
 BASELINES = ("gaussian", "nlm", "bm3d")
 DEFAULT_THRESHOLDS = (0.95, 0.9, 0.8)
@@ -214,6 +217,7 @@ class LangAEOptions(TrainOptions):
     pool_balance: float = 0.0
     init: Path | None = None
     freeze_features: bool = False
+    train_part: str = "all"
     alpha: float = 0.3
     beta: float = 0.3
     gamma: float = 0.1
@@ -239,6 +243,10 @@ class LangAEOptions(TrainOptions):
             )
         if not 0.0 < float(self.min_share) <= 1.0:
             raise ConfigError(f"--min-share must be in (0, 1]; got {self.min_share}.")
+        if self.train_part not in TRAIN_PARTS:
+            raise ConfigError(f"--train-part must be one of {', '.join(TRAIN_PARTS)}; got {self.train_part!r}.")
+        if self.train_part != "all" and self.init is None:
+            raise ConfigError(f"--train-part {self.train_part} fine-tunes part of a trained LangAE: give it with --init DIR.")
         if not 0.0 <= float(self.pool_balance) <= 1.0:
             raise ConfigError(f"--pool-balance must be in [0, 1]; got {self.pool_balance}.")
         for name in ("alpha", "beta", "gamma", "eta", "base_lr"):
