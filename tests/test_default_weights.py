@@ -38,8 +38,15 @@ def test_bundle_is_small_and_documents_its_making():
     assert langae["kind"] == "langae"
     assert langae["codebook"]["source"] == "words:minilm"
     langae_training = langae["training"]
-    assert langae_training["loss"]["semantic"] is True and "anatomy" in json.dumps(langae_training)
-    assert len(langae_training["validation"]["curve"]) >= 5
+    # its chain: the LangAE trained with the anatomy prior, then its words retrained alone (selected by
+    # their agreement with the tissue map on L192); SEED's encoder layers never moved
+    chain = [*langae_training["init_runs"], langae_training]
+    assert [r.get("train_part", "all") for r in chain][-2:] == ["all", "words"]
+    assert chain[-2]["loss"]["semantic"] is True and len(chain[-2]["validation"]["curve"]) >= 5
+    assert langae_training["semantic_prior"]["scorer"] == "anatomy"
+    assert langae_training["frozen"] == ["encoder.conv_in", "encoder.down[:-1]", "post_quant_conv", "decoder"]
+    assert langae_training["validation"]["best_key"] == "word_agreement"
+    assert langae_training["validation"]["best_word_agreement"] > 0.8
 
 
 @pytest.fixture(scope="module")
