@@ -36,8 +36,8 @@ VAL=("$CT/mayo2016_pairs/L192/full_3mm_D45" "$CT/mayo2016_pairs/L192/full_3mm_B3
 # Stage 1a: LangAE lite on all normal-dose CT but L192, reconstruction only (it fixes the encoder
 # layers SEED uses; the bundled run was stopped at step 83). Stage 1b: those layers frozen, the
 # anatomy prior on at the paper's alpha 0.3 (309 steps: the semantic loss did not move). Stage 1c:
-# alpha 50, which makes the words follow the tissue classes within ~100 steps; the bundled LangAE
-# is its best checkpoint on L192 (reconstruction PSNR).
+# alpha 50, which makes the words follow the tissue classes within ~100 steps; stage 1d starts from
+# its best checkpoint on L192 (reconstruction PSNR).
 $PY -m training langae --data "${NDCT[@]}" --val-data "${VAL[@]}" --val-max-images 11 --output "$RUNS/langae-A" \
     --preset lite --codebook words:minilm --patch-size 128 --batch-size 8 --steps-per-epoch 50 \
     --epochs "${LANGAE_A_EPOCHS:-3}" --lr 3e-4 --gamma 0 --alpha 0 --checkpoint-every 50
