@@ -53,11 +53,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from napari_langmamba.anatomy import DOMINANCE, dominant_classes  # noqa: E402  (light: numpy only)
+
 DATA = Path(os.environ.get("LANGMAMBA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 PATIENT = "L192"
 KERNELS = ("D45", "B30")
 OUT = REPO_ROOT / "benchmarks" / "results" / "token_agreement.json"
-DOMINANCE = 0.6
 OTHER = "other"
 GOALS = {  # issue 11: layer 3 >= 80 % and layer 2 >= 70 % on L192; quarter vs full >= 70 % at layer 3
     "L192_full_layer3_tissue": ("L192 full", 3, 0.80),
@@ -85,13 +86,6 @@ def region_class_counts(tissue: np.ndarray, row_edges: np.ndarray, col_edges: np
     """(rows, cols, n_classes) pixel counts of each class in each region of a grid of boxes."""
     onehot = (tissue[..., None] == np.arange(n_classes, dtype=tissue.dtype)).astype(np.int32)
     return np.add.reduceat(np.add.reduceat(onehot, row_edges[:-1], axis=0), col_edges[:-1], axis=1)
-
-
-def dominant_classes(counts: np.ndarray, threshold: float) -> np.ndarray:
-    """(rows, cols) class value covering >= ``threshold`` of a region's pixels, -1 where none does."""
-    share = counts / np.maximum(counts.sum(-1, keepdims=True), 1)
-    best = share.argmax(-1)
-    return np.where(share.max(-1) >= threshold, best, -1)
 
 
 class Tally:

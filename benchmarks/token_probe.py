@@ -30,15 +30,13 @@ PAIRS = Path(os.environ.get("LANGMAMBA_SHARED_DATA", REPO_ROOT.parent / "shared"
 OUT = REPO_ROOT / "benchmarks" / "results" / "token_probe.json"
 TRAIN_PATIENTS = ("L096", "L143", "L286")
 VALIDATION_PATIENT = "L192"
-REGION = 16  # pixels per layer-3 region of a 512 x 512 slice
-DOMINANCE = 0.6
 
 
 def region_features(model, patient: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``({"z": (m, d), "layer3": (m, d)}, dominant class (m,))`` of the dominated regions of a patient's full-dose slices."""
     import torch
 
-    from napari_langmamba.anatomy import tissue_map
+    from napari_langmamba.anatomy import dominant_region_classes, tissue_map
     from napari_langmamba.io import read_ct
     from napari_langmamba.windowing import MODEL_NORMALIZATION
 
@@ -54,13 +52,11 @@ def region_features(model, patient: str) -> tuple[dict[str, np.ndarray], np.ndar
             with torch.inference_mode():
                 z = model.encode(x)
                 out = model.quantize(z)
-            rows, cols = hu.shape[0] // REGION, hu.shape[1] // REGION
-            blocks = tissue.reshape(rows, REGION, cols, REGION).transpose(0, 2, 1, 3).reshape(rows, cols, -1)
-            counts = np.stack([(blocks == k).sum(-1) for k in range(7)], -1)
-            keep = torch.from_numpy(counts.max(-1) >= DOMINANCE * REGION**2)
+            dominant = dominant_region_classes(tissue, tuple(z.shape[-2:]))[2]  # (rows, cols), -1: none
+            keep = torch.from_numpy(dominant >= 0)
             feats["z"].append(z[0].permute(1, 2, 0)[keep].numpy())
             feats["layer3"].append(out.layer_embeddings[2][0].permute(1, 2, 0)[keep].numpy())
-            labels.append(counts.argmax(-1)[keep.numpy()])
+            labels.append(dominant[dominant >= 0])
     return {k: np.concatenate(v) for k, v in feats.items()}, np.concatenate(labels)
 
 
@@ -99,6 +95,7 @@ def main() -> int:
     args = parser.parse_args()
     if not PAIRS.is_dir():
         parser.error(f"the real pairs are not at {PAIRS} (set LANGMAMBA_SHARED_DATA)")
+    from napari_langmamba.anatomy import DOMINANCE
     from napari_langmamba.tokens import load_token_model
 
     start = time.perf_counter()

@@ -71,7 +71,9 @@ __all__ = [
     "TISSUE_CLASSES",
     "TissueClass",
     "body_mask",
+    "DOMINANCE",
     "class_words",
+    "dominant_classes",
     "dominant_region_classes",
     "region_class_sets",
     "region_edges",
@@ -296,6 +298,10 @@ def region_edges(latent_size: int, image_size: int) -> list[np.ndarray]:
     return [latent_blocks(p, latent_size) * cell for p in axis_positions(latent_size)]
 
 
+# A region is dominated by a tissue class covering at least this share of its pixels (word agreement)
+DOMINANCE = 0.6
+
+
 def _checked_maps(tissue: np.ndarray) -> np.ndarray:
     """Tissue maps as a (b, y, x) integer array of class values, or a ConfigError."""
     maps = np.asarray(tissue)
@@ -352,7 +358,17 @@ def _region_class_counts(maps: np.ndarray, latent_shape: tuple[int, int]) -> lis
             for rows, cols in zip(region_edges(latent_shape[0], h), region_edges(latent_shape[1], w), strict=True)]
 
 
-def dominant_region_classes(tissue: np.ndarray, latent_shape: tuple[int, int], *, dominance: float = 0.6) -> list[np.ndarray]:
+def dominant_classes(counts: np.ndarray, dominance: float = DOMINANCE) -> np.ndarray:
+    """The class covering at least ``dominance`` of each region's pixels, from per-class pixel counts
+    (..., classes); int64 (...), ``-1`` where no class does."""
+    if not 0.5 < float(dominance) <= 1.0:
+        raise ConfigError(f"dominance must be in (0.5, 1]: one class at most can dominate a region; got {dominance}.")
+    share = counts / np.maximum(counts.sum(-1, keepdims=True), 1)
+    return np.where(share.max(-1) >= float(dominance), share.argmax(-1), -1).astype(np.int64)
+
+
+def dominant_region_classes(tissue: np.ndarray, latent_shape: tuple[int, int], *,
+                            dominance: float = DOMINANCE) -> list[np.ndarray]:
     """Per pyramid layer, the tissue class covering at least ``dominance`` of each region's pixels.
 
     The regions are those of :func:`region_class_sets`; ``benchmarks/token_agreement.py`` counts a
@@ -360,11 +376,6 @@ def dominant_region_classes(tissue: np.ndarray, latent_shape: tuple[int, int], *
     (b, rows_l, cols_l) (``(b,)`` dropped for a 2-D map), ``-1`` where no class dominates.
     """
     maps = _checked_maps(tissue)
-    if not 0.5 < float(dominance) <= 1.0:
-        raise ConfigError(f"dominance must be in (0.5, 1]: one class at most can dominate a region; got {dominance}.")
-    out = []
-    for counts in _region_class_counts(maps, latent_shape):
-        share = counts / np.maximum(counts.sum(-1, keepdims=True), 1)
-        dominant = np.where(share.max(-1) >= float(dominance), share.argmax(-1), -1).astype(np.int64)
-        out.append(dominant[0] if np.asarray(tissue).ndim == 2 else dominant)
-    return out
+    single = np.asarray(tissue).ndim == 2
+    return [dominant_classes(counts, dominance)[0 if single else slice(None)]
+            for counts in _region_class_counts(maps, latent_shape)]

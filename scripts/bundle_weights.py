@@ -88,9 +88,11 @@ def init_runs(runs: list[Path]) -> list[dict]:
 def _same_seed_encoder(seed_ckpt, langae_ckpt) -> bool:
     """Whether the SEED's frozen encoder layers equal the LangAE's (conv_in, down[:-1]) at the bundle's
     float16 precision."""
-    seed_state, langae_state = build_model(seed_ckpt).state_dict(), build_model(langae_ckpt).state_dict()
-    prefixes = ("encoder.conv_in.", *(f"encoder.down.{i}." for i in range(4)))
-    keys = [k for k in langae_state if k.startswith(prefixes)]
+    from training.langae import seed_feature_prefixes
+
+    langae = build_model(langae_ckpt)
+    seed_state, langae_state = build_model(seed_ckpt).state_dict(), langae.state_dict()
+    keys = [k for k in langae_state if k.startswith(seed_feature_prefixes(langae.encoder))]
     return bool(keys) and all(k in seed_state and torch.equal(seed_state[k].half(), langae_state[k].half())
                               for k in keys)
 

@@ -253,12 +253,19 @@ def freeze_features(model: Any) -> list[str]:
     return list(FROZEN_FEATURES)
 
 
-# What each --train-part trains and freezes. The word head is every layer between the features SEED
-# uses and the words (the quantizer has no parameters: its codebook is frozen).
-TRAINED_MODULES = {"words": ("encoder.down[-1]", "encoder.mid", "encoder.norm_out", "encoder.conv_out", "quant_conv"),
-                   "decoder": ("post_quant_conv", "decoder")}
+# What each --train-part freezes (every other layer trains). The word head is every layer between
+# the features SEED uses and the words (the quantizer has no parameters: its codebook is frozen).
 FROZEN_MODULES = {"words": ("encoder.conv_in", "encoder.down[:-1]", "post_quant_conv", "decoder"),
                   "decoder": ("encoder", "quant_conv")}
+
+
+def _part_modules(model: Any, part: str) -> dict[str, Any]:
+    """The layers ``--train-part part`` trains, by name."""
+    encoder = model.encoder
+    return {"words": {"encoder.down[-1]": encoder.down[-1], "encoder.mid": encoder.mid,
+                      "encoder.norm_out": encoder.norm_out, "encoder.conv_out": encoder.conv_out,
+                      "quant_conv": model.quant_conv},
+            "decoder": {"post_quant_conv": model.post_quant_conv, "decoder": model.decoder}}[part]
 
 
 def freeze_all_but(model: Any, part: str) -> list[str]:
@@ -266,10 +273,7 @@ def freeze_all_but(model: Any, part: str) -> list[str]:
     if part == "all":
         return []
     model.requires_grad_(False)
-    trained = {"words": (model.encoder.down[-1], model.encoder.mid, model.encoder.norm_out, model.encoder.conv_out,
-                         model.quant_conv),
-               "decoder": (model.post_quant_conv, model.decoder)}[part]
-    for module in trained:
+    for module in _part_modules(model, part).values():
         module.requires_grad_(True)
     return list(FROZEN_MODULES[part])
 
@@ -385,7 +389,7 @@ class LangAEStep:
         if layer_pools is not None:
             sem = pyramid_semantic_loss([e.float() for e in pyramid.layer_embeddings],
                                         self.model.quantizer.codebook, layer_pools, balance=self.prior.balance)
-            if options.train_part == "words":  # only quant_conv trains: its own two terms, no omega
+            if options.train_part == "words":  # only the word head trains: its own two terms, no omega
                 total = commit + options.alpha * sem
             elif float(sem.detach()) > 0:
                 omega = (vq / sem).detach()
@@ -418,9 +422,6 @@ class LangAEStep:
                 self.opt_d.step()
 
 
-WORD_DOMINANCE = 0.6  # a region is dominated by a tissue class covering this share of it (as in the benchmark)
-
-
 @torch.no_grad()
 def reconstruction_metrics(item: dict, *, model: Any, amp: Any, window: Any,
                            word_classes: torch.Tensor | None = None) -> dict[str, float]:
@@ -443,7 +444,7 @@ def reconstruction_metrics(item: dict, *, model: Any, amp: Any, window: Any,
                "ssim": quality.ssim(out_hu, ref_hu, window)}
     if word_classes is not None:
         ids = pyramid.ids[2][0].cpu()  # (h/16, w/16) layer-3 words
-        dominant = dominant_region_classes(tissue_map(ref_hu), tuple(ids.shape), dominance=WORD_DOMINANCE)[2]
+        dominant = dominant_region_classes(tissue_map(ref_hu), tuple(ids.shape))[2]
         said = word_classes[ids].numpy()
         metrics["words_dominated"] = float((dominant >= 0).sum())
         metrics["words_matched"] = float(((said == dominant) & (dominant >= 0)).sum())
@@ -508,7 +509,7 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
                           "and a prior (--scorer anatomy or --candidates FILE).")
     if options.train_part != "all":
         logger.info("--train-part %s: training %s; frozen: %s", options.train_part,
-                    ", ".join(TRAINED_MODULES[options.train_part]), ", ".join(frozen))
+                    ", ".join(_part_modules(model, options.train_part)), ", ".join(frozen))
 
     # -- losses, optimizers
     perceptual = _perceptual_loss(options, device) if options.train_part != "words" else None
