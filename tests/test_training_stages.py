@@ -3,6 +3,7 @@ stop signals, the non-finite-loss guard, --help)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -371,6 +372,45 @@ def test_langae_train_part_words_then_decoder(data_dir, minilm_langae_ckpt, tmp_
     assert training["frozen"] == ["encoder", "quant_conv"] and training["semantic_prior"] == {"scorer": "none"}
 
 
+def test_langae_region_pixels_start_at_zero_and_train_with_the_word_head(data_dir, minilm_langae_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.langae import LangAE
+    from training.langae import init_from_checkpoint
+
+    # An --init checkpoint without the head gets it at zero: the same latent, so the same words.
+    plain = build_model(load_checkpoint(minilm_langae_ckpt))
+    codebook = load_codebook("words:minilm")
+    config = dataclasses.replace(plain.config, region_pixels=True, codebook_dim=codebook.d)
+    extended = LangAE(config, codebook=codebook).eval()
+    init_from_checkpoint(extended, minilm_langae_ckpt, codebook)
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(extended.encode(x), plain.encode(x))
+        # each latent position sees only its own 16 x 16 pixels
+        torch.nn.init.normal_(extended.region_pixels.mlp[-1].weight)
+        offset = extended.region_pixels(x)
+        y = x.clone()
+        y[..., 16:32, 32:48] += 0.05  # the pixels of latent position (1, 2)
+        moved = (extended.region_pixels(y) - offset).abs().sum(1)[0]
+    assert moved[1, 2] > 0 and torch.count_nonzero(moved) == 1
+
+    run = tmp_path / "words"
+    assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--codebook", "words:minilm",
+                   "--epochs", "1", "--batch-size", "2", "--patch-size", "32", "--val-fraction", "0.2", "--gamma", "0",
+                   "--output", str(run), "--init", str(minilm_langae_ckpt), "--train-part", "words", "--alpha", "1",
+                   "--lr", "1e-2", "--region-pixels"]) == 0
+    before = load_file(str(minilm_langae_ckpt / "model.safetensors"))
+    after = load_file(str(run / "last" / "model.safetensors"))
+    assert after["region_pixels.mlp.2.weight"].abs().sum() > 0  # trained away from zero
+    head = ("encoder.down.4.", "encoder.mid.", "encoder.norm_out.", "encoder.conv_out.", "quant_conv.")
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(head))
+    ckpt = load_checkpoint(run / "last")
+    assert ckpt.config["region_pixels"] is True and build_model(ckpt).region_pixels is not None
+    assert "region_pixels" not in ckpt.meta["training"]["frozen"]
+
+
 def test_langae_init_needs_the_same_language_table_and_architecture(data_dir, langae_ckpt, minilm_langae_ckpt,
                                                                     tmp_path, capsys):
     base = ["langae", "--data", str(data_dir / "ndct"), "--epochs", "1", "--batch-size", "2", "--patch-size", "32"]
@@ -464,10 +504,17 @@ def test_seed_stage_writes_a_seed_checkpoint_with_its_provenance(data_dir, langa
     assert (run / "best" / "model.safetensors").is_file()
 
 
-def test_bf16_autocast_on_cpu_only_when_asked(data_dir, langae_ckpt, tmp_path):
+def test_bf16_autocast_on_cpu_only_when_asked_and_native(data_dir, langae_ckpt, tmp_path, monkeypatch, caplog):
+    from training import distributed
     from training.distributed import make_amp
 
     cpu = torch.device("cpu")
+    # Without native bf16 (AVX2-only CPUs) bf16 convolutions are ~20x slower: warn, train in float32.
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="training.distributed"):
+        assert make_amp("bf16", cpu).dtype is None and make_amp("bf16", cpu).name == "off"
+    assert "no native bfloat16" in caplog.text
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
     assert make_amp("bf16", cpu).dtype == torch.bfloat16 and make_amp("bf16", cpu).scaler is None
     assert [make_amp(o, cpu).dtype for o in ("auto", "off", "fp16")] == [None, None, None]  # float32
     run = tmp_path / "run"

@@ -28,8 +28,8 @@ freezes ``conv_in`` and ``encoder.down[:-1]``, exactly the layers SEED's frozen 
 (``Encoder.forward_features``), so a SEED trained on that encoder stays valid. ``--train-part``
 fine-tunes one part of an ``--init`` checkpoint and freezes the rest (a SEED on it stays valid):
 ``words`` trains only the word head, the layers between SEED's features and the words
-(``encoder.down[-1]``, ``encoder.mid``, ``encoder.norm_out``, ``encoder.conv_out`` and
-``quant_conv``), on ``beta * L_commit + alpha * L_semantic`` (no omega: nothing else is trained
+(``encoder.down[-1]``, ``encoder.mid``, ``encoder.norm_out``, ``encoder.conv_out``,
+``quant_conv`` and, with ``--region-pixels``, the region-pixel MLP), on ``beta * L_commit + alpha * L_semantic`` (no omega: nothing else is trained
 for it to balance; the reconstruction is logged, not optimised) and keeps the checkpoint with the
 best validation word agreement; ``decoder`` then trains ``post_quant_conv`` and the
 decoder on the reconstruction alone, so the decoder learns to read the new words. With the anatomy
@@ -126,6 +126,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(model, "--freeze-features", action="store_true",
                help="freeze encoder.conv_in and encoder.down[:-1], the layers SEED uses, so a SEED trained on this "
                     "encoder stays valid")
+    add_option(model, "--region-pixels", action="store_true",
+               help="give the words each latent position's own 16 x 16 pixels too (a small MLP added after "
+                    "quant_conv, starting at zero; LangAEConfig.region_pixels), so that they can tell tissues of "
+                    "close HU apart (enhanced blood from organs); with --init from a checkpoint without it, the "
+                    "head is added at zero (the model tokenizes as before until trained); part of the word head")
     add_option(model, "--train-part", choices=TRAIN_PARTS,
                help="with --init: train only the word head (words: the encoder layers after SEED's features and "
                     "quant_conv, on the semantic and commitment losses; the best checkpoint by validation word "
@@ -230,13 +235,22 @@ def init_from_checkpoint(model: Any, path: Path, codebook: Any) -> dict[str, Any
             f"{ckpt.codebook.d}); --codebook {codebook.source!r} ({codebook.n} x {codebook.d}) is not that table "
             "or a word subset of it, so its weights would map to other words. Use the same language model."
         )
+    state = dict(ckpt.state_dict)
+    added = []
+    if model.region_pixels is not None and not any(k.startswith("region_pixels.") for k in state):
+        # A checkpoint from before --region-pixels: the new head starts as built (output zero).
+        added = [f"region_pixels.{k}" for k in model.region_pixels.state_dict()]
+        state.update({f"region_pixels.{k}": v for k, v in model.region_pixels.state_dict().items()})
     try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         preset = ckpt.config.get("name", "another preset")
         raise ConfigError(
-            f"--init {path} holds a LangAE of another architecture ({preset}); give the matching --preset ({exc})."
+            f"--init {path} holds a LangAE of another architecture ({preset}); give the matching --preset and "
+            f"--region-pixels as it was trained ({exc})."
         ) from exc
+    if added:
+        logger.info("--init %s has no region-pixel head: added at zero (%d tensors)", path, len(added))
     return {"path": str(path), "sha256": file_sha256(path / "model.safetensors") if path.is_dir() else file_sha256(path),
             "codebook": ckpt.codebook.source, "preset": ckpt.config.get("name")}
 
@@ -264,7 +278,8 @@ def _part_modules(model: Any, part: str) -> dict[str, Any]:
     encoder = model.encoder
     return {"words": {"encoder.down[-1]": encoder.down[-1], "encoder.mid": encoder.mid,
                       "encoder.norm_out": encoder.norm_out, "encoder.conv_out": encoder.conv_out,
-                      "quant_conv": model.quant_conv},
+                      "quant_conv": model.quant_conv,
+                      **({"region_pixels": model.region_pixels} if model.region_pixels is not None else {})},
             "decoder": {"post_quant_conv": model.post_quant_conv, "decoder": model.decoder}}[part]
 
 
@@ -275,7 +290,8 @@ def freeze_all_but(model: Any, part: str) -> list[str]:
     model.requires_grad_(False)
     for module in _part_modules(model, part).values():
         module.requires_grad_(True)
-    return list(FROZEN_MODULES[part])
+    extra = ["region_pixels"] if part == "decoder" and model.region_pixels is not None else []
+    return [*FROZEN_MODULES[part], *extra]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -490,7 +506,7 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     # -- model, semantic prior, data
     codebook = load_codebook(options.codebook)
     model_config = dataclasses.replace(LangAEConfig.preset(options.preset, codebook_dim=codebook.d),
-                                       commitment_beta=float(options.beta))
+                                       commitment_beta=float(options.beta), region_pixels=bool(options.region_pixels))
     model = LangAE(model_config, codebook=codebook)
     init_info = init_from_checkpoint(model, options.init, codebook) if options.init is not None else None
     frozen = freeze_features(model) if options.freeze_features else []

@@ -218,6 +218,7 @@ class LangAEOptions(TrainOptions):
     init: Path | None = None
     freeze_features: bool = False
     train_part: str = "all"
+    region_pixels: bool = False
     alpha: float = 0.3
     beta: float = 0.3
     gamma: float = 0.1
