@@ -55,6 +55,18 @@ done
 $PY -m training langae --data "${NDCT[@]}" --val-data "${VAL[@]}" --val-max-images 11 --output "$RUNS/langae-W" \
     --preset lite --codebook words:minilm --init "$RUNS/langae-B2/best" --train-part words --alpha 1 --gamma 0 \
     --lr 3e-4 --batch-size 6 --patch-size 512 --epochs "${LANGAE_W_EPOCHS:-8}" --steps-per-epoch 20 --checkpoint-every 20
+# Stages 1e-1f: the word head again, now with the region-pixel head (--region-pixels: each latent
+# position's own 16 x 16 pixels through a small MLP added after quant_conv; it starts at zero).
+# 1e at lr 3e-4 (the bundled run's best, 83.8 %, came at step 20; it was stopped after step 40);
+# 1f from there with rare pools weighted up (--pool-balance 0.5) at lr 1e-4: best 85.2 % at step 60,
+# bundled. (The bundled 1e started from the float16 bundle of 1d, i.e. langae-W's step 40.)
+WORDS=(--data "${NDCT[@]}" --val-data "${VAL[@]}" --val-max-images 11 --preset lite --codebook words:minilm
+       --train-part words --region-pixels --alpha 1 --gamma 0 --batch-size 6 --patch-size 512 --steps-per-epoch 20
+       --checkpoint-every 20)
+$PY -m training langae "${WORDS[@]}" --output "$RUNS/langae-R" --init "$RUNS/langae-W/best" --lr 3e-4 \
+    --epochs "${LANGAE_R_EPOCHS:-2}"
+$PY -m training langae "${WORDS[@]}" --output "$RUNS/langae-R3" --init "$RUNS/langae-R/best" --lr 1e-4 \
+    --pool-balance 0.5 --epochs "${LANGAE_R3_EPOCHS:-4}"
 
 # Stage 2: SEED lite on the real pairs of L096, L143, L286 (25 slices, kernels D45 and B30), MSE
 # only; L192 selects the checkpoint. (Mixing in simulated 5 %/10 % chest pairs, --data SIM...,
@@ -80,5 +92,5 @@ $PY -m training evaluate --pairs "$CT/mayo2016_pairs" --val-patients L192 --base
     --tune-patients L096,L143,L286 --weights "SEED=$RUNS/seed-ft2/best" --metrics psnr ssim fsim \
     --out "$RUNS/eval-L192"
 $PY scripts/bundle_weights.py --seed-run "$RUNS/seed-ft2" \
-    --seed-init-run "$RUNS/seed-real" "$RUNS/seed-ft" --langae-run "$RUNS/langae-W" \
-    --langae-init-run "$RUNS/langae-A" "$RUNS/langae-B" "$RUNS/langae-B2" --evaluation "$RUNS/eval-L192/evaluation.json" --overwrite
+    --seed-init-run "$RUNS/seed-real" "$RUNS/seed-ft" --langae-run "$RUNS/langae-R3" \
+    --langae-init-run "$RUNS/langae-A" "$RUNS/langae-B" "$RUNS/langae-B2" "$RUNS/langae-W" "$RUNS/langae-R" --evaluation "$RUNS/eval-L192/evaluation.json" --overwrite
