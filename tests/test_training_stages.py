@@ -410,6 +410,21 @@ def test_langae_region_pixels_start_at_zero_and_train_with_the_word_head(data_di
     assert ckpt.config["region_pixels"] is True and build_model(ckpt).region_pixels is not None
     assert "region_pixels" not in ckpt.meta["training"]["frozen"]
 
+    # A trained 1 x 1 head widened to see the neighbours (--region-context 3) starts as the same function.
+    trained = build_model(ckpt)
+    wider = LangAE(dataclasses.replace(trained.config, region_context=3), codebook=codebook).eval()
+    init_from_checkpoint(wider, run / "last", codebook)
+    assert wider.region_pixels.mlp[0].weight.shape[-2:] == (3, 3)
+    with torch.no_grad():
+        assert torch.allclose(wider.encode(x), trained.encode(x), atol=1e-5)
+        torch.nn.init.normal_(wider.region_pixels.mlp[0].weight, std=0.1)  # as training would spread it
+        y = x.clone()
+        y[..., 16:32, 32:48] += 0.05  # now its neighbours' offsets move too, and nothing further away
+        moved = (wider.region_pixels(y) - wider.region_pixels(x)).abs().sum(1)[0]
+    assert moved[1, 2] > 0 and moved[0, 1] > 0 and moved[2, 3] > 0 and moved[3, 0] == 0
+    assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--output", str(tmp_path / "c"),
+                   "--region-context", "3"]) == 2  # the context of a head that is not there
+
 
 def test_langae_init_needs_the_same_language_table_and_architecture(data_dir, langae_ckpt, minilm_langae_ckpt,
                                                                     tmp_path, capsys):

@@ -131,6 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "quant_conv, starting at zero; LangAEConfig.region_pixels), so that they can tell tissues of "
                     "close HU apart (enhanced blood from organs); with --init from a checkpoint without it, the "
                     "head is added at zero (the model tokenizes as before until trained); part of the word head")
+    add_option(model, "--region-context", type=int, metavar="K",
+               help="with --region-pixels: odd size of the head's first layer over the grid of latent positions; 3 "
+                    "also shows each position its eight neighbours' pixels (an --init head of size 1 becomes the "
+                    f"centre of the new kernel, the same function) (default {d('region_context')})")
     add_option(model, "--train-part", choices=TRAIN_PARTS,
                help="with --init: train only the word head (words: the encoder layers after SEED's features and "
                     "quant_conv, on the semantic and commitment losses; the best checkpoint by validation word "
@@ -241,6 +245,16 @@ def init_from_checkpoint(model: Any, path: Path, codebook: Any) -> dict[str, Any
         # A checkpoint from before --region-pixels: the new head starts as built (output zero).
         added = [f"region_pixels.{k}" for k in model.region_pixels.state_dict()]
         state.update({f"region_pixels.{k}": v for k, v in model.region_pixels.state_dict().items()})
+    first = "region_pixels.mlp.0.weight"
+    if model.region_pixels is not None and first in state:
+        want = model.region_pixels.mlp[0].weight
+        have = state[first]
+        if have.shape[:2] == want.shape[:2] and have.shape[-1] == 1 < want.shape[-1]:
+            # A head that saw each position alone becomes the centre tap of a wider one: the same function.
+            k = want.shape[-1] // 2
+            state[first] = torch.zeros(want.shape, dtype=have.dtype)
+            state[first][..., k, k] = have[..., 0, 0]
+            added.append(f"{first} (widened to {want.shape[-1]} x {want.shape[-1]} around the stored 1 x 1)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -250,7 +264,7 @@ def init_from_checkpoint(model: Any, path: Path, codebook: Any) -> dict[str, Any
             f"--region-pixels as it was trained ({exc})."
         ) from exc
     if added:
-        logger.info("--init %s has no region-pixel head: added at zero (%d tensors)", path, len(added))
+        logger.info("--init %s: region-pixel head %s", path, "; ".join(added))
     return {"path": str(path), "sha256": file_sha256(path / "model.safetensors") if path.is_dir() else file_sha256(path),
             "codebook": ckpt.codebook.source, "preset": ckpt.config.get("name")}
 
@@ -506,7 +520,8 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     # -- model, semantic prior, data
     codebook = load_codebook(options.codebook)
     model_config = dataclasses.replace(LangAEConfig.preset(options.preset, codebook_dim=codebook.d),
-                                       commitment_beta=float(options.beta), region_pixels=bool(options.region_pixels))
+                                       commitment_beta=float(options.beta), region_pixels=bool(options.region_pixels),
+                                       region_context=int(options.region_context))
     model = LangAE(model_config, codebook=codebook)
     init_info = init_from_checkpoint(model, options.init, codebook) if options.init is not None else None
     frozen = freeze_features(model) if options.freeze_features else []

@@ -219,6 +219,7 @@ class LangAEOptions(TrainOptions):
     freeze_features: bool = False
     train_part: str = "all"
     region_pixels: bool = False
+    region_context: int = 1
     alpha: float = 0.3
     beta: float = 0.3
     gamma: float = 0.1
@@ -244,6 +245,8 @@ class LangAEOptions(TrainOptions):
             )
         if not 0.0 < float(self.min_share) <= 1.0:
             raise ConfigError(f"--min-share must be in (0, 1]; got {self.min_share}.")
+        if int(self.region_context) != 1 and not self.region_pixels:
+            raise ConfigError("--region-context sets the size of the region-pixel head: give --region-pixels too.")
         if self.train_part not in TRAIN_PARTS:
             raise ConfigError(f"--train-part must be one of {', '.join(TRAIN_PARTS)}; got {self.train_part!r}.")
         if self.train_part != "all" and self.init is None:

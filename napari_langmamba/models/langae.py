@@ -78,6 +78,10 @@ class LangAEConfig:
         exact intensities of their region (contrast-enhanced blood is 100-200 HU brighter than
         organs, a difference the deep features of a small encoder blur); SEED's encoder features
         are untouched.
+    region_context
+        Odd kernel size of the region-pixel MLP's first layer over the grid of latent positions:
+        1 (each position sees its own pixels), 3 (also its eight neighbours', 48 x 48 pixels:
+        enough to tell lung, air inside the body, from the air outside it).
     name
         Name of the preset this config came from (``"custom"`` otherwise); stored in checkpoints.
     """
@@ -94,6 +98,7 @@ class LangAEConfig:
     dropout: float = 0.0
     commitment_beta: float = 0.3
     region_pixels: bool = False
+    region_context: int = 1
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -124,6 +129,9 @@ class LangAEConfig:
             raise ConfigError(f"LangAE commitment_beta must be >= 0; got {self.commitment_beta}.")
         if not isinstance(self.region_pixels, bool):
             raise ConfigError(f"LangAE region_pixels must be true or false; got {self.region_pixels!r}.")
+        if (not isinstance(self.region_context, int) or isinstance(self.region_context, bool)
+                or self.region_context < 1 or self.region_context % 2 == 0):
+            raise ConfigError(f"LangAE region_context must be an odd positive integer; got {self.region_context!r}.")
 
     @property
     def downsample_factor(self) -> int:
@@ -379,17 +387,19 @@ class RegionPixels(nn.Module):
 
     ``x`` (b, 1, h, w) in model units [0, 1] is mapped to HU / 100 (so air is -10, fat about
     -1, organs 0.5, enhanced blood 1.5-3, bone 3 and more: a scale a small MLP resolves),
-    pixel-unshuffled to (b, f^2, h/f, w/f) and passed through 1 x 1 conv -> SiLU -> 1 x 1 conv.
-    The last conv starts at zero: an untrained head adds nothing.
+    pixel-unshuffled to (b, f^2, h/f, w/f) and passed through a ``context`` x ``context`` conv
+    (zero-padded) -> SiLU -> 1 x 1 conv. The last conv starts at zero: an untrained head adds
+    nothing.
     """
 
-    def __init__(self, factor: int, out_channels: int, *, hidden: int = 64) -> None:
+    def __init__(self, factor: int, out_channels: int, *, hidden: int = 64, context: int = 1) -> None:
         super().__init__()
         self.factor = int(factor)
         lo, hi = MODEL_NORMALIZATION.hu_min, MODEL_NORMALIZATION.hu_max
         self.hu_scale = (hi - lo) / 100.0  # model units -> HU / 100
         self.hu_offset = lo / 100.0
-        self.mlp = nn.Sequential(nn.Conv2d(self.factor**2, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, out_channels, 1))
+        self.mlp = nn.Sequential(nn.Conv2d(self.factor**2, hidden, context, padding=context // 2), nn.SiLU(),
+                                 nn.Conv2d(hidden, out_channels, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
@@ -417,8 +427,8 @@ class LangAE(nn.Module):
         self.codebook = codebook
         self.encoder = Encoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_dim, 1)
-        self.region_pixels = (RegionPixels(config.downsample_factor, config.codebook_dim)
-                              if config.region_pixels else None)
+        self.region_pixels = (RegionPixels(config.downsample_factor, config.codebook_dim,
+                                           context=config.region_context) if config.region_pixels else None)
         self.quantizer = PyramidQuantizer(codebook.embeddings, beta=config.commitment_beta)
         self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.z_channels, 1)
         self.decoder = Decoder(config)
