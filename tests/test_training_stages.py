@@ -424,6 +424,9 @@ def test_langae_region_pixels_start_at_zero_and_train_with_the_word_head(data_di
     assert moved[1, 2] > 0 and moved[0, 1] > 0 and moved[2, 3] > 0 and moved[3, 0] == 0
     assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--output", str(tmp_path / "c"),
                    "--region-context", "3"]) == 2  # the context of a head that is not there
+    assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--output", str(tmp_path / "d"),
+                   "--region-pixels", "--region-context", "2"]) == 2  # no centre tap
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_langae_init_needs_the_same_language_table_and_architecture(data_dir, langae_ckpt, minilm_langae_ckpt,

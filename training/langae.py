@@ -240,21 +240,8 @@ def init_from_checkpoint(model: Any, path: Path, codebook: Any) -> dict[str, Any
             "or a word subset of it, so its weights would map to other words. Use the same language model."
         )
     state = dict(ckpt.state_dict)
-    added = []
-    if model.region_pixels is not None and not any(k.startswith("region_pixels.") for k in state):
-        # A checkpoint from before --region-pixels: the new head starts as built (output zero).
-        added = [f"region_pixels.{k}" for k in model.region_pixels.state_dict()]
-        state.update({f"region_pixels.{k}": v for k, v in model.region_pixels.state_dict().items()})
-    first = "region_pixels.mlp.0.weight"
-    if model.region_pixels is not None and first in state:
-        want = model.region_pixels.mlp[0].weight
-        have = state[first]
-        if have.shape[:2] == want.shape[:2] and have.shape[-1] == 1 < want.shape[-1]:
-            # A head that saw each position alone becomes the centre tap of a wider one: the same function.
-            k = want.shape[-1] // 2
-            state[first] = torch.zeros(want.shape, dtype=have.dtype)
-            state[first][..., k, k] = have[..., 0, 0]
-            added.append(f"{first} (widened to {want.shape[-1]} x {want.shape[-1]} around the stored 1 x 1)")
+    # A checkpoint from before --region-pixels (or --region-context) gets the head as the same function.
+    added = model.region_pixels.adapt_state_dict(state, "region_pixels.") if model.region_pixels is not None else []
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -264,7 +251,7 @@ def init_from_checkpoint(model: Any, path: Path, codebook: Any) -> dict[str, Any
             f"--region-pixels as it was trained ({exc})."
         ) from exc
     if added:
-        logger.info("--init %s: region-pixel head %s", path, "; ".join(added))
+        logger.info("--init %s: %s", path, "; ".join(added))
     return {"path": str(path), "sha256": file_sha256(path / "model.safetensors") if path.is_dir() else file_sha256(path),
             "codebook": ckpt.codebook.source, "preset": ckpt.config.get("name")}
 

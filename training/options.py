@@ -245,6 +245,8 @@ class LangAEOptions(TrainOptions):
             )
         if not 0.0 < float(self.min_share) <= 1.0:
             raise ConfigError(f"--min-share must be in (0, 1]; got {self.min_share}.")
+        if int(self.region_context) < 1 or int(self.region_context) % 2 == 0:
+            raise ConfigError(f"--region-context must be an odd positive integer (1, 3, 5 ...); got {self.region_context}.")
         if int(self.region_context) != 1 and not self.region_pixels:
             raise ConfigError("--region-context sets the size of the region-pixel head: give --region-pixels too.")
         if self.train_part not in TRAIN_PARTS:
