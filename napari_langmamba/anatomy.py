@@ -75,6 +75,7 @@ __all__ = [
     "class_words",
     "dominant_classes",
     "dominant_region_classes",
+    "majority_region_classes",
     "region_class_sets",
     "region_edges",
     "tissue_map",
@@ -365,6 +366,15 @@ def dominant_classes(counts: np.ndarray, dominance: float = DOMINANCE) -> np.nda
         raise ConfigError(f"dominance must be in (0.5, 1]: one class at most can dominate a region; got {dominance}.")
     share = counts / np.maximum(counts.sum(-1, keepdims=True), 1)
     return np.where(share.max(-1) >= float(dominance), share.argmax(-1), -1).astype(np.int64)
+
+
+def majority_region_classes(tissue: np.ndarray, latent_shape: tuple[int, int]) -> list[np.ndarray]:
+    """Per pyramid layer, the most frequent tissue class of each region of :func:`region_class_sets`:
+    three int64 arrays (b, rows_l, cols_l) (``(b,)`` dropped for a 2-D map)."""
+    maps = _checked_maps(tissue)
+    single = np.asarray(tissue).ndim == 2
+    return [counts.argmax(-1).astype(np.int64)[0 if single else slice(None)]
+            for counts in _region_class_counts(maps, latent_shape)]
 
 
 def dominant_region_classes(tissue: np.ndarray, latent_shape: tuple[int, int], *,

@@ -203,6 +203,17 @@ def test_anatomy_scorer_gives_each_region_the_words_of_its_tissues():
         assert words_at(0, y0 + 1, x0 + 1) == wanted
         n_classes.append(int((share >= 0.25).sum()))
     assert max(n_classes) >= 2
+    assert all(p.group is None for p in pools)  # the loss's balance counts pools by default
+    # balance by class: each region's group is its most frequent tissue class (the aorta's: blood)
+    by_class = AnatomyScorer(codebook, balance_by="class").position_pools(tissue, (32, 32))
+    assert all(bool((a.index == b.index).all()) for a, b in zip(pools, by_class, strict=True))
+    for layer, edges in enumerate(region_edges(32, 512)):
+        counts = [[np.bincount(tissue[0, edges[r]:edges[r + 1], edges[c]:edges[c + 1]].ravel(), minlength=7)
+                   for c in range(len(edges) - 1)] for r in range(len(edges) - 1)]
+        assert by_class[layer].group[0].tolist() == np.argmax(counts, axis=-1).tolist()
+    assert int(by_class[2].group[0, 268 // 16, 262 // 16]) == BLOOD
+    with pytest.raises(ConfigError, match="balances by"):
+        AnatomyScorer(codebook, balance_by="word")
     # the same map from the batch in the model's [0, 1] scale
     from napari_langmamba.windowing import MODEL_NORMALIZATION
 

@@ -114,6 +114,32 @@ def test_full_slices_keep_their_shape_under_augmentation():
         np.testing.assert_allclose((sample["low"] - sample["full"]).numpy(), OFFSET_HU / 3000.0, atol=1e-6)
 
 
+def test_noise_scale_multiplies_the_training_noise_by_a_drawn_factor_and_never_the_validation_noise():
+    full = _random_hu((32, 32), seed=3)
+    scaled = PairedSliceDataset(ArrayPairs([full]), patch_size=16, noise_scale=(0.5, 1.0),
+                                generator=torch.Generator().manual_seed(2))
+    factors = []
+    for _ in range(40):
+        sample = scaled[0]
+        diff = (sample["low"] - sample["full"]).numpy() * 3000.0  # HU: k * OFFSET_HU everywhere
+        k = float(diff.mean()) / OFFSET_HU
+        np.testing.assert_allclose(diff, k * OFFSET_HU, atol=2e-3)
+        factors.append(k)
+    assert 0.5 <= min(factors) < 0.6 and 0.9 < max(factors) <= 1.0  # spread over [0.5, 1]
+    # The full-dose target is untouched, and validation pairs keep their own noise.
+    val = PairedSliceDataset(ArrayPairs([full]), train=False, noise_scale=(0.5, 1.0))[0]
+    np.testing.assert_allclose((val["low"] - val["full"]).numpy() * 3000.0, OFFSET_HU, atol=2e-3)
+    np.testing.assert_array_equal(val["full"][0].numpy(), _norm(full))
+    for bad in ((1.0, 0.5), (-0.1, 1.0), (0.5, float("nan")), (1.0,)):
+        with pytest.raises(ConfigError, match="noise scale"):
+            PairedSliceDataset(ArrayPairs([full]), noise_scale=bad)
+    with pytest.raises(ConfigError, match="noise scale"):
+        SeedOptions(output=Path("run"), pairs=(Path("pairs"),), val_patients=("L192",), langae=Path("ae"),
+                    noise_scale=(2.0, 1.0))
+    assert SeedOptions(output=Path("run"), pairs=(Path("pairs"),), val_patients=("L192",), langae=Path("ae"),
+                       noise_scale=[0.5, 1]).noise_scale == (0.5, 1.0)
+
+
 def test_seeded_generators_reproduce_the_samples_and_repeat_extends_an_epoch():
     fulls = [_random_hu((32, 32), seed=s) for s in range(3)]
     a = PairedSliceDataset(ArrayPairs(fulls), patch_size=8, repeat=4, generator=torch.Generator().manual_seed(5))

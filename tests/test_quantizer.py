@@ -241,6 +241,15 @@ def test_pool_balance_weighs_each_position_by_its_pool_frequency():
     (grad,) = torch.autograd.grad(even, emb)
     (ref,) = torch.autograd.grad((per_position[:3].mean() + per_position[3]) / 2, emb)
     assert torch.allclose(grad, ref, rtol=1e-8, atol=1e-12)
+    # balance groups (e.g. the majority tissue class) are counted instead of the pools: positions
+    # 0 and 3 form one group, 1 and 2 another, so at balance 1 each pair weighs half
+    grouped = [PositionPools(pool_ids, index, torch.tensor([[[0, 5], [5, 0]]]))]
+    by_group = pyramid_semantic_loss([emb], table, grouped, balance=1.0)
+    assert torch.allclose(by_group, (per_position[[0, 3]].mean() + per_position[[1, 2]].mean()) / 2, rtol=1e-10)
+    assert torch.allclose(pyramid_semantic_loss([emb], table, grouped), plain, rtol=1e-12)  # no balance: unused
+    with pytest.raises(ConfigError, match="Balance groups"):
+        pyramid_semantic_loss([emb], table, [PositionPools(pool_ids, index, torch.tensor([[[0, -1], [5, 0]]]))],
+                              balance=1.0)
 
 
 def test_position_pools_reduce_to_per_image_pools():

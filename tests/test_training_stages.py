@@ -304,13 +304,13 @@ def test_langae_anatomy_prior_from_init_with_frozen_features(data_dir, minilm_la
     assert _train(["langae", "--data", str(data_dir / "ndct"), "--output", str(run), "--preset", "tiny",
                    "--codebook", "words:minilm", "--init", str(minilm_langae_ckpt), "--freeze-features",
                    "--alpha", "0.3", "--epochs", "1", "--batch-size", "2", "--patch-size", "32", "--log-every", "1",
-                   "--val-fraction", "0.2", "--gamma", "0", "--pool-balance", "0.5"]) == 0
+                   "--val-fraction", "0.2", "--gamma", "0", "--pool-balance", "0.5", "--balance-by", "class"]) == 0
     train = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert len(train) == 2 and all(r["losses"]["semantic"] > 0 for r in train)
     training = load_checkpoint(run / "last").meta["training"]
     prior = training["semantic_prior"]
     assert prior["scorer"] == "anatomy" and prior["per"] == "region" and prior["min_share"] == 0.25
-    assert prior["pool_balance"] == 0.5
+    assert prior["pool_balance"] == 0.5 and prior["balance_by"] == "class"
     assert prior["class_words"] == class_words() and prior["skipped_words"] == []
     assert training["frozen"] == ["encoder.conv_in", "encoder.down[:-1]"] and training["loss"]["semantic"]
     assert training["init"]["path"] == str(minilm_langae_ckpt) and training["init"]["codebook"] == "minilm"

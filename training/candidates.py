@@ -263,6 +263,9 @@ def anatomy_word_classes(codebook: Any) -> Tensor | None:
     return table
 
 
+BALANCE_BY = ("pool", "class")
+
+
 class AnatomyScorer:
     """Per-region candidate pools from a tissue map of each image (no vision-language model).
 
@@ -274,17 +277,24 @@ class AnatomyScorer:
     min_share
         A class's words join a region's pool when the class covers at least this share of the
         region's pixels (the region's most frequent class always does).
+    balance_by
+        What the semantic loss's ``balance`` counts: ``"pool"`` (each combination of classes) or
+        ``"class"`` (each region's most frequent class, so that rare tissues such as blood weigh
+        more while rare mixes of common ones, such as fat at the skin's edge, do not).
     """
 
     name = "anatomy"
 
-    def __init__(self, codebook: Any, *, min_share: float = DEFAULT_MIN_SHARE) -> None:
+    def __init__(self, codebook: Any, *, min_share: float = DEFAULT_MIN_SHARE, balance_by: str = "pool") -> None:
         from napari_langmamba.anatomy import TISSUE_CLASSES
 
         if not 0.0 < float(min_share) <= 1.0:
             raise ConfigError(f"The anatomy scorer's min_share must be in (0, 1]; got {min_share}.")
+        if balance_by not in BALANCE_BY:
+            raise ConfigError(f"The anatomy scorer balances by one of {', '.join(BALANCE_BY)}; got {balance_by!r}.")
         self.codebook = codebook
         self.min_share = float(min_share)
+        self.balance_by = balance_by
         self.classes = TISSUE_CLASSES
         class_ids, used, skipped = _class_token_ids(codebook)
         if skipped:
@@ -309,8 +319,8 @@ class AnatomyScorer:
 
     def info(self) -> dict[str, Any]:
         """What training records: the scorer, its share, the words used per class, the skipped ones."""
-        return {"scorer": self.name, "min_share": self.min_share, "class_words": self.class_words,
-                "skipped_words": self.skipped_words}
+        return {"scorer": self.name, "min_share": self.min_share, "balance_by": self.balance_by,
+                "class_words": self.class_words, "skipped_words": self.skipped_words}
 
     @staticmethod
     def tissue_maps(images: Tensor | np.ndarray, *, normalized: bool = True,
@@ -333,13 +343,17 @@ class AnatomyScorer:
                        device: torch.device | str = "cpu") -> list[Any]:
         """Per pyramid layer, the :class:`~napari_langmamba.models.quantizer.PositionPools` of
         tissue maps (b, h, w) whose LangAE latent is ``latent_shape`` (h', w')."""
-        from napari_langmamba.anatomy import region_class_sets
+        from napari_langmamba.anatomy import majority_region_classes, region_class_sets
         from napari_langmamba.models.quantizer import PositionPools
 
         maps = tissue.cpu().numpy() if isinstance(tissue, Tensor) else np.asarray(tissue)
         table = self.pool_ids.to(device)
-        sets = region_class_sets(maps, (int(latent_shape[0]), int(latent_shape[1])), min_share=self.min_share)
-        return [PositionPools(table, torch.as_tensor(bits.astype(np.int64), device=device)) for bits in sets]
+        shape = (int(latent_shape[0]), int(latent_shape[1]))
+        sets = region_class_sets(maps, shape, min_share=self.min_share)
+        groups = majority_region_classes(maps, shape) if self.balance_by == "class" else [None] * len(sets)
+        return [PositionPools(table, torch.as_tensor(bits.astype(np.int64), device=device),
+                              torch.as_tensor(group, device=device) if group is not None else None)
+                for bits, group in zip(sets, groups, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------

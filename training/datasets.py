@@ -48,6 +48,7 @@ from torch.utils.data import Dataset
 from napari_langmamba.errors import ConfigError
 from napari_langmamba.inference import series_kernel
 from napari_langmamba.windowing import MODEL_NORMALIZATION, Normalization
+from training.options import check_noise_scale
 from training.simulate import MANIFEST_NAME, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -1008,6 +1009,12 @@ class PairedSliceDataset(_AugmentedDataset):
         HU -> model input mapping (default :data:`MODEL_NORMALIZATION`).
     generator
         torch Generator for the random choices (default: torch's global generator).
+    noise_scale
+        ``(lo, hi)``: in training mode, each sample's noise ``low - full`` is multiplied by a factor
+        drawn uniformly from ``[lo, hi]`` (``low' = full + k (low - full)``), i.e. the same pair at
+        another dose with the same noise texture. For pairs made by projection-domain noise
+        insertion (the Mayo quarter dose, ``simulate``) the difference is pure noise, so ``k``
+        turns dose ``a`` into ``a'`` with ``1/a' - 1 = k^2 (1/a - 1)``. ``None``: the pairs as they are.
     """
 
     def __init__(
@@ -1020,9 +1027,11 @@ class PairedSliceDataset(_AugmentedDataset):
         repeat: int = 1,
         normalization: Normalization = MODEL_NORMALIZATION,
         generator: torch.Generator | None = None,
+        noise_scale: tuple[float, float] | None = None,
     ):
         if len(source) == 0:
             raise ConfigError("The paired dataset is empty.")
+        self.noise_scale = check_noise_scale(noise_scale)
         super().__init__(
             n_items=len(source),
             patch_size=patch_size,
@@ -1040,6 +1049,11 @@ class PairedSliceDataset(_AugmentedDataset):
         low, full = self.source.pair_hu(i)
         _check_pair_shapes(key, low, full)
         transform = self._transform(low.shape, key)
+        if self.train and self.noise_scale is not None:
+            lo, hi = self.noise_scale
+            k = lo + (hi - lo) * float(torch.rand((), generator=self.generator))
+            full = np.asarray(full, dtype=np.float32)
+            low = full + np.float32(k) * (np.asarray(low, dtype=np.float32) - full)
         return {
             "low": _to_tensor(transform(low), self.normalization),
             "full": _to_tensor(transform(full), self.normalization),

@@ -120,6 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="weigh each position of the semantic loss by (positions sharing its pool) ** -P, so that rare "
                     f"tissues are not outvoted by air and fat; 0 = plain mean, 1 = every pool equal (default "
                     f"{d('pool_balance')})")
+    add_option(model, "--balance-by", choices=("pool", "class"),
+               help="what --pool-balance counts: each pool (combination of tissue classes) or each region's most "
+                    "frequent tissue class, so that rare tissues (blood, bone) weigh more but rare mixes of common "
+                    f"ones (fat at the skin's edge) do not (anatomy scorer; default {d('balance_by')})")
     add_option(model, "--init", type=Path, metavar="DIR",
                help="start from this LangAE checkpoint's weights (fresh optimizer); its codebook must be the same "
                     "language-model table (minilm weights may train a words:minilm model)")
@@ -517,7 +521,7 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     anatomy = None
     semantic = options.train_part != "decoder"  # the decoder side gets no gradient from the semantic loss
     if semantic and options.candidates is None and options.scorer == "anatomy" and options.alpha > 0:
-        anatomy = AnatomyScorer(codebook, min_share=options.min_share)
+        anatomy = AnatomyScorer(codebook, min_share=options.min_share, balance_by=options.balance_by)
     train_source, val_source = _ndct_sources(options)
     data = make_stage_data(_stage_dataset(anatomy is not None), train_source, val_source, options, ctx,
                            source_summary={"source": [str(p) for p in options.data]}, val_label="--data")

@@ -215,6 +215,7 @@ class LangAEOptions(TrainOptions):
     scorer: str = "anatomy"
     min_share: float = 0.25
     pool_balance: float = 0.0
+    balance_by: str = "pool"
     init: Path | None = None
     freeze_features: bool = False
     train_part: str = "all"
@@ -255,6 +256,8 @@ class LangAEOptions(TrainOptions):
             raise ConfigError(f"--train-part {self.train_part} fine-tunes part of a trained LangAE: give it with --init DIR.")
         if not 0.0 <= float(self.pool_balance) <= 1.0:
             raise ConfigError(f"--pool-balance must be in [0, 1]; got {self.pool_balance}.")
+        if self.balance_by not in ("pool", "class"):
+            raise ConfigError(f"--balance-by must be pool or class; got {self.balance_by!r}.")
         for name in ("alpha", "beta", "gamma", "eta", "base_lr"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value >= 0.0):
@@ -267,6 +270,19 @@ class LangAEOptions(TrainOptions):
             raise ConfigError(f"--npy-layout must be 'hu' or 'mayo'; got {self.npy_layout!r}.")
         if self.slice_step < 1:
             raise ConfigError(f"--slice-step must be >= 1; got {self.slice_step}.")
+
+
+def check_noise_scale(value: Any) -> tuple[float, float] | None:
+    """``(lo, hi)`` noise factors with ``0 <= lo <= hi`` (finite), or None; else a ConfigError."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"The noise scale is two numbers LO HI; got {value!r}.") from exc
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi):
+        raise ConfigError(f"The noise scale needs 0 <= LO <= HI (finite); got {lo:g} {hi:g}.")
+    return lo, hi
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,10 +302,12 @@ class SeedOptions(TrainOptions, PairDataOptions):
     transplant_noise_onto: tuple[str, ...] = ()
     transplant_slice_step: int = 1
     transplant_variants: int = 2
+    noise_scale: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_pair_data()
+        object.__setattr__(self, "noise_scale", check_noise_scale(self.noise_scale))
         self._optional_paths("langae", "init")
         object.__setattr__(self, "transplant_noise_onto", tuple(os.fspath(p) for p in _as_tuple(self.transplant_noise_onto)))
         for name in ("transplant_slice_step", "transplant_variants"):

@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help=f"use every N-th slice of each --transplant-noise-onto CT (default {d('transplant_slice_step')})")
     add_option(parser, "--transplant-variants", type=int, metavar="N",
                help=f"pairs per slice, each with another donor's noise (default {d('transplant_variants')})")
+    add_option(parser, "--noise-scale", type=float, nargs=2, metavar=("LO", "HI"),
+               help="scale each training sample's noise (low - full) by a factor drawn from [LO, HI]: the same "
+                    "real noise texture at other doses (0.5 1 turns quarter-dose pairs into quarter to ~57 %% "
+                    "dose); validation pairs are never scaled (default: off)")
     add_train_arguments(parser, SeedOptions)
     model = parser.add_argument_group("denoiser and loss")
     add_option(model, "--backbone", choices=BACKBONES, help=f"denoiser (default {d('backbone')})")
@@ -312,7 +316,7 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
     device = ctx.device
     train_source, val_source, val_description = _pair_sources(options)
     data = make_stage_data(
-        PairedSliceDataset, train_source, val_source, options, ctx,
+        partial(PairedSliceDataset, noise_scale=options.noise_scale), train_source, val_source, options, ctx,
         source_summary=_data_summary(options, train_source, val_source),
         val_label="the training data", val_description=val_description,
     )
@@ -350,6 +354,7 @@ def _train(options: SeedOptions, ctx: Any, run: Any) -> int:
                       "weight_decay": options.weight_decay, "schedule": "cosine"},
         "window": options.window,
         "window_weight": options.window_weight,
+        "noise_scale": list(options.noise_scale) if options.noise_scale is not None else None,
         "world_size": ctx.world_size,
         "amp": amp.name,
     }

@@ -222,13 +222,19 @@ class PositionPools:
     index
         (b, rows, cols) LongTensor: the row of ``pool_ids`` of each position of the layer, ``-1``
         (or an empty pool) for a position without a pool (it does not contribute).
+    group
+        Optional (b, rows, cols) LongTensor of non-negative group labels that the semantic loss's
+        ``balance`` counts instead of the pools (e.g. each region's majority tissue class, so that
+        a rare tissue weighs more but a rare *mix* of common tissues does not); ``None``: the pools.
     """
 
     pool_ids: Tensor
     index: Tensor
+    group: Tensor | None = None
 
     def to(self, device: torch.device | str) -> PositionPools:
-        return PositionPools(self.pool_ids.to(device), self.index.to(device))
+        group = self.group.to(device) if self.group is not None else None
+        return PositionPools(self.pool_ids.to(device), self.index.to(device), group)
 
 
 def _pool_statistics(table: Tensor, sq_norms: Tensor, pool_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -346,7 +352,8 @@ def pyramid_semantic_loss(
         Exponent of the pool-frequency weights: in each layer a position whose pool ``k`` is
         held by ``c_k`` positions of the batch weighs ``c_k ** -balance`` (0: a plain mean;
         0.5: rare pools, such as soft tissue beside much air and fat, count more; 1: every
-        distinct pool counts the same). Weights are normalised to mean 1.
+        distinct pool counts the same). Weights are normalised to mean 1. Where a
+        :class:`PositionPools` has a ``group``, positions are counted by group instead of by pool.
 
     Returns
     -------
@@ -372,6 +379,12 @@ def pyramid_semantic_loss(
         losses = _PoolCrossEntropy.apply(x, table, sq_norms, pool_of[keep], mean, mean_sq, block)
         if balance:
             kept = pool_of[keep]
+            if isinstance(pool, PositionPools) and pool.group is not None:
+                group = pool.group.to(device=kept.device, dtype=torch.long)
+                if group.shape != (b, rows, cols) or (group.numel() and int(group.min()) < 0):
+                    raise ConfigError(f"Balance groups are non-negative labels of shape ({b}, {rows}, {cols}); "
+                                      f"got {tuple(group.shape)}.")
+                kept = group.reshape(-1)[keep]
             counts = torch.bincount(kept, minlength=int(kept.max()) + 1).to(losses.dtype)
             weights = counts[kept].pow(-float(balance))
             per_layer.append((losses * weights).sum() / weights.sum())
