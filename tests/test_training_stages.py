@@ -422,6 +422,14 @@ def test_langae_region_pixels_start_at_zero_and_train_with_the_word_head(data_di
         y[..., 16:32, 32:48] += 0.05  # now its neighbours' offsets move too, and nothing further away
         moved = (wider.region_pixels(y) - wider.region_pixels(x)).abs().sum(1)[0]
     assert moved[1, 2] > 0 and moved[0, 1] > 0 and moved[2, 3] > 0 and moved[3, 0] == 0
+    # and a 3 x 3 head given to --region-context 5 becomes the centre of the 5 x 5 kernel
+    widest = LangAE(dataclasses.replace(trained.config, region_context=5), codebook=codebook).eval()
+    state = wider.state_dict()
+    assert widest.region_pixels.adapt_state_dict(state, "region_pixels.") == [
+        "region_pixels.mlp.0.weight widened to 5 x 5 around the stored 3 x 3"]
+    widest.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(widest.region_pixels(y), wider.region_pixels(y), rtol=1e-5, atol=1e-4)
     assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--output", str(tmp_path / "c"),
                    "--region-context", "3"]) == 2  # the context of a head that is not there
     assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--output", str(tmp_path / "d"),

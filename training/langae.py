@@ -137,8 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "head is added at zero (the model tokenizes as before until trained); part of the word head")
     add_option(model, "--region-context", type=int, metavar="K",
                help="with --region-pixels: odd size of the head's first layer over the grid of latent positions; 3 "
-                    "also shows each position its eight neighbours' pixels (an --init head of size 1 becomes the "
-                    f"centre of the new kernel, the same function) (default {d('region_context')})")
+                    "also shows each position its eight neighbours' pixels (an --init head of a smaller size becomes "
+                    f"the centre of the new kernel, the same function) (default {d('region_context')})")
     add_option(model, "--train-part", choices=TRAIN_PARTS,
                help="with --init: train only the word head (words: the encoder layers after SEED's features and "
                     "quant_conv, on the semantic and commitment losses; the best checkpoint by validation word "

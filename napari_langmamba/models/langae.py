@@ -409,8 +409,8 @@ class RegionPixels(nn.Module):
     def adapt_state_dict(self, state: dict[str, Tensor], prefix: str) -> list[str]:
         """Make a LangAE state dict from before this head fit it, as the same function; returns what changed.
 
-        Without the head's weights, this head's own (output zero) are put in. A trained head of
-        context 1 given to a wider one becomes the centre tap of the wider first layer.
+        Without the head's weights, this head's own (output zero) are put in. A trained head of a
+        smaller context given to a wider one becomes the centre taps of the wider first layer.
         """
         own = self.state_dict()
         if not any(k.startswith(prefix) for k in state):
@@ -418,12 +418,12 @@ class RegionPixels(nn.Module):
             return [f"{prefix}* added at zero"]
         first, want = prefix + "mlp.0.weight", own["mlp.0.weight"]
         have = state.get(first)
-        if have is None or have.shape[:2] != want.shape[:2] or not have.shape[-1] == 1 < want.shape[-1]:
+        if have is None or have.shape[:2] != want.shape[:2] or not have.shape[-1] < want.shape[-1]:
             return []
-        k = want.shape[-1] // 2
+        n, k = have.shape[-1], (want.shape[-1] - have.shape[-1]) // 2
         state[first] = torch.zeros(want.shape, dtype=have.dtype)
-        state[first][..., k, k] = have[..., 0, 0]
-        return [f"{first} widened to {want.shape[-1]} x {want.shape[-1]} around the stored 1 x 1"]
+        state[first][..., k : k + n, k : k + n] = have
+        return [f"{first} widened to {want.shape[-1]} x {want.shape[-1]} around the stored {n} x {n}"]
 
 
 class LangAE(nn.Module):
