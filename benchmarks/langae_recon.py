@@ -75,6 +75,8 @@ def main() -> int:
     labels = args.label or [p.name for p in args.langae]
     if len(labels) != len(args.langae):
         raise SystemExit("Give one --label per --langae.")
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"Two LangAEs would share a row name ({', '.join(labels)}); name them with --label.")
     slices = validation_slices()
     rows = {label: measure(path, slices) for label, path in zip(labels, args.langae, strict=True)}
     print(f"LangAE reconstruction, L192 full dose ({len(slices)} slices, abdomen window)")
