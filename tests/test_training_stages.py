@@ -311,6 +311,10 @@ def test_langae_anatomy_prior_from_init_with_frozen_features(data_dir, minilm_la
     prior = training["semantic_prior"]
     assert prior["scorer"] == "anatomy" and prior["per"] == "region" and prior["min_share"] == 0.25
     assert prior["pool_balance"] == 0.5 and prior["balance_by"] == "class"
+    for flags in (["--balance-by", "class"], ["--balance-by", "class", "--pool-balance", "0.5", "--scorer", "none"]):
+        assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny",
+                       "--output", str(tmp_path / "refused"), *flags]) == 2  # nothing for it to weigh
+        assert not (tmp_path / "refused").exists()
     assert prior["class_words"] == class_words() and prior["skipped_words"] == []
     assert training["frozen"] == ["encoder.conv_in", "encoder.down[:-1]"] and training["loss"]["semantic"]
     assert training["init"]["path"] == str(minilm_langae_ckpt) and training["init"]["codebook"] == "minilm"

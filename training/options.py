@@ -258,6 +258,10 @@ class LangAEOptions(TrainOptions):
             raise ConfigError(f"--pool-balance must be in [0, 1]; got {self.pool_balance}.")
         if self.balance_by not in ("pool", "class"):
             raise ConfigError(f"--balance-by must be pool or class; got {self.balance_by!r}.")
+        if self.balance_by == "class" and (float(self.pool_balance) == 0 or self.candidates is not None
+                                           or self.scorer != "anatomy"):
+            raise ConfigError("--balance-by class weighs the anatomy prior's tissue classes: it needs --pool-balance "
+                              "above 0 and the anatomy scorer (no --candidates, --scorer anatomy).")
         for name in ("alpha", "beta", "gamma", "eta", "base_lr"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value >= 0.0):
