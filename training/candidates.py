@@ -68,7 +68,7 @@ from torch import Tensor
 
 from napari_langmamba.errors import CheckpointError, ConfigError
 from training.config import add_config_argument, add_option, options_to_dict, resolve_options
-from training.options import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, CandidateOptions
+from training.options import BALANCE_BY, DEFAULT_PROMPT, DEFAULT_THRESHOLDS, CandidateOptions
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +262,6 @@ def anatomy_word_classes(codebook: Any) -> Tensor | None:
         table[torch.as_tensor(ids, dtype=torch.long)] = value
     return table
 
-
-BALANCE_BY = ("pool", "class")
 
 
 class AnatomyScorer:

@@ -72,7 +72,7 @@ from training.common import (
 )
 from training.config import add_option
 from training.datasets import NDCTDataset
-from training.options import SCORERS, TRAIN_PARTS, LangAEOptions
+from training.options import BALANCE_BY, SCORERS, TRAIN_PARTS, LangAEOptions
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="weigh each position of the semantic loss by (positions sharing its pool) ** -P, so that rare "
                     f"tissues are not outvoted by air and fat; 0 = plain mean, 1 = every pool equal (default "
                     f"{d('pool_balance')})")
-    add_option(model, "--balance-by", choices=("pool", "class"),
+    add_option(model, "--balance-by", choices=BALANCE_BY,
                help="what --pool-balance counts: each pool (combination of tissue classes) or each region's most "
                     "frequent tissue class, so that rare tissues (blood, bone) weigh more but rare mixes of common "
                     f"ones (fat at the skin's edge) do not (anatomy scorer; default {d('balance_by')})")

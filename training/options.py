@@ -55,6 +55,7 @@ AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 SCORERS = ("anatomy", "none")
 # What a langae run trains: everything, only the word head (quant_conv) or only the decoder side
 TRAIN_PARTS = ("all", "words", "decoder")
+BALANCE_BY = ("pool", "class")  # what the anatomy prior's --pool-balance counts: pools or majority classes
 BACKBONES = ("seed", "redcnn")
 BASELINES = ("gaussian", "nlm", "bm3d")
 DEFAULT_THRESHOLDS = (0.95, 0.9, 0.8)
@@ -256,8 +257,8 @@ class LangAEOptions(TrainOptions):
             raise ConfigError(f"--train-part {self.train_part} fine-tunes part of a trained LangAE: give it with --init DIR.")
         if not 0.0 <= float(self.pool_balance) <= 1.0:
             raise ConfigError(f"--pool-balance must be in [0, 1]; got {self.pool_balance}.")
-        if self.balance_by not in ("pool", "class"):
-            raise ConfigError(f"--balance-by must be pool or class; got {self.balance_by!r}.")
+        if self.balance_by not in BALANCE_BY:
+            raise ConfigError(f"--balance-by must be one of {', '.join(BALANCE_BY)}; got {self.balance_by!r}.")
         if self.balance_by == "class" and (float(self.pool_balance) == 0 or self.candidates is not None
                                            or self.scorer != "anatomy"):
             raise ConfigError("--balance-by class weighs the anatomy prior's tissue classes: it needs --pool-balance "
