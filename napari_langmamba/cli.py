@@ -129,6 +129,7 @@ class DenoiseResult:
     seconds_write: float
     model: dict
     strength: float = DEFAULT_STRENGTH
+    self_ensemble: bool = False
 
     @property
     def seconds_total(self) -> float:
@@ -148,13 +149,15 @@ def denoise_file(
     overwrite: bool = False,
     quiet: bool = False,
     strength: float = DEFAULT_STRENGTH,
+    self_ensemble: bool = False,
 ) -> DenoiseResult:
     """Read a CT, denoise it and write the result (the ``denoise`` command without argv).
 
     The output never replaces its input: see :func:`check_output`. A DICOM input written as
     DICOM becomes a derived series of it (new UIDs, same geometry, the model in
     SeriesDescription). ``strength`` (percent) keeps that much of the model's change:
-    ``input + strength/100 * (denoised - input)``.
+    ``input + strength/100 * (denoised - input)``. ``self_ensemble`` averages the model over
+    the 8 flips and rotations of each slice (8 times the time).
     """
     from napari_langmamba import io
     from napari_langmamba.inference import DEFAULT_TILE, Denoiser
@@ -179,7 +182,8 @@ def denoise_file(
     read_done = time.perf_counter()
     _warn_unseen_kernel(denoiser, volume)
     hu = _drive(
-        denoiser.iter_denoise(volume.hu, batch_size=batch_size, tile=tile or DEFAULT_TILE),
+        denoiser.iter_denoise(volume.hu, batch_size=batch_size, tile=tile or DEFAULT_TILE,
+                              self_ensemble=self_ensemble),
         desc="denoising",
         unit="img",
         quiet=quiet,
@@ -207,6 +211,7 @@ def denoise_file(
         seconds_write=write_done - denoise_done,
         model=dict(denoiser.info),
         strength=strength,
+        self_ensemble=bool(self_ensemble),
     )
 
 
@@ -233,10 +238,12 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
         strength=args.strength,
+        self_ensemble=args.self_ensemble,
     )
     print(
         f"Denoised {result.n_slices} slice(s) with {result.model.get('kind')} "
-        f"{result.model.get('preset') or ''} at {result.strength:g}% strength on {result.model.get('device')} in "
+        f"{result.model.get('preset') or ''}{' (self-ensemble of 8)' if result.self_ensemble else ''} "
+        f"at {result.strength:g}% strength on {result.model.get('device')} in "
         f"{result.seconds_denoise:.1f} s ({result.seconds_total:.1f} s in all); "
         f"wrote {result.format} to {result.output}"
     )
@@ -471,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PCT",
         help="denoising strength in percent, 0-100: output = input + PCT/100 x (denoised - input), "
         "e.g. 50 keeps half of the original texture (default: %(default)g)",
+    )
+    denoise.add_argument(
+        "--self-ensemble",
+        action="store_true",
+        help="average the model over the 8 flips and 90-degree rotations of each slice: 8 times the time, "
+        "a slightly better estimate (+0.1 dB PSNR for the bundled model on its validation patient)",
     )
     denoise.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     denoise.set_defaults(func=cmd_denoise)

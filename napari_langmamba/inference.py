@@ -291,12 +291,14 @@ class Denoiser:
         batch_size: int | None = None,
         tile: int = DEFAULT_TILE,
         overlap: int | None = None,
+        self_ensemble: bool = False,
     ) -> np.ndarray:
         """Denoise a slice ``(y, x)`` or a volume ``(z, y, x)`` in HU; float32 HU, same shape.
 
         See :meth:`iter_denoise` for the parameters.
         """
-        return run(self.iter_denoise(hu, batch_size=batch_size, tile=tile, overlap=overlap))
+        return run(self.iter_denoise(hu, batch_size=batch_size, tile=tile, overlap=overlap,
+                                     self_ensemble=self_ensemble))
 
     def iter_denoise(
         self,
@@ -305,6 +307,7 @@ class Denoiser:
         batch_size: int | None = None,
         tile: int = DEFAULT_TILE,
         overlap: int | None = None,
+        self_ensemble: bool = False,
     ) -> Generator[Progress, None, np.ndarray]:
         """Denoise as a generator: yields :class:`Progress` per batch, returns the result.
 
@@ -322,6 +325,10 @@ class Denoiser:
             Overlap of neighbouring tiles in pixels. Pixels in its outer quarter are dropped, so
             that quarter should exceed the network's receptive-field radius for exact blending.
             ``None``: :data:`DEFAULT_OVERLAP`, reduced to fit small tiles.
+        self_ensemble
+            Run the model on the 8 flips and 90-degree rotations of each input and average the
+            8 outputs, each turned back (:data:`SELF_ENSEMBLE`): 8 times the time for a
+            slightly better estimate (+0.1 dB PSNR for the bundled model on L192).
 
         Yields
         ------
@@ -367,7 +374,7 @@ class Denoiser:
                     pending[z] = self._prepare_slice(volume[z], plan)
                 th, tw = plan.tile_shape
                 inputs.append(pending[z][0][r : r + th, c : c + tw])
-            outputs = self._run_batch(np.stack(inputs))  # (b, th, tw) in HU
+            outputs = self._run_batch(np.stack(inputs), self_ensemble=self_ensemble)  # (b, th, tw) in HU
             for (z, start), out in zip(batch, outputs, strict=True):
                 norm, acc, wsum = pending[z]
                 if not plan.tiled:
@@ -403,7 +410,7 @@ class Denoiser:
         norm = self.normalization
         return hu_slice - np.clip(hu_slice, norm.hu_min, norm.hu_max)
 
-    def _run_batch(self, norm: np.ndarray) -> np.ndarray:
+    def _run_batch(self, norm: np.ndarray, *, self_ensemble: bool = False) -> np.ndarray:
         """``(b, h, w)`` normalised -> ``(b, h, w)`` HU, float32."""
         import torch
 
@@ -413,21 +420,47 @@ class Denoiser:
             if self.amp_dtype is not None
             else contextlib.nullcontext()
         )
+        transforms = SELF_ENSEMBLE if self_ensemble else SELF_ENSEMBLE[:1]
         # One thread at a time per model: modules are not re-entrant across threads.
         with self._lock, torch.inference_mode(), autocast:
-            y = self.model(x)
-        if isinstance(y, (tuple, list)):  # tolerate models returning (image, extras)
-            y = y[0]
-        if tuple(y.shape) != tuple(x.shape):
-            raise CheckpointError(
-                f"The model returned shape {tuple(y.shape)} for an input of shape {tuple(x.shape)}; "
-                "this checkpoint is not an image-to-image denoiser."
-            )
+            y = None
+            for quarter_turns, flip in transforms:
+                out = self._model_output(_dihedral(x, quarter_turns, flip), shape=x.shape)
+                out = _dihedral(out.float(), quarter_turns, flip, inverse=True)
+                y = out if y is None else y + out
+            y = y / len(transforms)
         # The model predicts within its normalisation range (its targets were clipped to it); what lies
         # outside comes back from the input (_outside_range), so a prediction past the edge would
         # count twice, e.g. shift air at -1024 HU further down.
         hu = self.normalization.to_hu(y.float()[:, 0].clamp(0.0, 1.0))  # (b, h, w)
         return hu.cpu().numpy().astype(np.float32, copy=False)
+
+    def _model_output(self, x: torch.Tensor, *, shape: tuple[int, ...]) -> torch.Tensor:
+        """The model on ``x``, checked to be an image of ``x``'s shape (``shape``: the untransformed input's)."""
+        y = self.model(x)
+        if isinstance(y, (tuple, list)):  # tolerate models returning (image, extras)
+            y = y[0]
+        if tuple(y.shape) != tuple(x.shape):
+            raise CheckpointError(
+                f"The model returned shape {tuple(y.shape)} for an input of shape {tuple(shape)}; "
+                "this checkpoint is not an image-to-image denoiser."
+            )
+        return y
+
+
+SELF_ENSEMBLE: tuple[tuple[int, bool], ...] = tuple((k, flip) for flip in (False, True) for k in range(4))
+"""(quarter turns, left-right flip) of the 8 inputs a self-ensemble averages; the first is the identity."""
+
+
+def _dihedral(x: torch.Tensor, quarter_turns: int, flip: bool, *, inverse: bool = False) -> torch.Tensor:
+    """Flip the last axis (if ``flip``), then turn the last two by ``quarter_turns``; or undo both."""
+    import torch
+
+    if not inverse:
+        x = torch.flip(x, dims=(-1,)) if flip else x
+        return torch.rot90(x, quarter_turns, dims=(-2, -1)) if quarter_turns else x
+    x = torch.rot90(x, -quarter_turns, dims=(-2, -1)) if quarter_turns else x
+    return torch.flip(x, dims=(-1,)) if flip else x
 
 
 def trained_kernels(meta: dict) -> list[str] | None:

@@ -252,6 +252,18 @@ def test_strength_flag_blends_input_and_model_output(series_dir, ckpt, tmp_path,
     assert np.abs(outputs["50"] - original.hu).max() > 1.0
 
 
+def test_self_ensemble_flag_writes_the_averaged_model_output(series_dir, ckpt, tmp_path, capsys):
+    original = read_ct(series_dir)
+    averaged = Denoiser.load(ckpt, device="cpu").denoise(original.hu, self_ensemble=True)
+    plain = Denoiser.load(ckpt, device="cpu").denoise(original.hu)
+    out = tmp_path / "se.npy"
+    argv = ["denoise", str(series_dir), "-o", str(out), "--weights", str(ckpt), "--device", "cpu", "-q"]
+    assert cli.main([*argv, "--self-ensemble"]) == 0
+    assert "(self-ensemble of 8)" in capsys.readouterr().out
+    np.testing.assert_array_equal(read_ct(out).hu, averaged)
+    assert np.abs(averaged - plain).max() > 0.1
+
+
 def test_strength_is_named_in_the_derived_series_description(series_dir, ckpt, tmp_path):
     out = tmp_path / "derived"
     argv = ["denoise", str(series_dir), "-o", str(out), "--weights", str(ckpt), "--device", "cpu", "-q"]

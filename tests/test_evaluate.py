@@ -251,6 +251,39 @@ def test_cli_compares_input_tuned_baselines_and_labelled_models(tmp_path, capsys
     assert f"gaussian: dose 25%: sigma_px={sigma:g}" in capsys.readouterr().out
 
 
+def test_self_ensemble_adds_a_row_per_model_with_the_averaged_model(tmp_path, capsys):
+    import torch
+
+    from napari_langmamba.checkpoint import save_checkpoint
+    from napari_langmamba.inference import Denoiser
+    from napari_langmamba.models.redcnn import REDCNN, REDCNNConfig
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m", REDCNN(REDCNNConfig.preset("tiny")), kind="redcnn")
+    manifest = _manifest(tmp_path)
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = ["--manifest", str(manifest), "--val-patients", "V", "--weights", f"M={ckpt}", "--self-ensemble",
+            "--device", "cpu", "--metrics", "psnr", "--out", str(tmp_path / "out")]
+    assert evaluate.main(parser.parse_args(args)) == 0
+    assert "| M + self-ensemble |" in capsys.readouterr().out
+    data = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert data["methods"] == ["low-dose", "M", "M + self-ensemble"]
+    assert data["info"]["models"] == {"M": str(ckpt), "M + self-ensemble": str(ckpt)}
+    denoiser = Denoiser.load(ckpt, device="cpu")
+    lows = [low for _k, low, _f in _Patient(seed=20).items]
+    fulls = [full for _k, _l, full in _Patient(seed=20).items]
+    plain = [metrics.psnr(denoiser.denoise(low[None])[0], full) for low, full in zip(lows, fulls, strict=True)]
+    averaged = [metrics.psnr(denoiser.denoise(low[None], self_ensemble=True)[0], full)
+                for low, full in zip(lows, fulls, strict=True)]
+    rows = {m: [r["psnr"] for r in data["per_slice"] if r["method"] == m] for m in ("M", "M + self-ensemble")}
+    assert rows["M"] == pytest.approx(plain, rel=1e-5)
+    assert rows["M + self-ensemble"] == pytest.approx(averaged, rel=1e-5)
+    assert rows["M"] != pytest.approx(rows["M + self-ensemble"], rel=1e-4)  # another estimate
+    with pytest.raises(ConfigError, match="--self-ensemble averages a model"):
+        evaluate.main(parser.parse_args(["--manifest", str(manifest), "--self-ensemble"]))
+
+
 def test_baselines_are_never_tuned_on_the_evaluated_patients(tmp_path):
     manifest = _manifest(tmp_path)
     parser = argparse.ArgumentParser()

@@ -255,16 +255,19 @@ def test_checkpoint_normalisation_is_used(tmp_path):
     assert np.abs(out_a - denoiser_b.denoise(hu)).max() > 1.0
 
 
-def test_iter_denoise_reports_each_batch(redcnn_ckpt):
-    denoiser = Denoiser.load(redcnn_ckpt, device="cpu")
-    gen = denoiser.iter_denoise(phantom((5, 32, 32)), batch_size=2)
+def drain(gen) -> tuple[list, np.ndarray]:
+    """(the events, the result) of an ``iter_denoise`` generator."""
     events = []
     while True:
         try:
             events.append(next(gen))
         except StopIteration as stop:
-            result = stop.value
-            break
+            return events, stop.value
+
+
+def test_iter_denoise_reports_each_batch(redcnn_ckpt):
+    denoiser = Denoiser.load(redcnn_ckpt, device="cpu")
+    events, result = drain(denoiser.iter_denoise(phantom((5, 32, 32)), batch_size=2))
     assert all(isinstance(e, Progress) for e in events)
     assert [(e.done, e.total) for e in events] == [(0, 5), (2, 5), (4, 5), (5, 5)]
     assert result.shape == (5, 32, 32)
@@ -291,6 +294,51 @@ def test_closing_the_generator_stops_the_work():
     assert model.calls == 1
     with pytest.raises(StopIteration):
         next(gen)
+
+
+class ColumnRamp(torch.nn.Module):
+    """Adds ``step`` x (column index): the same at every flip and rotation only once averaged."""
+
+    def __init__(self, step: float) -> None:
+        super().__init__()
+        self.step = step
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return x + self.step * torch.arange(x.shape[-1], dtype=x.dtype)
+
+
+def test_self_ensemble_averages_the_eight_flips_and_rotations_each_turned_back():
+    # 64 x 48: the turned inputs are 48 x 64, so the model sees both orientations.
+    hu = np.full((2, 64, 48), 40.0, np.float32)
+    model = ColumnRamp(step=1e-4)
+    denoiser = Denoiser(model, device="cpu")
+    hu_per_unit = denoiser.normalization.hu_max - denoiser.normalization.hu_min
+    plain = denoiser.denoise(hu)
+    np.testing.assert_allclose(plain[0, 5], 40.0 + 1e-4 * hu_per_unit * np.arange(48), atol=1e-3)
+    assert model.shapes == [(1, 1, 64, 48)] * 2
+    model.shapes.clear()
+    ensemble = denoiser.denoise(hu, self_ensemble=True)
+    # Each of the 8 outputs, turned back, holds a ramp along one axis, one way or the other: the
+    # column ramp twice each way and the row ramp twice each way. Their mean is the same at every
+    # pixel: 1e-4 x ((48 - 1) / 2 + (64 - 1) / 2) / 2 model units.
+    expected = 40.0 + 1e-4 * hu_per_unit * ((48 - 1) / 2 + (64 - 1) / 2) / 2
+    np.testing.assert_allclose(ensemble, expected, atol=1e-3)
+    assert sorted(set(model.shapes)) == [(1, 1, 48, 64), (1, 1, 64, 48)]
+    assert len(model.shapes) == 2 * 8
+
+
+def test_self_ensemble_of_a_real_model_stays_close_and_keeps_progress(redcnn_ckpt):
+    denoiser = Denoiser.load(redcnn_ckpt, device="cpu")
+    hu = phantom((3, 48, 48))
+    events, ensemble = drain(denoiser.iter_denoise(hu, batch_size=2, self_ensemble=True))
+    assert [(e.done, e.total) for e in events] == [(0, 3), (2, 3), (3, 3)]
+    plain = denoiser.denoise(hu)
+    change = np.abs(plain - hu).mean()
+    assert change > 20.0  # the random network changes the phantom...
+    differs = np.abs(ensemble - plain).mean()
+    assert 0.0 < differs < change  # ...and the ensemble, another estimate, stays nearer its members
 
 
 @pytest.mark.parametrize(

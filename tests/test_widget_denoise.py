@@ -95,6 +95,7 @@ def test_run_adds_a_linked_layer(viewer_widget, qtbot, ckpt):
         "slice_index": None,
         "tile": 512,
         "strength": 100.0,
+        "self_ensemble": False,
     }
     assert meta["strength_percent"] == 100.0
     assert meta["input_layer"] == "ct"
@@ -303,6 +304,22 @@ def test_strength_blends_and_changing_it_never_runs_the_model_again(viewer_widge
     assert "30%" in description and "phantom" in description
 
 
+def test_self_ensemble_box_gives_the_averaged_model_and_records_it(viewer_widget, qtbot, ckpt):
+    viewer, widget, layer = viewer_widget
+    averaged = Denoiser.load(ckpt, device="cpu").denoise(layer.data, self_ensemble=True)
+    plain = Denoiser.load(ckpt, device="cpu").denoise(layer.data)
+    widget.ensemble_check.setChecked(True)
+    widget.run()
+    assert not widget.ensemble_check.isEnabled()  # fixed while the model runs
+    wait_idle(qtbot, widget)
+    assert widget.state is WorkerState.DONE, widget.status_label.text()
+    assert widget.ensemble_check.isEnabled()
+    out = widget.result_layer
+    np.testing.assert_allclose(out.data, averaged, atol=1e-3)
+    assert np.abs(out.data - plain).max() > 0.1
+    assert out.metadata["denoise"]["settings"]["self_ensemble"] is True
+
+
 # --- settings that stick -------------------------------------------------------------------------
 def test_settings_persist_across_two_widget_instances_and_reset(make_napari_viewer, ckpt):
     from napari_langmamba.widgets import _settings
@@ -310,11 +327,14 @@ def test_settings_persist_across_two_widget_instances_and_reset(make_napari_view
     first = DenoiseWidget(make_napari_viewer())
     default_batch = first.batch_spin.value()
     assert default_batch != 7 and first.strength_spin.value() == 100
-    assert set(first.persisted) == {"weights_combo", "weights_path", "device_combo", "batch_spin", "strength_spin"}
+    assert set(first.persisted) == {"weights_combo", "weights_path", "device_combo", "batch_spin", "strength_spin",
+                                    "ensemble_check"}
+    assert not first.ensemble_check.isChecked()
     first.set_weights(ckpt)
     first.device_combo.setCurrentText("cpu")
     first.batch_spin.setValue(7)
     first.strength_spin.setValue(40)
+    first.ensemble_check.setChecked(True)
     assert _settings.settings_path().is_file()  # the temporary location of this test (conftest)
 
     second = DenoiseWidget(make_napari_viewer())  # a later napari session
@@ -322,11 +342,12 @@ def test_settings_persist_across_two_widget_instances_and_reset(make_napari_view
     assert second.weights_path.text() == str(ckpt)
     assert second.device_combo.currentText() == "cpu"
     assert second.batch_spin.value() == 7 and second.strength_spin.value() == 40
+    assert second.ensemble_check.isChecked()
 
     second.reset_button.click()
     assert second.weights_combo.currentData() == "default" and second.weights_path.text() == ""
     assert second.strength_spin.value() == 100 and second.batch_spin.value() == default_batch
-    assert second.device_combo.currentText() == "auto"
+    assert second.device_combo.currentText() == "auto" and not second.ensemble_check.isChecked()
     third = DenoiseWidget(make_napari_viewer())
     assert third.strength_spin.value() == 100 and third.weights_combo.currentData() == "default"
 

@@ -44,23 +44,28 @@ Denoise = Callable[[np.ndarray], np.ndarray]
 """HU volume ``(z, y, x)`` -> HU volume of the same shape."""
 
 INPUT_METHOD = "low-dose"
+SELF_ENSEMBLE_SUFFIX = " + self-ensemble"
 CSV_NAME = "evaluation.csv"
 JSON_NAME = "evaluation.json"
 _METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "fsim": "FSIM"}
 _METRIC_DIGITS = {"psnr": 2, "ssim": 4, "fsim": 4}
 
 
-def load_checkpoint_denoiser(checkpoint: str | os.PathLike, *, device: str = "auto") -> Denoise:
+def load_checkpoint_denoiser(checkpoint: str | os.PathLike, *, device: str = "auto",
+                             self_ensemble: bool = False) -> Denoise:
     """The hook that turns a checkpoint (or run folder) into a ``denoise`` callable.
 
     Wraps :meth:`napari_langmamba.inference.Denoiser.load` (the same loading, tiling and
-    device handling the plugin uses) and returns its ``denoise`` method.
+    device handling the plugin uses) and returns its ``denoise`` method (averaged over the 8
+    flips and rotations of each slice with ``self_ensemble``).
     """
     try:
         from napari_langmamba.inference import Denoiser
     except ImportError as exc:  # the inference module or torch missing from the installation
         raise DependencyError(f"Evaluating a checkpoint needs napari_langmamba.inference and torch: {exc}") from exc
     denoiser = Denoiser.load(checkpoint, device=device)
+    if self_ensemble:
+        return lambda hu: denoiser.denoise(hu, self_ensemble=True)
     return denoiser.denoise
 
 
@@ -462,6 +467,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--method-name", dest="method_name", help="name of the --checkpoint's rows (default 'model')")
     add_option(parser, "--weights", nargs="+", action="extend", metavar="[LABEL=]PATH",
                help="more model checkpoints (or run folders) to compare, each with its label; repeatable")
+    add_option(parser, "--self-ensemble", dest="self_ensemble", action="store_true",
+               help=f"also evaluate each model averaged over the 8 flips and rotations of every slice, as rows "
+                    f"'LABEL{SELF_ENSEMBLE_SUFFIX}' (8 times the model's time)")
     add_option(parser, "--baselines", nargs="+", metavar="NAME",
                help=f"classical filters to compare, e.g. gaussian,nlm,bm3d ({', '.join(BASELINES)}); their "
                     "parameters are tuned by a small grid (best PSNR on the window) on --tune-patients")
@@ -584,9 +592,13 @@ def main(args: argparse.Namespace) -> int:
     for spec in specs:
         label, path = _model_label(spec)
         models[label] = load_checkpoint_denoiser(path, device=options.device)
+        if options.self_ensemble:
+            models[label + SELF_ENSEMBLE_SUFFIX] = load_checkpoint_denoiser(path, device=options.device,
+                                                                            self_ensemble=True)
     info = {"options": options_to_dict(options), "data": pair_summary(pairs),
-            "baselines": baseline_record, "models": {label: _model_label(spec)[1] for spec in specs
-                                                     for label in [_model_label(spec)[0]]},
+            "baselines": baseline_record,
+            "models": {label + suffix: path for label, path in map(_model_label, specs)
+                       for suffix in ("", SELF_ENSEMBLE_SUFFIX)[: 1 + options.self_ensemble]},
             "notes": notes}
     from tqdm import tqdm
 

@@ -427,7 +427,8 @@ class EvaluateOptions(PairDataOptions):
     ``--manifest``, ``--simulate-from``); ``val_patients`` chooses the patients evaluated.
     Methods: the low-dose input, the ``baselines`` (tuned on ``tune_patients``, or read from
     ``tuned``), and each model: ``checkpoint`` (named ``method_name``) and ``weights``
-    (``[LABEL=]PATH``, repeatable).
+    (``[LABEL=]PATH``, repeatable), with ``self_ensemble`` also averaged over the 8 flips and
+    rotations of each slice.
     """
 
     data: str | None = None
@@ -435,6 +436,7 @@ class EvaluateOptions(PairDataOptions):
     checkpoint: str | None = None
     method_name: str = "model"
     weights: tuple[str, ...] = ()
+    self_ensemble: bool = False
     baselines: tuple[str, ...] = ()
     tune_patients: tuple[str, ...] = ()
     tune_slices: int = 4
@@ -469,6 +471,8 @@ class EvaluateOptions(PairDataOptions):
                               "--manifest CSV or --simulate-from CT.")
         if not 0.0 <= float(self.held_out) < 1.0:
             raise ConfigError(f"--held-out is a fraction in [0, 1); got {self.held_out!r}.")
+        if self.self_ensemble and self.checkpoint is None and not self.weights:
+            raise ConfigError("--self-ensemble averages a model's outputs: give the model with --checkpoint or --weights.")
         if self.baselines and not (self.tune_patients or self.tuned):
             raise ConfigError("--baselines are tuned on training patients: give --tune-patients (e.g. "
                               "L096,L143,L286) or --tuned EVALUATION.json of an earlier run.")

@@ -39,6 +39,7 @@ import numpy as np
 from napari.layers import Image
 from napari.qt.threading import GeneratorWorker
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QHBoxLayout,
@@ -88,6 +89,7 @@ class DenoiseSettings:
     slice_index: int | None
     tile: int = DEFAULT_TILE
     strength: float = DEFAULT_STRENGTH
+    self_ensemble: bool = False
 
 
 def _denoise_job(
@@ -97,7 +99,8 @@ def _denoise_job(
     yield Progress(0, 0, "Loading the model...")
     denoiser = Denoiser.load(settings.weights, device=settings.device)
     start = time.perf_counter()
-    hu = yield from denoiser.iter_denoise(data, batch_size=settings.batch_size, tile=settings.tile)
+    hu = yield from denoiser.iter_denoise(data, batch_size=settings.batch_size, tile=settings.tile,
+                                          self_ensemble=settings.self_ensemble)
     return hu, dict(denoiser.info), time.perf_counter() - start
 
 
@@ -145,6 +148,8 @@ class DenoiseWidget(WidgetBase):
         self.strength_spin.setSuffix(" %")
         self.strength_spin.setValue(int(DEFAULT_STRENGTH))
 
+        self.bind("ensemble_check", QCheckBox("Self-ensemble (8 x the time)"), label="Quality")
+
         buttons = QHBoxLayout()
         self.bind("run_button", QPushButton("Run"), add=False)
         self.bind("cancel_button", QPushButton("Cancel"), add=False)
@@ -170,7 +175,7 @@ class DenoiseWidget(WidgetBase):
         layers.events.moved.connect(self._refresh_layers)
         self._refresh_layers()
         self._sync_controls()
-        self.persist("weights_combo", "weights_path", "device_combo", "batch_spin", "strength_spin")
+        self.persist("weights_combo", "weights_path", "device_combo", "batch_spin", "strength_spin", "ensemble_check")
         try:
             resolve_weights("default")
         except CheckpointError as exc:  # say so now rather than at the first Run
@@ -208,6 +213,7 @@ class DenoiseWidget(WidgetBase):
             self.device_combo,
             self.batch_spin,
             self.scope_combo,
+            self.ensemble_check,
         ):
             control.setEnabled(not running)
         self.run_button.setEnabled(not running and self.layer_combo.count() > 0)
@@ -269,6 +275,7 @@ class DenoiseWidget(WidgetBase):
             scope=scope,
             slice_index=slice_index,
             strength=float(self.strength_spin.value()),
+            self_ensemble=self.ensemble_check.isChecked(),
         )
 
     def _current_slice(self, layer: Image) -> int:
