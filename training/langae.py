@@ -393,9 +393,11 @@ class LangAEStep:
         from training.gan import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 
         options, zero = self.options, x.new_zeros(())
-        recon, pyramid = self.ddp_model(x)
-        rec = F.mse_loss(recon.float(), x)
-        p_loss = self.perceptual(recon.float(), x) if self.perceptual is not None else zero
+        words_only = options.train_part == "words"
+        # The word head's loss has no reconstruction term: the decoder (half the step's work) is skipped.
+        recon, pyramid = self.ddp_model(x, decode=not words_only)
+        rec = zero if words_only else F.mse_loss(recon.float(), x)
+        p_loss = self.perceptual(recon.float(), x) if self.perceptual is not None else zero  # never with words
         nll = rec + options.eta * p_loss
         g_loss, d_weight = zero, zero
         if gan_on:
@@ -410,7 +412,7 @@ class LangAEStep:
         if layer_pools is not None:
             sem = pyramid_semantic_loss([e.float() for e in pyramid.layer_embeddings],
                                         self.model.quantizer.codebook, layer_pools, balance=self.prior.balance)
-            if options.train_part == "words":  # only the word head trains: its own two terms, no omega
+            if words_only:  # only the word head trains: its own two terms, no omega
                 total = commit + options.alpha * sem
             elif float(sem.detach()) > 0:
                 omega = (vq / sem).detach()
@@ -419,8 +421,11 @@ class LangAEStep:
         if gan_on:
             logits = self.ddp_disc(torch.cat([x, recon.detach().float()]))  # real and fake in one pass
             d_loss = hinge_d_loss(logits[: x.shape[0]], logits[x.shape[0]:])
-        return {"loss": total, "recon": rec, "commit": commit, "semantic": sem, "perceptual": p_loss,
-                "gan_g": g_loss, "gan_weight": d_weight, "gan_d": d_loss}
+        losses = {"loss": total, "recon": rec, "commit": commit, "semantic": sem, "perceptual": p_loss,
+                  "gan_g": g_loss, "gan_weight": d_weight, "gan_d": d_loss}
+        if words_only:  # no reconstruction to log (validation still measures it)
+            del losses["recon"], losses["perceptual"]
+        return losses
 
     def apply(self, total: torch.Tensor, d_loss: torch.Tensor, gan_on: bool) -> None:
         """Backward and optimizer steps (the discriminator's after the generator's)."""

@@ -467,10 +467,10 @@ class LangAE(nn.Module):
         """Quantized latent (b, codebook_dim, h', w') -> image (b, 1, 16 h', 16 w')."""
         return self.decoder(self.post_quant_conv(z_q))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, PyramidOutput]:
-        """``(reconstruction, pyramid)`` of an image batch in [0, 1]."""
+    def forward(self, x: Tensor, *, decode: bool = True) -> tuple[Tensor | None, PyramidOutput]:
+        """``(reconstruction, pyramid)`` of an image batch in [0, 1]; ``(None, pyramid)`` without ``decode``."""
         pyramid = self.quantize(self.encode(x))
-        return self.decode(pyramid.z_q), pyramid
+        return (self.decode(pyramid.z_q) if decode else None), pyramid
 
     @torch.no_grad()
     def tokens(self, x: Tensor) -> PyramidOutput:
