@@ -414,6 +414,24 @@ def test_langae_region_pixels_start_at_zero_and_train_with_the_word_head(data_di
     assert ckpt.config["region_pixels"] is True and build_model(ckpt).region_pixels is not None
     assert "region_pixels" not in ckpt.meta["training"]["frozen"]
 
+    # --train-part region: the head alone moves, on the semantic and commitment losses
+    region = tmp_path / "region"
+    assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--codebook", "words:minilm",
+                   "--epochs", "1", "--batch-size", "2", "--patch-size", "32", "--val-fraction", "0.2", "--gamma", "0",
+                   "--output", str(region), "--init", str(run / "last"), "--train-part", "region", "--alpha", "1",
+                   "--lr", "1e-2", "--region-pixels"]) == 0
+    again = load_file(str(region / "last" / "model.safetensors"))
+    moved_keys = {k for k in after if not torch.equal(after[k], again[k])}
+    assert moved_keys and all(k.startswith("region_pixels.") for k in moved_keys)
+    assert load_checkpoint(region / "last").meta["training"]["frozen"] == [
+        "encoder", "quant_conv", "post_quant_conv", "decoder"]
+    records = [r for r in read_metrics(region) if r["kind"] == "train"]
+    assert records and all(r["losses"]["loss"] == pytest.approx(r["losses"]["commit"] + r["losses"]["semantic"],
+                                                                rel=1e-5) for r in records)
+    assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--codebook", "words:minilm",
+                   "--output", str(tmp_path / "e"), "--init", str(run / "last"), "--train-part", "region"]) == 2
+    assert not (tmp_path / "e").exists()  # no head to train without --region-pixels
+
     # A trained 1 x 1 head widened to see the neighbours (--region-context 3) starts as the same function.
     trained = build_model(ckpt)
     wider = LangAE(dataclasses.replace(trained.config, region_context=3), codebook=codebook).eval()

@@ -72,7 +72,7 @@ from training.common import (
 )
 from training.config import add_option
 from training.datasets import NDCTDataset
-from training.options import BALANCE_BY, SCORERS, TRAIN_PARTS, LangAEOptions
+from training.options import BALANCE_BY, SCORERS, TRAIN_PARTS, WORD_PARTS, LangAEOptions
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(model, "--train-part", choices=TRAIN_PARTS,
                help="with --init: train only the word head (words: the encoder layers after SEED's features and "
                     "quant_conv, on the semantic and commitment losses; the best checkpoint by validation word "
-                    "agreement) or only the decoder side (decoder: "
+                    "agreement), only the region-pixel head (region: the same losses, the whole encoder frozen, "
+                    "so a step costs a fraction) or only the decoder side (decoder: "
                     f"post_quant_conv and decoder, on the reconstruction), the rest frozen (default {d('train_part')})")
     loss = parser.add_argument_group("loss and optimizer")
     add_option(loss, "--alpha", type=float, help=f"weight of the semantic loss (default {d('alpha')})")
@@ -275,6 +276,7 @@ def freeze_features(model: Any) -> list[str]:
 # What each --train-part freezes (every other layer trains). The word head is every layer between
 # the features SEED uses and the words (the quantizer has no parameters: its codebook is frozen).
 FROZEN_MODULES = {"words": ("encoder.conv_in", "encoder.down[:-1]", "post_quant_conv", "decoder"),
+                  "region": ("encoder", "quant_conv", "post_quant_conv", "decoder"),
                   "decoder": ("encoder", "quant_conv")}
 
 
@@ -285,6 +287,7 @@ def _part_modules(model: Any, part: str) -> dict[str, Any]:
                       "encoder.norm_out": encoder.norm_out, "encoder.conv_out": encoder.conv_out,
                       "quant_conv": model.quant_conv,
                       **({"region_pixels": model.region_pixels} if model.region_pixels is not None else {})},
+            "region": {"region_pixels": model.region_pixels},
             "decoder": {"post_quant_conv": model.post_quant_conv, "decoder": model.decoder}}[part]
 
 
@@ -393,7 +396,7 @@ class LangAEStep:
         from training.gan import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 
         options, zero = self.options, x.new_zeros(())
-        words_only = options.train_part == "words"
+        words_only = options.train_part in WORD_PARTS
         # The word head's loss has no reconstruction term: the decoder (half the step's work) is skipped.
         recon, pyramid = self.ddp_model(x, decode=not words_only)
         rec = zero if words_only else F.mse_loss(recon.float(), x)
@@ -531,17 +534,17 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     data = make_stage_data(_stage_dataset(anatomy is not None), train_source, val_source, options, ctx,
                            source_summary={"source": [str(p) for p in options.data]}, val_label="--data")
     prior = _semantic_prior(options, codebook, train_source, anatomy) if semantic else SemanticPrior(n_words=codebook.n)
-    if options.train_part == "words" and not prior.on:
-        raise ConfigError("--train-part words trains the word head on the semantic loss alone: it needs --alpha > 0 "
+    if options.train_part in WORD_PARTS and not prior.on:
+        raise ConfigError(f"--train-part {options.train_part} trains on the semantic loss alone: it needs --alpha > 0 "
                           "and a prior (--scorer anatomy or --candidates FILE).")
     if options.train_part != "all":
         logger.info("--train-part %s: training %s; frozen: %s", options.train_part,
                     ", ".join(_part_modules(model, options.train_part)), ", ".join(frozen))
 
     # -- losses, optimizers
-    perceptual = _perceptual_loss(options, device) if options.train_part != "words" else None
+    perceptual = _perceptual_loss(options, device) if options.train_part not in WORD_PARTS else None
     disc = PatchDiscriminator(in_channels=1, ndf=options.disc_channels, n_layers=options.disc_layers).to(device) \
-        if options.gamma > 0 and options.train_part != "words" else None
+        if options.gamma > 0 and options.train_part not in WORD_PARTS else None
     lr = float(options.lr) if options.lr is not None else options.base_lr * options.batch_size * ctx.world_size
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if disc is not None else None
@@ -575,13 +578,13 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
                           partial(reconstruction_metrics, model=model, amp=amp, window=parse_window(options.window),
                                   word_classes=word_classes),
                           keys=keys, ctx=ctx, max_items=options.val_max_images)
-    if options.train_part == "words" and word_classes is None:
-        raise ConfigError(f"--train-part words needs a codebook with the anatomy words (it selects its checkpoint by "
+    if options.train_part in WORD_PARTS and word_classes is None:
+        raise ConfigError(f"--train-part {options.train_part} needs a codebook with the anatomy words (it selects its checkpoint by "
                           f"their agreement); {codebook.source!r} has none.")
     return fit_stage(
         options, stage=STAGE, ctx=ctx, run=run, data=data, step_fn=step, validate_fn=_with_word_agreement(validate),
         objects=objects, amp=amp, optimizer=optimizer,
-        best_key="word_agreement" if options.train_part == "words" else "psnr",
+        best_key="word_agreement" if options.train_part in WORD_PARTS else "psnr",
         checkpoint=CheckpointSpec(model=model, kind="langae", config=model_config.to_dict,
                                   extra=lambda state: {"training": {"command_line": command_line(STAGE, options),
                                                                     **record}}),

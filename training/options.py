@@ -38,6 +38,7 @@ __all__ = [
     "PRESET_CHOICES",
     "SCORERS",
     "TRAIN_PARTS",
+    "WORD_PARTS",
     "STAGE_OPTIONS",
     "CandidateOptions",
     "EvaluateOptions",
@@ -54,7 +55,9 @@ PRESET_CHOICES = ("tiny", "lite", "paper")
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 SCORERS = ("anatomy", "none")
 # What a langae run trains: everything, only the word head (quant_conv) or only the decoder side
-TRAIN_PARTS = ("all", "words", "decoder")
+TRAIN_PARTS = ("all", "words", "region", "decoder")
+WORD_PARTS = ("words", "region")
+"""The ``--train-part`` choices trained on the semantic loss alone, selected by validation word agreement."""
 BALANCE_BY = ("pool", "class")  # what the anatomy prior's --pool-balance counts: pools or majority classes
 BACKBONES = ("seed", "redcnn")
 BASELINES = ("gaussian", "nlm", "bm3d")
@@ -255,6 +258,8 @@ class LangAEOptions(TrainOptions):
             raise ConfigError(f"--train-part must be one of {', '.join(TRAIN_PARTS)}; got {self.train_part!r}.")
         if self.train_part != "all" and self.init is None:
             raise ConfigError(f"--train-part {self.train_part} fine-tunes part of a trained LangAE: give it with --init DIR.")
+        if self.train_part == "region" and not self.region_pixels:
+            raise ConfigError("--train-part region trains the region-pixel head alone: give --region-pixels too.")
         if not 0.0 <= float(self.pool_balance) <= 1.0:
             raise ConfigError(f"--pool-balance must be in [0, 1]; got {self.pool_balance}.")
         if self.balance_by not in BALANCE_BY:
