@@ -140,6 +140,45 @@ def test_semantic_loss_matches_naive_reference_values_and_gradients():
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
 
 
+def test_any_word_target_is_minus_the_log_probability_of_the_whole_pool():
+    g = torch.Generator().manual_seed(11)
+    table = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    emb = torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(2, 60, dtype=torch.bool)
+    mask[0, [1, 4, 9]] = True
+    mask[1, [2, 30, 31, 59]] = True
+    # per-position pools: three pools (one of them empty), position (0, 1, 1) without a pool
+    pool_ids = torch.tensor([[5, 7, -1], [0, 1, 2], [-1, -1, -1]])
+    index = torch.randint(0, 3, (2, 3, 3), generator=g)
+    index[0, 1, 1] = -1
+    positions = PositionPools(pool_ids, index)
+
+    def naive(x, members):  # members: per position (row-major) its ids, or None
+        flat = x.permute(0, 2, 3, 1).reshape(-1, 6)
+        logits = -((flat.unsqueeze(1) - table.unsqueeze(0)) ** 2).sum(-1)
+        terms = [logits[i].logsumexp(0) - logits[i, ids].logsumexp(0) for i, ids in enumerate(members) if ids]
+        return torch.stack(terms).mean()
+
+    per_image = [mask[i].nonzero().flatten().tolist() for i in range(2) for _ in range(9)]
+    lists = {0: [5, 7], 1: [0, 1, 2], 2: None, -1: None}
+    per_position = [lists[int(k)] for k in index.flatten()]
+    for pools, members in (([mask], per_image), ([positions], per_position)):
+        loss = pyramid_semantic_loss([emb], table, pools, target="any", block_elements=120)  # blocks of 2
+        ref = naive(emb, members)
+        assert torch.allclose(loss, ref, rtol=1e-10)
+        (grad,) = torch.autograd.grad(loss, emb)
+        (ref_grad,) = torch.autograd.grad(ref, emb)
+        assert torch.allclose(grad, ref_grad, rtol=1e-8, atol=1e-12)
+    # a position next to one pool word: "any" is near 0 there, "uniform" is not (the pool's centre is far)
+    near = table[2].view(1, 6, 1, 1).clone()
+    one = torch.zeros(1, 60, dtype=torch.bool)
+    one[0, [2, 30, 59]] = True
+    assert float(pyramid_semantic_loss([near], table, [one], target="any")) < \
+        float(pyramid_semantic_loss([near], table, [one]))
+    with pytest.raises(ConfigError, match="target"):
+        pyramid_semantic_loss([emb], table, [mask], target="nearest")
+
+
 def test_semantic_loss_falls_as_embeddings_move_toward_pool():
     g = torch.Generator().manual_seed(7)
     table = torch.randn(200, 16, generator=g)

@@ -257,7 +257,8 @@ def test_langae_stage_trains_with_every_loss_term(data_dir, pools_minilm, tmp_pa
     ckpt = load_checkpoint(run / "best")
     assert ckpt.kind == "langae" and ckpt.meta["codebook"]["source"] == "words:minilm"
     assert ckpt.meta["training"]["loss"]["semantic"] and ckpt.meta["training"]["loss"]["perceptual"]
-    assert ckpt.meta["training"]["semantic_prior"] == {"scorer": "lexicon", "per": "image", "pool_balance": 0.0}
+    assert ckpt.meta["training"]["semantic_prior"] == {"scorer": "lexicon", "per": "image", "pool_balance": 0.0,
+                                                       "pool_target": "uniform"}
     assert ckpt.meta["training"]["init"] is None and ckpt.meta["training"]["frozen"] == []
     assert ckpt.meta["training"]["data"]["n_slices"] == N_SLICES - 2  # ceil(0.2 * 6) held out
     assert ckpt.meta["metrics"]["validation"]["psnr"] == pytest.approx(epoch[0]["val"]["psnr"])
@@ -304,13 +305,14 @@ def test_langae_anatomy_prior_from_init_with_frozen_features(data_dir, minilm_la
     assert _train(["langae", "--data", str(data_dir / "ndct"), "--output", str(run), "--preset", "tiny",
                    "--codebook", "words:minilm", "--init", str(minilm_langae_ckpt), "--freeze-features",
                    "--alpha", "0.3", "--epochs", "1", "--batch-size", "2", "--patch-size", "32", "--log-every", "1",
-                   "--val-fraction", "0.2", "--gamma", "0", "--pool-balance", "0.5", "--balance-by", "class"]) == 0
+                   "--val-fraction", "0.2", "--gamma", "0", "--pool-balance", "0.5", "--balance-by", "class",
+                   "--pool-target", "any"]) == 0
     train = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert len(train) == 2 and all(r["losses"]["semantic"] > 0 for r in train)
     training = load_checkpoint(run / "last").meta["training"]
     prior = training["semantic_prior"]
     assert prior["scorer"] == "anatomy" and prior["per"] == "region" and prior["min_share"] == 0.25
-    assert prior["pool_balance"] == 0.5 and prior["balance_by"] == "class"
+    assert prior["pool_balance"] == 0.5 and prior["balance_by"] == "class" and prior["pool_target"] == "any"
     for flags in (["--balance-by", "class"], ["--balance-by", "class", "--pool-balance", "0.5", "--scorer", "none"]):
         assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny",
                        "--output", str(tmp_path / "refused"), *flags]) == 2  # nothing for it to weigh
@@ -779,7 +781,8 @@ def test_named_step_pieces_compute_the_documented_losses():
     assert prior.layer_pools({"key": ["a"]}, torch.zeros(1, 1, 16, 16), SimpleNamespace(layer_embeddings=[])) is None
     planted = SimpleNamespace(meta={"scorer": "lexicon"}, layer_masks=lambda keys, n, device: ("masks", keys, n))
     prior = SemanticPrior(n_words=64, pools=planted, alpha=0.3)
-    assert prior.on and prior.info() == {"scorer": "lexicon", "per": "image", "pool_balance": 0.0}
+    assert prior.on and prior.info() == {"scorer": "lexicon", "per": "image", "pool_balance": 0.0,
+                                         "pool_target": "uniform"}
     assert prior.layer_pools({"key": ["a", "b"]}, torch.zeros(2, 1, 16, 16), None) == ("masks", ["a", "b"], 64)
     assert SemanticPrior(n_words=64, pools=planted, alpha=0.0).layer_pools({"key": ["a"]}, torch.zeros(1), None) \
         is None

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_langmamba.errors import ConfigError
+from napari_langmamba.models.quantizer import POOL_TARGETS
 from training.common import (
     add_train_arguments,
     command_line,
@@ -124,6 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="what --pool-balance counts: each pool (combination of tissue classes) or each region's most "
                     "frequent tissue class, so that rare tissues (blood, bone) weigh more but rare mixes of common "
                     f"ones (fat at the skin's edge) do not (anatomy scorer; default {d('balance_by')})")
+    add_option(model, "--pool-target", choices=POOL_TARGETS,
+               help="the semantic loss's target over a pool: uniform (the paper's: every pool word equally, which "
+                    "pulls a position toward the pool's centre) or any (the pool's total probability, so that the "
+                    f"nearest word, the one shown, is drawn into the pool) (default {d('pool_target')})")
     add_option(model, "--init", type=Path, metavar="DIR",
                help="start from this LangAE checkpoint's weights (fresh optimizer); its codebook must be the same "
                     "language-model table (minilm weights may train a words:minilm model)")
@@ -318,6 +323,7 @@ class SemanticPrior:
     anatomy: Any = None  # training.candidates.AnatomyScorer
     alpha: float = 0.0
     balance: float = 0.0  # exponent of the pool-frequency weights of the semantic loss
+    target: str = "uniform"  # the loss's target over a pool (POOL_TARGETS)
 
     @property
     def on(self) -> bool:
@@ -334,9 +340,10 @@ class SemanticPrior:
 
     def info(self) -> dict[str, Any]:
         if self.pools is not None:
-            return {"scorer": self.pools.meta.get("scorer", "candidates"), "per": "image", "pool_balance": self.balance}
+            return {"scorer": self.pools.meta.get("scorer", "candidates"), "per": "image", "pool_balance": self.balance,
+                    "pool_target": self.target}
         if self.anatomy is not None:
-            return {**self.anatomy.info(), "per": "region", "pool_balance": self.balance}
+            return {**self.anatomy.info(), "per": "region", "pool_balance": self.balance, "pool_target": self.target}
         return {"scorer": "none"}
 
 
@@ -360,7 +367,7 @@ def _semantic_prior(options: LangAEOptions, codebook: Any, train_source: Any, an
     elif options.alpha > 0:
         logger.warning("semantic loss off: --scorer none and no --candidates pools file (alpha ignored)")
     return SemanticPrior(n_words=codebook.n, pools=pools, anatomy=anatomy, alpha=float(options.alpha),
-                         balance=float(options.pool_balance))
+                         balance=float(options.pool_balance), target=options.pool_target)
 
 
 @dataclasses.dataclass
@@ -414,7 +421,8 @@ class LangAEStep:
         layer_pools = self.prior.layer_pools(batch, x, pyramid)
         if layer_pools is not None:
             sem = pyramid_semantic_loss([e.float() for e in pyramid.layer_embeddings],
-                                        self.model.quantizer.codebook, layer_pools, balance=self.prior.balance)
+                                        self.model.quantizer.codebook, layer_pools, balance=self.prior.balance,
+                                        target=self.prior.target)
             if words_only:  # only the word head trains: its own two terms, no omega
                 total = commit + options.alpha * sem
             elif float(sem.detach()) > 0:

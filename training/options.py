@@ -220,6 +220,7 @@ class LangAEOptions(TrainOptions):
     min_share: float = 0.25
     pool_balance: float = 0.0
     balance_by: str = "pool"
+    pool_target: str = "uniform"
     init: Path | None = None
     freeze_features: bool = False
     train_part: str = "all"
@@ -262,6 +263,10 @@ class LangAEOptions(TrainOptions):
             raise ConfigError("--train-part region trains the region-pixel head alone: give --region-pixels too.")
         if not 0.0 <= float(self.pool_balance) <= 1.0:
             raise ConfigError(f"--pool-balance must be in [0, 1]; got {self.pool_balance}.")
+        from napari_langmamba.models.quantizer import POOL_TARGETS
+
+        if self.pool_target not in POOL_TARGETS:
+            raise ConfigError(f"--pool-target must be one of {', '.join(POOL_TARGETS)}; got {self.pool_target!r}.")
         if self.balance_by not in BALANCE_BY:
             raise ConfigError(f"--balance-by must be one of {', '.join(BALANCE_BY)}; got {self.balance_by!r}.")
         if self.balance_by == "class" and (float(self.pool_balance) == 0 or self.candidates is not None

@@ -25,6 +25,7 @@ codebook is frozen, so the usual codebook term vanishes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from napari_langmamba.errors import ConfigError
 __all__ = [
     "LAYER_STARTS",
     "LAYER_STRIDES",
+    "POOL_TARGETS",
     "PyramidOutput",
     "PositionPools",
     "PyramidQuantizer",
@@ -248,6 +250,10 @@ def _pool_statistics(table: Tensor, sq_norms: Tensor, pool_ids: Tensor) -> tuple
     return mean, mean_sq, count
 
 
+POOL_TARGETS = ("uniform", "any")
+"""Targets of :func:`pyramid_semantic_loss`: a uniform distribution over the pool, or the pool as a whole."""
+
+
 class _PoolCrossEntropy(torch.autograd.Function):
     """Per-position cross-entropy between softmax(-|x - e|^2) over the vocabulary and a uniform
     target over the position's pool, with the gradient computed block-wise in the forward pass so
@@ -258,24 +264,37 @@ class _PoolCrossEntropy(torch.autograd.Function):
     pool's mean embedding ``mu`` and mean squared norm ``nu``:
     ``mean_{c in pool} (2 x.e_c - |e_c|^2) = 2 x.mu - nu``. The gradient is
     ``2 * (sum_c p_c e_c - mu)`` with ``p = softmax(s)``.
+
+    With ``pool_masks`` (k, n) given (target ``"any"``), the loss is instead
+    ``logsumexp_c s_c - logsumexp_{c in pool} s_c``: minus the log of the probability of the
+    whole pool, however it is shared among its words, with the gradient
+    ``2 * (sum_c p_c e_c - sum_{c in pool} q_c e_c)``, ``q`` the softmax within the pool.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, table: Tensor, sq_norms: Tensor, pool_of: Tensor, pool_mean: Tensor,
-                pool_mean_sq: Tensor, block: int) -> Tensor:
-        # x: (N, d) positions; pool_of: (N,) row of pool_mean / pool_mean_sq of each position
+                pool_mean_sq: Tensor, block: int, pool_masks: Tensor | None = None) -> Tensor:
+        # x: (N, d) positions; pool_of: (N,) row of pool_mean / pool_mean_sq (/ pool_masks) of each position
         need_grad = ctx.needs_input_grad[0]
         loss = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
         grad = torch.empty_like(x) if need_grad else None
         with torch.no_grad():
             for start in range(0, x.shape[0], block):
                 xb = x[start : start + block]  # (m, d)
-                mu = pool_mean[pool_of[start : start + block]]  # (m, d)
+                rows = pool_of[start : start + block]
                 logits = torch.addmm(-sq_norms.unsqueeze(0), xb, table.t(), alpha=2.0)  # (m, n)
-                pool_logit = 2.0 * (xb * mu).sum(1) - pool_mean_sq[pool_of[start : start + block]]
-                loss[start : start + block] = torch.logsumexp(logits, dim=1) - pool_logit
+                if pool_masks is None:
+                    mu = pool_mean[rows]  # (m, d)
+                    pool_logit = 2.0 * (xb * mu).sum(1) - pool_mean_sq[rows]
+                    loss[start : start + block] = torch.logsumexp(logits, dim=1) - pool_logit
+                    if need_grad:
+                        grad[start : start + block] = 2.0 * (torch.softmax(logits, dim=1) @ table - mu)
+                    continue
+                in_pool = logits.masked_fill(~pool_masks[rows], -math.inf)
+                loss[start : start + block] = torch.logsumexp(logits, dim=1) - torch.logsumexp(in_pool, dim=1)
                 if need_grad:
-                    grad[start : start + block] = 2.0 * (torch.softmax(logits, dim=1) @ table - mu)
+                    weights = torch.softmax(logits, dim=1).sub_(torch.softmax(in_pool, dim=1))
+                    grad[start : start + block] = 2.0 * (weights @ table)
         ctx.save_for_backward(grad if need_grad else torch.empty(0))
         return loss
 
@@ -283,13 +302,14 @@ class _PoolCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         (grad,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * 7
-        return (grad_loss.unsqueeze(-1) * grad, *(None,) * 6)
+            return (None,) * 8
+        return (grad_loss.unsqueeze(-1) * grad, *(None,) * 7)
 
 
 def _layer_pools(pool: Tensor | PositionPools, b: int, rows: int, cols: int, n: int, table: Tensor,
-                 sq_norms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(pool of each position (b*rows*cols,) or -1, pool means (k, d), pool mean sq norms (k,))``."""
+                 sq_norms: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(pool of each position (b*rows*cols,) or -1, pool means (k, d), pool mean sq norms (k,),
+    pool member masks (k, n))``."""
     device = table.device
     if isinstance(pool, PositionPools):
         pool_ids = pool.pool_ids.to(device=device, dtype=torch.long)
@@ -307,7 +327,9 @@ def _layer_pools(pool: Tensor | PositionPools, b: int, rows: int, cols: int, n: 
         flat = index.reshape(-1)
         empty = flat < 0
         flat = torch.where(empty | (count[flat.clamp_min(0)] == 0), torch.full_like(flat, -1), flat)
-        return flat, mean, mean_sq
+        masks = torch.zeros(pool_ids.shape[0], n + 1, dtype=torch.bool, device=device)
+        masks.scatter_(1, torch.where(pool_ids >= 0, pool_ids, n), True)  # padding goes to column n
+        return flat, mean, mean_sq, masks[:, :n]
     mask = pool.to(device=device, dtype=torch.bool)
     if mask.ndim == 1:
         mask = mask.unsqueeze(0).expand(b, -1)
@@ -317,7 +339,7 @@ def _layer_pools(pool: Tensor | PositionPools, b: int, rows: int, cols: int, n: 
     weights = mask.to(table.dtype) / count.clamp_min(1).unsqueeze(1).to(table.dtype)  # (b, n)
     mean, mean_sq = weights @ table, weights @ sq_norms
     per_image = torch.where(count > 0, torch.arange(b, device=device), torch.full_like(count, -1))
-    return per_image.repeat_interleave(rows * cols), mean, mean_sq
+    return per_image.repeat_interleave(rows * cols), mean, mean_sq, mask
 
 
 def pyramid_semantic_loss(
@@ -327,6 +349,7 @@ def pyramid_semantic_loss(
     *,
     block_elements: int | None = None,
     balance: float = 0.0,
+    target: str = "uniform",
 ) -> Tensor:
     """Pyramid semantic loss: pull each layer's embeddings toward its candidate token pool.
 
@@ -354,12 +377,19 @@ def pyramid_semantic_loss(
         0.5: rare pools, such as soft tissue beside much air and fat, count more; 1: every
         distinct pool counts the same). Weights are normalised to mean 1. Where a
         :class:`PositionPools` has a ``group``, positions are counted by group instead of by pool.
+    target
+        ``"uniform"`` (the paper's): a uniform target over the pool, which pulls each embedding
+        toward the pool's centre; ``"any"``: the probability of the pool as a whole (``-log`` of
+        the summed softmax of its words), which is low wherever one pool word is near, so the
+        nearest word -- the one shown -- is drawn into the pool rather than to its centre.
 
     Returns
     -------
     Tensor
         Scalar: the mean over layers (those with a pool) of the mean loss over the positions with a pool.
     """
+    if target not in POOL_TARGETS:
+        raise ConfigError(f"The semantic loss's target is one of {', '.join(POOL_TARGETS)}; got {target!r}.")
     if len(pools) != len(layer_embeddings):
         raise ConfigError(f"Give one pool per pyramid layer: {len(layer_embeddings)} layers, {len(pools)} pools.")
     n = codebook.shape[0]
@@ -370,13 +400,14 @@ def pyramid_semantic_loss(
         b, d, rows, cols = emb.shape
         table = codebook.detach().to(device=emb.device, dtype=emb.dtype)
         sq_norms = table.pow(2).sum(1)
-        pool_of, mean, mean_sq = _layer_pools(pool, b, rows, cols, n, table, sq_norms)
+        pool_of, mean, mean_sq, masks = _layer_pools(pool, b, rows, cols, n, table, sq_norms)
         keep = pool_of >= 0
         if not bool(keep.any()):
             continue
         x = emb.permute(0, 2, 3, 1).reshape(-1, d)[keep]  # (positions with a pool, d)
         block = _rows_per_block(n, block_elements)
-        losses = _PoolCrossEntropy.apply(x, table, sq_norms, pool_of[keep], mean, mean_sq, block)
+        losses = _PoolCrossEntropy.apply(x, table, sq_norms, pool_of[keep], mean, mean_sq, block,
+                                         masks if target == "any" else None)
         if balance:
             kept = pool_of[keep]
             if isinstance(pool, PositionPools) and pool.group is not None:
