@@ -115,6 +115,9 @@ def test_langae_shapes(preset):
     assert torch.allclose(recon, recon2)
     assert all(torch.equal(a, b) for a, b in zip(pyramid.ids, pyramid2.ids, strict=True))
     assert torch.isfinite(recon).all()
+    with torch.no_grad():  # the word head's training steps: the same tokens, no decoder
+        none, pyramid3 = model(x, decode=False)
+    assert none is None and all(torch.equal(a, b) for a, b in zip(pyramid.ids, pyramid3.ids, strict=True))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "paper"])
