@@ -587,18 +587,19 @@ def main(args: argparse.Namespace) -> int:
     baselines, baseline_record, notes = _baseline_methods(options, tune_pairs, _doses_of(pairs), window) \
         if options.baselines else ({}, {}, [])
     models: dict[str, Denoise | ByDose] = {}
+    model_paths: dict[str, str] = {}
     specs = ([f"{options.method_name}={options.checkpoint}"] if options.checkpoint is not None else []) + \
         list(options.weights)
     for spec in specs:
         label, path = _model_label(spec)
         models[label] = load_checkpoint_denoiser(path, device=options.device)
+        model_paths[label] = path
         if options.self_ensemble:
             models[label + SELF_ENSEMBLE_SUFFIX] = load_checkpoint_denoiser(path, device=options.device,
                                                                             self_ensemble=True)
+            model_paths[label + SELF_ENSEMBLE_SUFFIX] = path
     info = {"options": options_to_dict(options), "data": pair_summary(pairs),
-            "baselines": baseline_record,
-            "models": {label + suffix: path for label, path in map(_model_label, specs)
-                       for suffix in ("", SELF_ENSEMBLE_SUFFIX)[: 1 + options.self_ensemble]},
+            "baselines": baseline_record, "models": model_paths,
             "notes": notes}
     from tqdm import tqdm
 

@@ -307,9 +307,9 @@ class _PoolCrossEntropy(torch.autograd.Function):
 
 
 def _layer_pools(pool: Tensor | PositionPools, b: int, rows: int, cols: int, n: int, table: Tensor,
-                 sq_norms: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 sq_norms: Tensor, *, with_masks: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``(pool of each position (b*rows*cols,) or -1, pool means (k, d), pool mean sq norms (k,),
-    pool member masks (k, n))``."""
+    pool member masks (k, n) when ``with_masks``, else None)``."""
     device = table.device
     if isinstance(pool, PositionPools):
         pool_ids = pool.pool_ids.to(device=device, dtype=torch.long)
@@ -327,6 +327,8 @@ def _layer_pools(pool: Tensor | PositionPools, b: int, rows: int, cols: int, n: 
         flat = index.reshape(-1)
         empty = flat < 0
         flat = torch.where(empty | (count[flat.clamp_min(0)] == 0), torch.full_like(flat, -1), flat)
+        if not with_masks:
+            return flat, mean, mean_sq, None
         masks = torch.zeros(pool_ids.shape[0], n + 1, dtype=torch.bool, device=device)
         masks.scatter_(1, torch.where(pool_ids >= 0, pool_ids, n), True)  # padding goes to column n
         return flat, mean, mean_sq, masks[:, :n]
@@ -339,7 +341,7 @@ def _layer_pools(pool: Tensor | PositionPools, b: int, rows: int, cols: int, n: 
     weights = mask.to(table.dtype) / count.clamp_min(1).unsqueeze(1).to(table.dtype)  # (b, n)
     mean, mean_sq = weights @ table, weights @ sq_norms
     per_image = torch.where(count > 0, torch.arange(b, device=device), torch.full_like(count, -1))
-    return per_image.repeat_interleave(rows * cols), mean, mean_sq, mask
+    return per_image.repeat_interleave(rows * cols), mean, mean_sq, mask if with_masks else None
 
 
 def pyramid_semantic_loss(
@@ -400,14 +402,14 @@ def pyramid_semantic_loss(
         b, d, rows, cols = emb.shape
         table = codebook.detach().to(device=emb.device, dtype=emb.dtype)
         sq_norms = table.pow(2).sum(1)
-        pool_of, mean, mean_sq, masks = _layer_pools(pool, b, rows, cols, n, table, sq_norms)
+        pool_of, mean, mean_sq, masks = _layer_pools(pool, b, rows, cols, n, table, sq_norms,
+                                                     with_masks=target == "any")
         keep = pool_of >= 0
         if not bool(keep.any()):
             continue
         x = emb.permute(0, 2, 3, 1).reshape(-1, d)[keep]  # (positions with a pool, d)
         block = _rows_per_block(n, block_elements)
-        losses = _PoolCrossEntropy.apply(x, table, sq_norms, pool_of[keep], mean, mean_sq, block,
-                                         masks if target == "any" else None)
+        losses = _PoolCrossEntropy.apply(x, table, sq_norms, pool_of[keep], mean, mean_sq, block, masks)
         if balance:
             kept = pool_of[keep]
             if isinstance(pool, PositionPools) and pool.group is not None:
