@@ -554,6 +554,26 @@ def test_seed_stage_writes_a_seed_checkpoint_with_its_provenance(data_dir, langa
     assert (run / "best" / "model.safetensors").is_file()
 
 
+def test_seed_decoder_channels_widen_the_decoder_and_are_refused_when_malformed(data_dir, langae_ckpt, tmp_path,
+                                                                                capsys):
+    args = ["seed", "--data", str(data_dir), "--preset", "tiny", "--langae", str(langae_ckpt), "--lambda", "0",
+            "--epochs", "1", "--batch-size", "2", "--patch-size", "32", "--val-fraction", "0.2"]
+    run = tmp_path / "wide"
+    assert _train([*args, "--output", str(run), "--decoder-channels", "24", "20", "12", "10"]) == 0
+    ckpt = load_checkpoint(run / "last")
+    assert ckpt.config["seed"]["decoder_channels"] == [24, 20, 12, 10] and ckpt.config["seed"]["name"] == "custom"
+    model = build_model(ckpt)  # the checkpoint alone rebuilds the wider decoder
+    assert model.config.decoder_channels == (24, 20, 12, 10)
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+    # a preset-sized model cannot start from it: the message names the option
+    assert _train([*args, "--output", str(tmp_path / "narrow"), "--init", str(run / "last")]) == 2
+    assert "--decoder-channels" in capsys.readouterr().err
+    assert _train([*args, "--output", str(tmp_path / "bad"), "--decoder-channels", "8", "0", "8", "8"]) == 2
+    assert "4 positive integers" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bf16_autocast_on_cpu_only_when_asked_and_native(data_dir, langae_ckpt, tmp_path, monkeypatch, caplog):
     from training import distributed
     from training.distributed import make_amp

@@ -318,10 +318,19 @@ class SeedOptions(TrainOptions, PairDataOptions):
     transplant_slice_step: int = 1
     transplant_variants: int = 2
     noise_scale: tuple[float, float] | None = None
+    decoder_channels: tuple[int, int, int, int] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_pair_data()
+        if self.decoder_channels is not None:
+            channels = tuple(self.decoder_channels)
+            if len(channels) != 4 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
+                raise ConfigError(f"--decoder-channels needs 4 positive integers (1/8 -> full resolution); "
+                                  f"got {self.decoder_channels!r}.")
+            if self.backbone != "seed":
+                raise ConfigError("--decoder-channels sets SEED's decoder widths; RED-CNN has no such option.")
+            object.__setattr__(self, "decoder_channels", channels)
         object.__setattr__(self, "noise_scale", check_noise_scale(self.noise_scale))
         self._optional_paths("langae", "init")
         object.__setattr__(self, "transplant_noise_onto", tuple(os.fspath(p) for p in _as_tuple(self.transplant_noise_onto)))

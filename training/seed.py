@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(model, "--backbone", choices=BACKBONES, help=f"denoiser (default {d('backbone')})")
     add_option(model, "--langae", type=Path, metavar="CHECKPOINT",
                help="trained LangAE checkpoint (folder or .zip): SEED's frozen encoder and the LangDA loss")
+    add_option(model, "--decoder-channels", type=int, nargs=4, metavar=("C8", "C4", "C2", "C1"),
+               help="SEED's decoder widths, the outputs of its Up stages at 1/8, 1/4, 1/2 and full resolution "
+                    "(default: the --preset's, which follow the LangAE encoder, e.g. 64 32 32 32 for lite); "
+                    "wider costs time per step")
     add_option(model, "--init", type=Path, metavar="CHECKPOINT",
                help="start from this SEED or RED-CNN checkpoint's weights (fresh optimizer and schedule), e.g. to "
                     "fine-tune the bundled model on your own pairs; same --backbone and --preset, and for SEED the "
@@ -188,6 +193,8 @@ def _build(options: SeedOptions, device: torch.device) -> tuple[torch.nn.Module,
         assert langae is not None
         encoder = copy.deepcopy(langae.encoder)  # SEED freezes its own copy; LangDA keeps the full LangAE
         config = SEEDConfig.preset(options.preset, feature_channels=langae.config.feature_channels)
+        if options.decoder_channels is not None:  # a wider (or narrower) decoder on the same frozen encoder
+            config = dataclasses.replace(config, decoder_channels=options.decoder_channels, name="custom")
         model: torch.nn.Module = SEED(config, encoder=encoder)
         kind = "seed"
     else:
@@ -229,7 +236,8 @@ def _init_from_checkpoint(model: torch.nn.Module, kind: str, options: SeedOption
     except RuntimeError as exc:
         preset = ckpt.config.get("seed", ckpt.config).get("name", "another preset")
         raise ConfigError(
-            f"--init {path} holds a {kind} of another architecture ({preset}); give the matching --preset."
+            f"--init {path} holds a {kind} of another architecture ({preset}); give the matching --preset "
+            "(and --decoder-channels, for a custom SEED decoder)."
         ) from exc
     return {"path": str(path), "sha256": file_sha256(path), "kind": ckpt.kind,
             "metrics": ckpt.meta.get("metrics")}
