@@ -5,14 +5,15 @@ and the LangAE it was trained with in ``langae/`` (the Tokens widget reads it), 
 float16 to stay small. The training record of each run, the evaluation table and a provenance
 note go into their ``config.json``. Usage::
 
-    python scripts/bundle_weights.py --seed-run RUN [--seed-init-run RUN ...] --langae-run RUN \
-        [--langae-init-run RUN ...] --evaluation EVAL.json [EVAL.json ...] [--overwrite]
+    python scripts/bundle_weights.py --seed-run RUN [--seed-init-run RUN ...] (--langae-run RUN \
+        [--langae-init-run RUN ...] | --langae-bundle DIR) --evaluation EVAL.json [EVAL.json ...] [--overwrite]
 
 Each run's validation curve (every epoch's validation metrics from its ``metrics.jsonl``) and
 where its selection metric (the ``best`` key of its ``summary.json``, PSNR by default) peaked are
 recorded beside its training record. An init run may also be an earlier bundled model's folder
 (e.g. a copy of ``langae/``): its own record, curve and init chain are taken as they are.
-``--seed-bundle DIR`` keeps the SEED of an earlier bundle (weights, record and evaluation) instead
+``--langae-bundle DIR`` keeps a bundled LangAE (weights and record) beside a new ``--seed-run``
+trained on its encoder (checked). ``--seed-bundle DIR`` keeps the SEED of an earlier bundle (weights, record and evaluation) instead
 of ``--seed-run``, for a new LangAE that leaves SEED's encoder layers unchanged (``langae
 --train-part`` or ``--freeze-features``); the LangAE's are checked to be identical.
 """
@@ -109,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="keep the SEED of this earlier bundle as it is (its weights, record and evaluation)")
     parser.add_argument("--seed-init-run", type=Path, nargs="+", default=[],
                         help="the SEED runs that --seed-run started from (--init), oldest first")
-    parser.add_argument("--langae-run", type=Path, required=True, help="run folder of the LangAE training")
+    langae = parser.add_mutually_exclusive_group(required=True)
+    langae.add_argument("--langae-run", type=Path, help="run folder of the LangAE training")
+    langae.add_argument("--langae-bundle", type=Path,
+                        help="keep this earlier bundled LangAE as it is (e.g. a copy of an earlier bundle's langae/; "
+                             "its weights and record), beside a new --seed-run trained on its encoder")
     parser.add_argument("--langae-init-run", type=Path, nargs="+", default=[],
                         help="the LangAE runs that --langae-run started from (--init), oldest first")
     parser.add_argument("--evaluation", type=Path, nargs="+", default=[],
@@ -122,9 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.out} already holds weights; pass --overwrite to replace them", file=sys.stderr)
         return 2
 
-    langae_ckpt = load_checkpoint(best_checkpoint(args.langae_run))
-    langae_training = dict(langae_ckpt.meta.get("training") or {}, validation=validation_curve(args.langae_run))
-    langae_training["init_runs"] = init_runs(args.langae_init_run)
+    if args.langae_bundle is not None:
+        if args.seed_bundle is not None or args.langae_init_run:
+            print("error: --langae-bundle keeps a bundled LangAE with its own record; give it with a new --seed-run "
+                  "and without --langae-init-run", file=sys.stderr)
+            return 2
+        langae_ckpt = load_checkpoint(args.langae_bundle)
+        langae_training = dict(langae_ckpt.meta.get("training") or {})
+    else:
+        langae_ckpt = load_checkpoint(best_checkpoint(args.langae_run))
+        langae_training = dict(langae_ckpt.meta.get("training") or {}, validation=validation_curve(args.langae_run))
+        langae_training["init_runs"] = init_runs(args.langae_init_run)
     if args.seed_bundle is not None:
         seed_ckpt = load_checkpoint(args.seed_bundle)
         seed_training = dict((seed_ckpt.meta.get("training") or {}).get("seed") or {})
@@ -143,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             "validation": (seed_ckpt.meta.get("metrics") or {}).get("validation"),
             "evaluation": {path.parent.name: read_json(path) for path in args.evaluation},
         }
+        if args.langae_bundle is not None and not _same_seed_encoder(seed_ckpt, langae_ckpt):
+            print(f"error: the SEED of {args.seed_run} was trained on another encoder than the LangAE of "
+                  f"{args.langae_bundle}; train it with --langae {args.langae_bundle}", file=sys.stderr)
+            return 2
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bundle-", dir=args.out.parent) as tmp:

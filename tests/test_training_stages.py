@@ -843,3 +843,18 @@ def test_bundle_keeps_a_bundled_seed_beside_a_langae_with_its_encoder_unchanged(
     assert bundle.main(["--seed-bundle", str(first), "--langae-run", str(tmp_path / "all"), "--out",
                         str(tmp_path / "bundle3")]) == 2
     assert "retrain the SEED" in capsys.readouterr().err
+    # a new SEED beside the bundled LangAE, kept with its record as it is
+    third = tmp_path / "bundle4"
+    assert _train(["seed", "--data", str(data_dir), "--output", str(tmp_path / "seed2"), "--preset", "tiny",
+                   "--langae", str(first / "langae"), *common]) == 0
+    assert bundle.main(["--seed-run", str(tmp_path / "seed2"), "--langae-bundle", str(first / "langae"),
+                        "--out", str(third)]) == 0
+    assert all(torch.equal(a, load_file(str(third / "langae" / "model.safetensors"))[k])
+               for k, a in load_file(str(first / "langae" / "model.safetensors")).items())
+    assert json.loads((third / "langae" / "config.json").read_text())["training"] == \
+        json.loads((first / "langae" / "config.json").read_text())["training"]
+    assert json.loads((third / "config.json").read_text())["training"]["seed"]["run"] == str(tmp_path / "seed2")
+    # a SEED trained on another encoder is refused beside it
+    assert bundle.main(["--seed-run", str(tmp_path / "seed"), "--langae-bundle", str(first / "langae"),
+                        "--out", str(tmp_path / "bundle5")]) == 2
+    assert "another encoder" in capsys.readouterr().err
