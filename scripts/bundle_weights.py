@@ -144,10 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         metrics = dict(seed_ckpt.meta.get("metrics") or {})
         metrics["evaluation"] = {**(metrics.get("evaluation") or {}),
                                  **{path.parent.name: read_json(path) for path in args.evaluation}}
-        if not _same_seed_encoder(seed_ckpt, langae_ckpt):
-            print(f"error: the LangAE of {args.langae_run} changed the encoder layers the SEED of {args.seed_bundle} "
-                  "uses; retrain the SEED on it (--seed-run)", file=sys.stderr)
-            return 2
     else:
         seed_ckpt = load_checkpoint(best_checkpoint(args.seed_run))
         seed_training = dict(seed_ckpt.meta.get("training") or {}, validation=validation_curve(args.seed_run))
@@ -156,10 +152,15 @@ def main(argv: list[str] | None = None) -> int:
             "validation": (seed_ckpt.meta.get("metrics") or {}).get("validation"),
             "evaluation": {path.parent.name: read_json(path) for path in args.evaluation},
         }
-        if args.langae_bundle is not None and not _same_seed_encoder(seed_ckpt, langae_ckpt):
-            print(f"error: the SEED of {args.seed_run} was trained on another encoder than the LangAE of "
-                  f"{args.langae_bundle}; train it with --langae {args.langae_bundle}", file=sys.stderr)
-            return 2
+
+    # A kept SEED or a kept LangAE must share the encoder layers SEED runs (a --langae-run beside a
+    # --seed-run is the pair as trained).
+    kept = args.seed_bundle or args.langae_bundle
+    if kept is not None and not _same_seed_encoder(seed_ckpt, langae_ckpt):
+        print(f"error: the SEED of {args.seed_bundle or args.seed_run} was trained on another encoder than the "
+              f"LangAE of {args.langae_bundle or args.langae_run}; retrain the SEED on this LangAE "
+              "(--seed-run of a run trained with --langae set to it)", file=sys.stderr)
+        return 2
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bundle-", dir=args.out.parent) as tmp:

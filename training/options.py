@@ -25,6 +25,7 @@ from typing import Any
 
 from napari_langmamba.errors import ConfigError
 from napari_langmamba.metrics import METRIC_NAMES
+from napari_langmamba.models._config import positive_ints
 from napari_langmamba.windowing import DEFAULT_WINDOW, get_window
 
 __all__ = [
@@ -323,14 +324,11 @@ class SeedOptions(TrainOptions, PairDataOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_pair_data()
-        if self.decoder_channels is not None:
-            channels = tuple(self.decoder_channels)
-            if len(channels) != 4 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
-                raise ConfigError(f"--decoder-channels needs 4 positive integers (1/8 -> full resolution); "
-                                  f"got {self.decoder_channels!r}.")
+        if self.decoder_channels is not None:  # refused here, before a run folder is written
             if self.backbone != "seed":
                 raise ConfigError("--decoder-channels sets SEED's decoder widths; RED-CNN has no such option.")
-            object.__setattr__(self, "decoder_channels", channels)
+            object.__setattr__(self, "decoder_channels",
+                               positive_ints(self.decoder_channels, 4, what="--decoder-channels (1/8 -> full)"))
         object.__setattr__(self, "noise_scale", check_noise_scale(self.noise_scale))
         self._optional_paths("langae", "init")
         object.__setattr__(self, "transplant_noise_onto", tuple(os.fspath(p) for p in _as_tuple(self.transplant_noise_onto)))

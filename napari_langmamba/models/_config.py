@@ -34,3 +34,14 @@ def config_from_dict(cls: type[C], data: Any, *, what: str) -> C:
         raise ConfigError(f"Incomplete or mistyped {what} config ({exc}); got keys {sorted(data)}.") from exc
     except ValueError as exc:
         raise ConfigError(f"Invalid {what} config: {exc}") from exc
+
+
+def positive_ints(value: Any, length: int, *, what: str) -> tuple[int, ...]:
+    """``value`` as a tuple of ``length`` integers >= 1, else a :class:`ConfigError` naming ``what``."""
+    try:
+        ints = tuple(int(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what} must be {length} integers; got {value!r}.") from exc
+    if len(ints) != length or any(v < 1 for v in ints):
+        raise ConfigError(f"{what} must be {length} positive integers; got {value}.")
+    return ints

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_langmamba.errors import ConfigError
-from napari_langmamba.models._config import config_from_dict, config_to_dict
+from napari_langmamba.models._config import config_from_dict, config_to_dict, positive_ints
 from napari_langmamba.models.ema import EMABlock
 
 PRESETS = ("paper", "lite", "tiny")
@@ -68,14 +68,7 @@ class SEEDConfig:
 
     def __post_init__(self) -> None:
         for field, length in (("feature_channels", 5), ("decoder_channels", 4), ("heads", 4)):
-            value = getattr(self, field)
-            try:
-                value = tuple(int(v) for v in value)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"SEED {field} must be {length} integers; got {value!r}.") from exc
-            if len(value) != length or any(v < 1 for v in value):
-                raise ConfigError(f"SEED {field} must be {length} positive integers; got {value}.")
-            object.__setattr__(self, field, value)
+            object.__setattr__(self, field, positive_ints(getattr(self, field), length, what=f"SEED {field}"))
         for field in ("state_per_head", "expand", "compress", "squeeze"):
             if int(getattr(self, field)) < 1:
                 raise ConfigError(f"SEED {field} must be a positive integer; got {getattr(self, field)}.")
