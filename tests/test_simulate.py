@@ -147,7 +147,7 @@ def test_dataset_folder_layout_and_manifest(tiny_volume, tmp_path):
     assert manifest["complete"] is True
     assert manifest["options"] == {
         "dose": 0.25, "i0": 1e5, "electronic_noise": 3.0, "filter": "cosine", "n_views": 32,
-        "mu_water": 0.019, "seed": 0,
+        "mu_water": 0.019, "seed": 0, "match_noise": False,
     }
     assert [s["key"] for s in manifest["slices"]] == ["00000", "00001", "00002"]
     assert manifest["sources"][0]["path"] == str(tiny_volume.resolve())

@@ -35,6 +35,7 @@ from training.options import (
     default_of,
 )
 from training.runs import RunFolder, seed_everything
+from training.simulate import FBP_FILTERS
 
 logger = logging.getLogger(__name__)
 
@@ -361,6 +362,12 @@ def add_pair_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                help="folder of the cached simulated pairs (default ~/.cache/napari-langmamba/simulated)")
     add_option(parser, "--sim-slice-step", type=int, metavar="N",
                help="simulate every N-th slice of each --simulate-from volume (default 1)")
+    add_option(parser, "--sim-filter", choices=FBP_FILTERS,
+               help="FBP filter, i.e. texture, of the simulated noise (default cosine, a smooth kernel; ramp is "
+                    "closer to sharp kernels such as D45 or B70f)")
+    add_option(parser, "--sim-match-noise", action="store_true",
+               help="scale the simulated noise to each volume's own measured noise instead of the calibrated "
+                    "I0 (needed for sharp kernels, whose full dose is far noisier than the calibration assumes)")
     if evaluate:
         add_option(parser, "--val-patients", "--patients", dest="val_patients", nargs="+", metavar="ID",
                    help="evaluate only the pairs of these patients (e.g. L192, the validation patient)")

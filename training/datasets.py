@@ -710,12 +710,16 @@ def simulated_pair_groups(
     cache: str | os.PathLike | None = None,
     slice_step: int = 1,
     workers: int = 1,
+    filter: str = "cosine",
+    match_noise: bool = False,
 ) -> list[PairGroup]:
     """Simulated pairs of normal-dose CTs at each dose, made once and cached (``training.simulate``).
 
     Every (input, dose) becomes its own simulated-pairs folder under ``cache``, named by a hash
-    of the input path, the dose and the slice step, so runs with the same inputs reuse them. An
-    input given as ``LABEL=PATH`` names its patient; otherwise the DICOM header does.
+    of the input path, the dose, the slice step and the noise options, so runs with the same
+    inputs reuse them. An input given as ``LABEL=PATH`` names its patient; otherwise the DICOM
+    header does. ``filter`` and ``match_noise`` are those of
+    :class:`training.simulate.SimulationOptions` (noise matched to each input's own noise).
     """
     import hashlib
 
@@ -737,12 +741,14 @@ def simulated_pair_groups(
         for dose in doses:
             dose = parse_dose(dose, where="--sim-doses")
             seed = int(round(dose * 10000))  # independent noise per dose, stable across runs
-            tag = hashlib.sha256(f"{path.resolve()}|{dose!r}|{slice_step}|{seed}".encode()).hexdigest()[:12]
+            options = SimulationOptions(dose=dose, seed=seed, filter=filter, match_noise=match_noise)
+            noise = "" if (options.filter, match_noise) == ("cosine", False) else f"|{options.filter}|{match_noise}"
+            tag = hashlib.sha256(f"{path.resolve()}|{dose!r}|{slice_step}|{seed}{noise}".encode()).hexdigest()[:12]
             folder = cache / f"{path.name}_dose{dose:g}_{tag}"
             logger.info("simulated pairs of %s at dose %g: %s", path, dose, folder)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                run_events(iter_simulate_dataset([path], folder, options=SimulationOptions(dose=dose, seed=seed),
+                run_events(iter_simulate_dataset([path], folder, options=options,
                                                  workers=workers, slice_step=slice_step, overwrite=True))
             groups.append(PairGroup(SimulatedPairs(folder), patient=patient, name=f"{patient}/sim{dose:g}",
                                     kernel=kernel, dose=dose, origin="simulated", path=str(path)))
@@ -861,6 +867,8 @@ def collect_pairs(
     sim_cache: str | os.PathLike | None = None,
     sim_slice_step: int = 1,
     sim_workers: int = 1,
+    sim_filter: str = "cosine",
+    sim_match_noise: bool = False,
 ) -> PairSet:
     """Every kind of pair input as one :class:`PairSet` (the one place training and ``evaluate`` read pairs).
 
@@ -878,7 +886,7 @@ def collect_pairs(
     for file in manifest:
         groups += manifest_pairs(file)
     groups += simulated_pair_groups(simulate_from, sim_doses, cache=sim_cache, slice_step=sim_slice_step,
-                                    workers=sim_workers)
+                                    workers=sim_workers, filter=sim_filter, match_noise=sim_match_noise)
     names = [g.name for g in groups]
     for name in {n for n in names if names.count(n) > 1}:  # keys stay unique
         same = [i for i, n in enumerate(names) if n == name]

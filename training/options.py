@@ -171,6 +171,8 @@ class PairDataOptions:
     sim_doses: tuple[float, ...] = DEFAULT_SIM_DOSES
     sim_cache: Path | None = None
     sim_slice_step: int = 1
+    sim_filter: str = "cosine"
+    sim_match_noise: bool = False
     val_patients: tuple[str, ...] = ()
 
     def _check_pair_data(self) -> None:
@@ -192,6 +194,13 @@ class PairDataOptions:
             raise ConfigError("--simulate-from needs at least one dose (--sim-doses 0.05,0.5).")
         if isinstance(self.sim_slice_step, bool) or int(self.sim_slice_step) < 1:
             raise ConfigError(f"--sim-slice-step must be at least 1; got {self.sim_slice_step}.")
+        from training.simulate import FBP_FILTERS
+
+        if not isinstance(self.sim_filter, str) or self.sim_filter.strip().lower() not in FBP_FILTERS:
+            raise ConfigError(f"Unknown --sim-filter {self.sim_filter!r}; choose one of {', '.join(FBP_FILTERS)}.")
+        object.__setattr__(self, "sim_filter", self.sim_filter.strip().lower())
+        if not isinstance(self.sim_match_noise, bool):
+            raise ConfigError(f"--sim-match-noise is a flag (true or false); got {self.sim_match_noise!r}.")
 
     def has_pair_inputs(self) -> bool:
         return bool(self.pairs or self.low or self.manifest or self.simulate_from)
@@ -202,7 +211,8 @@ class PairDataOptions:
 
         return collect_pairs(data=tuple(data), split=split, pairs=self.pairs, low=self.low, full=self.full,
                              manifest=self.manifest, simulate_from=self.simulate_from, sim_doses=self.sim_doses,
-                             sim_cache=self.sim_cache, sim_slice_step=self.sim_slice_step, sim_workers=workers)
+                             sim_cache=self.sim_cache, sim_slice_step=self.sim_slice_step, sim_workers=workers,
+                             sim_filter=self.sim_filter, sim_match_noise=self.sim_match_noise)
 
 
 def _as_tuple(value: Any) -> tuple:

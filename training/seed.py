@@ -153,6 +153,8 @@ def _data_summary(options: SeedOptions, train: Any, val: Any | None) -> dict[str
     if options.simulate_from:
         inputs["sim_doses"] = list(options.sim_doses)
         inputs["sim_slice_step"] = options.sim_slice_step
+        inputs["sim_filter"] = options.sim_filter
+        inputs["sim_match_noise"] = options.sim_match_noise
     if options.transplant_noise_onto:
         inputs["transplant_noise_onto"] = list(options.transplant_noise_onto)
         inputs["transplant_slice_step"] = options.transplant_slice_step
