@@ -346,8 +346,10 @@ BASELINE_GRIDS: dict[str, tuple[dict[str, float], ...]] = {
     # NLM: h a multiple of the slice's estimated noise SD (sigma = the estimate), or h = sigma fixed in HU.
     "nlm": tuple({"h_factor": f} for f in (0.6, 0.8, 1.0, 1.2, 1.5, 2.0))
     + tuple({"h_hu": h} for h in (20.0, 30.0, 40.0, 55.0, 70.0)),
-    # BM3D: the noise SD it assumes, in HU.
-    "bm3d": tuple({"sigma_hu": s} for s in (20.0, 35.0, 50.0, 70.0, 100.0)),
+    # BM3D: the noise SD it assumes, a multiple of the slice's estimated noise SD (noise of any
+    # level, e.g. a sharp kernel's) or fixed in HU.
+    "bm3d": tuple({"sigma_factor": f} for f in (0.75, 1.0, 1.5, 2.0))
+    + tuple({"sigma_hu": s} for s in (20.0, 35.0, 50.0, 70.0, 100.0)),
 }
 
 
@@ -391,8 +393,14 @@ def _filter_slice(name: str, params: dict[str, float], hu: np.ndarray) -> np.nda
         profile = bm3d.BM3DProfile()
         profile.search_window_ht = profile.search_window_wiener = BM3D_SETTINGS["search_window"]
         profile.step_ht = profile.step_wiener = BM3D_SETTINGS["step"]
+        if "sigma_factor" in params:
+            from skimage.restoration import estimate_sigma
+
+            sigma = float(params["sigma_factor"]) * float(estimate_sigma(image))
+        else:
+            sigma = float(params["sigma_hu"])
         scale = 1000.0  # HU -> about unit range; BM3D is linear in the scale of image and sigma
-        return np.asarray(bm3d.bm3d(image / scale, sigma_psd=float(params["sigma_hu"]) / scale, profile=profile)) * scale
+        return np.asarray(bm3d.bm3d(image / scale, sigma_psd=sigma / scale, profile=profile)) * scale
     raise ConfigError(f"Unknown baseline {name!r}; choose from {', '.join(BASELINES)}.")
 
 
