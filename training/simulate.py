@@ -387,7 +387,8 @@ def matched_i0(slices: Sequence[np.ndarray], *, pixel_mm: float, options: Simula
     ratios = []
     for k, hu in enumerate(slices):
         hu = _check_slice(hu, pixel_mm)
-        probe = simulate_low_dose(hu, pixel_mm=pixel_mm, **physics, seed=_slice_seed(options.seed, k))
+        # a fixed seed: the matched I0 belongs to the input, the same at every dose and seed
+        probe = simulate_low_dose(hu, pixel_mm=pixel_mm, **physics, seed=_slice_seed(0, k))
         ratios.append(block_noise_ratios(hu, probe - hu, pixel_spacing=(pixel_mm, pixel_mm)))
     ratios = np.concatenate(ratios) if ratios else np.zeros(0)
     if ratios.size < MATCH_MIN_BLOCKS:
