@@ -40,33 +40,16 @@ OUT = REPO_ROOT / "benchmarks" / "results" / "reference_noise.json"
 DEFAULT_PAIRS = REPO_ROOT.parent / "shared" / "data" / "ct" / "mayo2016_pairs"
 if str(REPO_ROOT) not in sys.path:  # the training package lives beside the plugin, not inside it
     sys.path.insert(0, str(REPO_ROOT))
-BLOCK = 16
-HIGH_PASS_SIGMA = 1.5
 
 
 def noise_variance_ratio(low_hu: np.ndarray, full_hu: np.ndarray, *, pixel_spacing: tuple[float, float],
                          window: tuple[float, float]) -> tuple[float, int]:
     """Median over soft-tissue blocks of var(HP(full)) / var(HP(low - full)), and the block count."""
-    from scipy.ndimage import binary_erosion, gaussian_filter
-
-    from napari_langmamba.anatomy import SOFT_TISSUE, tissue_map
+    from training.simulate import block_noise_ratios
 
     full = full_hu.astype(np.float64)
-    inserted = low_hu.astype(np.float64) - full
-    high = {name: img - gaussian_filter(img, HIGH_PASS_SIGMA) for name, img in (("full", full), ("noise", inserted))}
-    soft = tissue_map(full_hu, pixel_spacing=pixel_spacing) == SOFT_TISSUE
-    soft &= (full > window[0]) & (full < window[1])
-    soft = binary_erosion(soft, iterations=3)  # keep organ edges out of the blocks
-    ratios = []
-    rows, cols = full.shape
-    for r in range(0, rows - BLOCK + 1, BLOCK):
-        for c in range(0, cols - BLOCK + 1, BLOCK):
-            if soft[r:r + BLOCK, c:c + BLOCK].all():
-                v_full = high["full"][r:r + BLOCK, c:c + BLOCK].var()
-                v_noise = high["noise"][r:r + BLOCK, c:c + BLOCK].var()
-                if v_noise > 0:
-                    ratios.append(v_full / v_noise)
-    return (float(np.median(ratios)) if ratios else float("nan")), len(ratios)
+    ratios = block_noise_ratios(full, low_hu.astype(np.float64) - full, pixel_spacing=pixel_spacing, window=window)
+    return (float(np.median(ratios)) if ratios.size else float("nan")), int(ratios.size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_langmamba.windowing import DEFAULT_WINDOW, get_window
     from training.datasets import PairSet, patient_folder_pairs
     from training.evaluate import load_checkpoint_denoiser
+    from training.simulate import NOISE_BLOCK, NOISE_HIGH_PASS_SIGMA
 
     window = get_window(DEFAULT_WINDOW)
     groups = PairSet(patient_folder_pairs(args.pairs)).select(args.patients).groups
@@ -136,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "window": {"name": window.name, "lower_hu": window.lower, "upper_hu": window.upper},
         "patients": args.patients, "dose": args.dose, "weights": args.weights,
         "physics_inserted_over_full_noise_variance": physics_ratio,
-        "high_pass_sigma_px": HIGH_PASS_SIGMA, "block_px": BLOCK,
+        "high_pass_sigma_px": NOISE_HIGH_PASS_SIGMA, "block_px": NOISE_BLOCK,
         "n_slices": len(rows), "n_slices_measured": int(sum(np.isfinite(r["full_over_inserted_noise_variance"])
                                                              for r in rows)),
         "summary": summary, "slices": rows,

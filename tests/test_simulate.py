@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -233,3 +234,63 @@ def test_config_files_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config_file(broken)
     assert resolve_options(SimulationOptions, config={"n-views": 90}).n_views == 90
+
+
+# --- noise matched to the image's own noise ---------------------------------------------
+
+
+def _noisy_soft_tissue_disc(i0: float, seeds=(5, 6), pixel_mm=1.0) -> np.ndarray:
+    """Slices of a 40 HU disc carrying the ramp-filtered quantum noise of ``i0`` photons per ray."""
+    n = 128
+    yy, xx = (np.indices((n, n)) - (n - 1) / 2) * pixel_mm
+    clean = np.where(yy**2 + xx**2 <= (0.45 * n * pixel_mm) ** 2, 40.0, -1000.0).astype(np.float32)
+    # dose 0.5 inserts exactly the quantum variance of the full dose: the slice is "scanned" at i0
+    return np.stack([simulate_low_dose(clean, pixel_mm=pixel_mm, dose=0.5, i0=i0, electronic_noise=0.0,
+                                       filter="ramp", n_views=180, seed=s) for s in seeds])
+
+
+def test_matched_i0_recovers_the_photon_count_of_a_noisy_slice():
+    options = SimulationOptions(filter="ramp", n_views=180)  # probe at the default I0 of 2e6
+    for i0 in (3e4, 3e5):
+        matched = simulate.matched_i0(list(_noisy_soft_tissue_disc(i0)), pixel_mm=1.0, options=options)
+        assert matched["i0"] == pytest.approx(i0, rel=0.15)
+        assert matched["n_blocks"] >= 16 and matched["n_slices"] == 2
+        assert matched["image_over_probe_noise_variance"] == pytest.approx(2e6 / i0, rel=0.15)
+    with pytest.raises(ConfigError, match="--i0"):  # no soft tissue: nothing to measure
+        simulate.matched_i0([_water_disc(64, 1.0, 20.0) - 100.0], pixel_mm=1.0, options=options)
+
+
+def test_match_noise_dataset_inserts_the_image_noise_times_one_over_dose_minus_one(tmp_path):
+    i0 = 5e4
+    volume = _noisy_soft_tissue_disc(i0, seeds=(1, 2, 3))
+    path = tmp_path / "sharp.npy"
+    np.save(path, volume)
+    options = SimulationOptions(dose=0.25, filter="ramp", n_views=180, electronic_noise=0.0, match_noise=True)
+    out = run(iter_simulate_dataset([path], tmp_path / "pairs", options=options, workers=1))
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["options"]["match_noise"] is True
+    assert manifest["sources"][0]["noise_match"]["i0"] == pytest.approx(i0, rel=0.15)
+    # the inserted noise has (1/0.25 - 1) = 3x the variance of the slice's own noise
+    own = np.std(volume[:, 44:84, 44:84] - np.median(volume[:, 44:84, 44:84]))
+    low = np.stack([np.load(out / s["low"]) for s in manifest["slices"]])
+    full = np.stack([np.load(out / s["full"]) for s in manifest["slices"]])
+    inserted = np.std((low - full)[:, 44:84, 44:84])
+    assert inserted / own == pytest.approx(math.sqrt(3.0), rel=0.15)
+    # without matching, the calibrated I0 of 2e6 inserts far less on this noisy "scanner"
+    plain = run(iter_simulate_dataset([path], tmp_path / "plain", options=dataclasses.replace(options,
+                                                                                              match_noise=False)))
+    plain_manifest = json.loads((plain / "dataset.json").read_text())
+    assert "noise_match" not in plain_manifest["sources"][0] and plain_manifest["fingerprint"] != manifest["fingerprint"]
+    assert np.std((np.load(plain / "low/00000.npy") - volume[0])[44:84, 44:84]) < 0.3 * inserted
+
+
+def test_pair_options_check_the_simulated_noise_options():
+    from training.options import PairDataOptions
+
+    ok = PairDataOptions(simulate_from=("x.npy",), sim_filter=" Ramp ", sim_match_noise=True)
+    ok._check_pair_data()
+    assert ok.sim_filter == "ramp" and ok.sim_match_noise is True
+    with pytest.raises(ConfigError, match="--sim-filter"):
+        PairDataOptions(simulate_from=("x.npy",), sim_filter="B70f")._check_pair_data()
+    with pytest.raises(ConfigError, match="match_noise"):
+        SimulationOptions(match_noise="yes")
