@@ -403,6 +403,9 @@ def matched_i0(slices: Sequence[np.ndarray], *, pixel_mm: float, options: Simula
             "filter": options.filter}
 
 
+_MATCHED_I0: dict[tuple, dict[str, Any]] = {}  # measurements of this process, by input and probe options
+
+
 def _probe_indices(n_slices: int) -> list[int]:
     """Up to :data:`MATCH_SLICES` slice indices spread evenly over a volume."""
     count = min(MATCH_SLICES, n_slices)
@@ -725,9 +728,13 @@ def iter_simulate_dataset(
     if options.match_noise:
         for n, (source, volume) in enumerate(zip(sources, volumes, strict=True)):
             yield Progress(n, len(sources), f"measuring the noise of {Path(source.path).name}")
-            probes = [volume.hu[k] for k in _probe_indices(volume.hu.shape[0])]
-            source.noise_match = matched_i0(probes, pixel_mm=_pixel_mm(volume.spacing, source.path),
-                                            options=options, source=source.path)
+            pixel_mm = _pixel_mm(volume.spacing, source.path)
+            # the same input at other doses (training's --sim-doses) reuses the measurement
+            key = (source.hu_sha256, pixel_mm, options.i0, options.filter, options.n_views, options.mu_water)
+            if key not in _MATCHED_I0:
+                probes = [volume.hu[k] for k in _probe_indices(volume.hu.shape[0])]
+                _MATCHED_I0[key] = matched_i0(probes, pixel_mm=pixel_mm, options=options, source=source.path)
+            source.noise_match = dict(_MATCHED_I0[key])
             logger.info("%s: matched I0 %.3g (%d blocks)", source.path, source.noise_match["i0"],
                         source.noise_match["n_blocks"])
 
