@@ -180,6 +180,14 @@ def test_bm3d_runs_on_the_cpu_and_removes_noise():
     low, full = _Patient(seed=3).pair_hu(0)
     out = evaluate.baseline_denoiser("bm3d", {"sigma_hu": 25.0})(low[None])[0]
     assert metrics.psnr(out, full) > metrics.psnr(low, full) + 2.0
+    # sigma as a multiple of the slice's estimated noise SD: the same filter at that sigma
+    from skimage.restoration import estimate_sigma
+
+    sigma = float(estimate_sigma(low.astype(np.float64)))
+    assert 15.0 < sigma < 35.0  # the phantom's 25 HU noise
+    relative = evaluate.baseline_denoiser("bm3d", {"sigma_factor": 1.5})(low[None])[0]
+    np.testing.assert_allclose(relative, evaluate.baseline_denoiser("bm3d", {"sigma_hu": 1.5 * sigma})(low[None])[0],
+                               atol=1e-3)
 
 
 def test_results_of_several_doses_get_a_table_each():
