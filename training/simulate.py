@@ -30,10 +30,10 @@ of the shared test series at dose 0.25 give 25.4-28.7 HU (mean 26.7) in the cent
 ranges above). A ramp filter would need ``I0`` around 1e7 for the same level.
 
 That calibration holds for smooth abdominal kernels only. A sharp kernel amplifies the noise
-of every photon: the chest volume of ``../shared/data`` (Siemens B70f) carries about 60-100x
-more high-frequency noise variance than this model inserts at the same dose with the ramp
-filter, and about 200x more than with the cosine filter, so a "10 %" simulation of it added
-less noise than its full dose already had. **Noise matching** (``match_noise``; the stage's
+of every photon: in the chest volume of ``../shared/data`` (Siemens B70f) the high-passed noise
+variance of the full dose is about 30x what this model assigns to a full dose at the default
+``I0`` with the ramp filter, and about 150x with the cosine filter (:func:`matched_i0` on 8 of
+its slices), so a "10 %" simulation of it added less noise than its full dose already had. **Noise matching** (``match_noise``; the stage's
 ``--match-noise``) measures the image's own noise instead: on up to 8 slices of each input it
 simulates the noise of a second, equal dose (dose 0.5 inserts exactly the full dose's quantum
 variance) and compares its variance with the image's in 16 x 16 blocks of flat soft tissue,
