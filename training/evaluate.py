@@ -348,8 +348,8 @@ BASELINE_GRIDS: dict[str, tuple[dict[str, float], ...]] = {
     + tuple({"h_hu": h} for h in (20.0, 30.0, 40.0, 55.0, 70.0)),
     # BM3D: the noise SD it assumes, a multiple of the slice's estimated noise SD (noise of any
     # level, e.g. a sharp kernel's) or fixed in HU.
-    # (the wavelet estimate sees little of a smooth kernel's correlated noise, hence factors to 4)
-    "bm3d": tuple({"sigma_factor": f} for f in (0.75, 1.0, 1.5, 2.0, 3.0, 4.0))
+    # (the wavelet estimate sees little of a smooth kernel's correlated noise, hence factors to 6)
+    "bm3d": tuple({"sigma_factor": f} for f in (0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0))
     + tuple({"sigma_hu": s} for s in (20.0, 35.0, 50.0, 70.0, 100.0)),
 }
 
