@@ -219,7 +219,8 @@ def _warn_unseen_kernel(denoiser: Any, volume: Any) -> None:
     """On stderr: the series' kernel is not one the model was trained on (see ``kernel_advice``)."""
     from napari_langmamba.inference import kernel_advice, series_kernel
 
-    advice = kernel_advice(denoiser.info.get("trained_kernels"), series_kernel(volume.metadata))
+    advice = kernel_advice(denoiser.info.get("trained_kernels"), series_kernel(volume.metadata),
+                           weights=denoiser.info.get("weights"))
     if advice:
         print(f"warning: {advice}", file=sys.stderr)
 
@@ -440,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         default="default",
         metavar="W",
-        help="'default' (bundled), a checkpoint folder or .zip, or a training run folder (default: %(default)s)",
+        help="'default' (bundled), 'sharp' (bundled, for sharp kernels such as B70f), a checkpoint folder or .zip, "
+        "or a training run folder (default: %(default)s)",
     )
     denoise.add_argument(
         "--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps (default: auto)"

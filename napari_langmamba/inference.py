@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from napari_langmamba.session import (
     DEFAULT_WEIGHTS_DIR,
     STRIDE,
     available_devices,
+    bundled_name,
     check_real_dtype,
     clear_model_cache,
     default_weights_info,
@@ -65,8 +67,12 @@ __all__ = [
     "TilingPlan",
     "available_devices",
     "default_weights_info",
+    "is_sharp_kernel",
+    "kernel_advice",
     "resolve_device",
     "resolve_weights",
+    "series_kernel",
+    "trained_kernels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -264,7 +270,7 @@ class Denoiser:
             "kind": checkpoint.kind,
             "preset": _find_preset(config),
             "checkpoint_sha256": weights_sha,
-            "weights": "default" if label.strip().lower() == "default" else str(path),
+            "weights": bundled_name(label) or str(path),
             "path": str(path),
             "scan_backend": _scan_backend(device) if checkpoint.kind == "seed" else None,
             "created": checkpoint.meta.get("created"),
@@ -490,18 +496,42 @@ def series_kernel(metadata: dict | None) -> str | None:
     return kernel or None
 
 
-def kernel_advice(trained: Sequence[str] | None, kernel: str | None) -> str | None:
+SHARP_KERNEL_WORDS = ("BONE", "LUNG", "EDGE", "SHARP", "DETAIL")
+"""Kernel names (other vendors' style, e.g. GE's BONE, LUNG, EDGE) that mean a sharp kernel."""
+
+
+def is_sharp_kernel(kernel: str | None) -> bool:
+    """Whether a DICOM ``ConvolutionKernel`` names a sharp kernel (a heuristic on the name).
+
+    Siemens names carry the sharpness as a number after the letters (B30f smooth, D45 medium,
+    B70f, Br64 sharp): 60 and above counts as sharp. Other vendors' names count when they hold
+    one of :data:`SHARP_KERNEL_WORDS`.
+    """
+    name = (kernel or "").strip().upper()
+    number = re.match(r"^[A-Z]{1,3}(\d{2})", name)
+    if number:
+        return int(number.group(1)) >= 60
+    return any(word in name for word in SHARP_KERNEL_WORDS)
+
+
+def kernel_advice(trained: Sequence[str] | None, kernel: str | None, *, weights: str | None = None) -> str | None:
     """A warning when a series' kernel is not one the denoiser was trained on (``None``: no reason to warn).
 
     A denoiser learns the noise texture of the kernels it saw; on a sharper kernel it also
     removes the kernel's own fine texture (measured: the bundled model on a B70f chest scan).
+    On a sharp kernel the advice names the bundled sharp-kernel weights, unless ``weights``
+    (the ``info["weights"]`` of the loaded denoiser) already is them.
     """
     if not trained or not kernel or kernel in trained:
         return None
-    return (f"This series was reconstructed with the kernel {kernel}; the model was trained on {', '.join(trained)} "
-            "only. On a kernel it has not seen it may smooth away the kernel's own texture with the noise (sharp "
-            "kernels most): compare with the input, lower the strength, or fine-tune the model on pairs from your "
-            "scanner (python -m training seed --init ...).")
+    advice = (f"This series was reconstructed with the kernel {kernel}; the model was trained on {', '.join(trained)} "
+              "only. On a kernel it has not seen it may smooth away the kernel's own texture with the noise (sharp "
+              "kernels most): compare with the input, lower the strength, or fine-tune the model on pairs from your "
+              "scanner (python -m training seed --init ...).")
+    if is_sharp_kernel(kernel) and weights != "sharp":
+        advice += (" For a sharp kernel, try the bundled sharp-kernel weights (Weights: 'Bundled, sharp kernels'; "
+                   "CLI: --weights sharp).")
+    return advice
 
 
 def _find_preset(config: dict) -> str | None:

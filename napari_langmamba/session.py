@@ -58,13 +58,16 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "BUNDLED_WEIGHTS",
     "DEFAULT_WEIGHTS_DIR",
     "MODEL_CACHE",
     "MODEL_ROLES",
+    "SHARP_WEIGHTS_DIR",
     "STRIDE",
     "ModelCache",
     "PreparedSlice",
     "available_devices",
+    "bundled_name",
     "check_real_dtype",
     "clear_model_cache",
     "current_slice",
@@ -89,6 +92,12 @@ T = TypeVar("T")
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "default"
 """The bundled checkpoint inside the package: the denoiser, and its LangAE under ``langae/``."""
+
+SHARP_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "sharp"
+"""The bundled denoiser for sharp kernels (built on the default bundle's LangAE, which it reuses)."""
+
+BUNDLED_WEIGHTS = {"default": "the bundled default weights", "sharp": "the bundled sharp-kernel weights"}
+"""Names that ``resolve_weights`` takes for the checkpoints shipped inside the package."""
 
 MODEL_ROLES = ("denoiser", "langae")
 """What a checkpoint is loaded as: an image-to-image denoiser or the LangAE of the tokens."""
@@ -164,6 +173,24 @@ def _check_role(role: str) -> None:
         raise ConfigError(f"Unknown model role {role!r}; choose one of {', '.join(MODEL_ROLES)}.")
 
 
+def bundled_name(weights: str | Path) -> str | None:
+    """``"default"`` or ``"sharp"`` when ``weights`` names bundled weights (any case), else ``None``."""
+    name = weights.strip().lower() if isinstance(weights, str) else None
+    return name if name in BUNDLED_WEIGHTS else None
+
+
+def _bundled_checkpoint(name: str, role: str) -> Path:
+    if name == "sharp" and role == "denoiser":
+        if not _is_checkpoint_folder(SHARP_WEIGHTS_DIR):
+            raise CheckpointError(
+                f"The bundled sharp-kernel weights are missing: expected a checkpoint folder at "
+                f"{SHARP_WEIGHTS_DIR}. Choose the default weights or a checkpoint instead."
+            )
+        return SHARP_WEIGHTS_DIR
+    # the sharp-kernel SEED was trained on the default bundle's LangAE: its tokens are that one's
+    return _default_checkpoint(role)
+
+
 def _default_checkpoint(role: str) -> Path:
     if role == "langae":
         path = DEFAULT_WEIGHTS_DIR / "langae"
@@ -199,7 +226,8 @@ def resolve_weights(weights: str | Path = "default", *, role: str = "denoiser") 
     """The checkpoint (folder or ``.zip``) that ``weights`` names for a model ``role``.
 
     ``"default"`` is the bundled checkpoint: :data:`DEFAULT_WEIGHTS_DIR` for the denoiser, its
-    ``langae/`` sub-folder for the LangAE. A denoiser may be given as a training run folder (its
+    ``langae/`` sub-folder for the LangAE; ``"sharp"`` the bundled sharp-kernel denoiser
+    (:data:`SHARP_WEIGHTS_DIR`, with the default LangAE). A denoiser may be given as a training run folder (its
     ``best`` checkpoint, else its ``last``, each looked for as a folder or ``.zip``, directly
     inside the run or in its ``checkpoints/`` sub-folder); a LangAE as any folder holding a
     ``langae/`` checkpoint (a denoiser bundle). What the checkpoint holds is checked when it
@@ -211,8 +239,9 @@ def resolve_weights(weights: str | Path = "default", *, role: str = "denoiser") 
         When nothing usable is there, saying what was expected and what was found.
     """
     _check_role(role)
-    if isinstance(weights, str) and weights.strip().lower() == "default":
-        return _default_checkpoint(role)
+    name = bundled_name(weights)
+    if name is not None:
+        return _bundled_checkpoint(name, role)
     path = Path(weights).expanduser()
     if role == "langae":
         if not path.exists():

@@ -13,7 +13,11 @@ where its selection metric (the ``best`` key of its ``summary.json``, PSNR by de
 recorded beside its training record. An init run may also be an earlier bundled model's folder
 (e.g. a copy of ``langae/``): its own record, curve and init chain are taken as they are.
 ``--langae-bundle DIR`` keeps a bundled LangAE (weights and record) beside a new ``--seed-run``
-trained on its encoder (checked). ``--seed-bundle DIR`` keeps the SEED of an earlier bundle (weights, record and evaluation) instead
+trained on its encoder (checked). ``--sharp`` bundles the sharp-kernel denoiser instead
+(``napari_langmamba/weights/sharp``): the ``last`` checkpoint of ``--seed-run`` (a fixed schedule:
+it has no validation patient of its kernel to select on), no ``langae/`` of its own (it was
+trained on the default bundle's LangAE, given as ``--langae-bundle``, which the plugin reuses),
+and its own provenance. ``--seed-bundle DIR`` keeps the SEED of an earlier bundle (weights, record and evaluation) instead
 of ``--seed-run``, for a new LangAE that leaves SEED's encoder layers unchanged (``langae
 --train-part`` or ``--freeze-features``); the LangAE's are checked to be identical.
 """
@@ -31,6 +35,7 @@ import torch
 
 from napari_langmamba.checkpoint import build_model, load_checkpoint, save_checkpoint
 from napari_langmamba.inference import DEFAULT_WEIGHTS_DIR
+from napari_langmamba.session import SHARP_WEIGHTS_DIR
 
 PROVENANCE = (
     "Research weights, not a medical device. Trained on CPU with the bundled training package. "
@@ -45,6 +50,18 @@ PROVENANCE = (
     "organ segmentation). Not seen by the denoiser: other scanners, vendors and kernels (sharp kernels "
     "such as B70f lose their texture), doses other than a quarter, children, head, metal implants; "
     "expect less on them."
+)
+
+SHARP_PROVENANCE = (
+    "Research weights, not a medical device. Trained on CPU with the bundled training package, starting "
+    "from the bundled default SEED (--init). Data: simulated low-dose pairs of every 6th of the 84 training "
+    "slices of one contrast chest CT (Siemens Sensation 16, 100 kVp, 3 mm, sharp kernel B70f), at doses "
+    "of 5, 10, 25 and 50 %, made by projection-domain noise insertion matched to the volume's own measured "
+    "noise (training.simulate, --match-noise, ramp-filtered texture). No real low-dose scan of a sharp kernel "
+    "was available: these weights have never seen real sharp-kernel low-dose noise. Selection: none (the last "
+    "checkpoint of a fixed schedule); the 15 held-out slices of the same volume give every reported chest number. "
+    "For smooth and medium kernels (B30, D45, STANDARD) use the default weights; expect less on other scanners, "
+    "kernels, children, head and metal."
 )
 
 
@@ -66,8 +83,8 @@ def validation_curve(run: Path) -> dict:
             "last_step": curve[-1]["step"], "steps_without_improvement": curve[-1]["step"] - best["step"]}
 
 
-def best_checkpoint(run: Path) -> Path:
-    for name in ("best", "last"):
+def best_checkpoint(run: Path, names: tuple[str, ...] = ("best", "last")) -> Path:
+    for name in names:
         if (run / name / "config.json").is_file():
             return run / name
     raise SystemExit(f"error: no best/ or last/ checkpoint in {run}")
@@ -119,9 +136,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the LangAE runs that --langae-run started from (--init), oldest first")
     parser.add_argument("--evaluation", type=Path, nargs="+", default=[],
                         help="JSON files written by `python -m training evaluate` for this model")
-    parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS_DIR, help="destination (default: the package's)")
+    parser.add_argument("--sharp", action="store_true",
+                        help="bundle the sharp-kernel denoiser: --seed-run's last checkpoint, no langae/ of its own "
+                             "(needs --langae-bundle, the default bundle's LangAE), written to weights/sharp")
+    parser.add_argument("--out", type=Path, help="destination (default: the package's default or sharp weights)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = SHARP_WEIGHTS_DIR if args.sharp else DEFAULT_WEIGHTS_DIR
+    if args.sharp and (args.seed_run is None or args.langae_bundle is None):
+        print("error: --sharp bundles a new --seed-run trained on the default bundle's LangAE (--langae-bundle)",
+              file=sys.stderr)
+        return 2
 
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         print(f"error: {args.out} already holds weights; pass --overwrite to replace them", file=sys.stderr)
@@ -145,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics["evaluation"] = {**(metrics.get("evaluation") or {}),
                                  **{path.parent.name: read_json(path) for path in args.evaluation}}
     else:
-        seed_ckpt = load_checkpoint(best_checkpoint(args.seed_run))
+        seed_ckpt = load_checkpoint(best_checkpoint(args.seed_run, ("last",) if args.sharp else ("best", "last")))
         seed_training = dict(seed_ckpt.meta.get("training") or {}, validation=validation_curve(args.seed_run))
         seed_training["init_runs"] = init_runs(args.seed_init_run)
         metrics = {
@@ -175,22 +201,23 @@ def main(argv: list[str] | None = None) -> int:
                 "normalization": seed_ckpt.normalization,
                 "training": {"seed": seed_training, "langae": langae_training},
                 "metrics": metrics,
-                "provenance": PROVENANCE,
+                "provenance": SHARP_PROVENANCE if args.sharp else PROVENANCE,
             },
         )
-        save_checkpoint(
-            staging / "langae",
-            build_model(langae_ckpt),
-            kind=langae_ckpt.kind,
-            config=langae_ckpt.config,
-            dtype=torch.float16,
-            extra={
-                "normalization": langae_ckpt.normalization,
-                "training": langae_training,
-                "metrics": langae_ckpt.meta.get("metrics"),
-                "provenance": PROVENANCE,
-            },
-        )
+        if not args.sharp:
+            save_checkpoint(
+                staging / "langae",
+                build_model(langae_ckpt),
+                kind=langae_ckpt.kind,
+                config=langae_ckpt.config,
+                dtype=torch.float16,
+                extra={
+                    "normalization": langae_ckpt.normalization,
+                    "training": langae_training,
+                    "metrics": langae_ckpt.meta.get("metrics"),
+                    "provenance": PROVENANCE,
+                },
+            )
         if args.out.exists():
             shutil.rmtree(args.out)
         staging.rename(args.out)

@@ -86,7 +86,7 @@ def test_load_records_provenance(seed_ckpt):
 
 
 def test_trained_kernels_and_the_advice_for_a_kernel_never_seen(tmp_path):
-    from napari_langmamba.inference import kernel_advice, series_kernel, trained_kernels
+    from napari_langmamba.inference import is_sharp_kernel, kernel_advice, series_kernel, trained_kernels
 
     bundle = {"training": {"seed": {"data": {"train": {"kernels": ["D45f", "B30f"]}}}, "langae": {}}}
     run = {"training": {"data": {"train": {"kernels": ["B30f", None]}}}}
@@ -98,6 +98,13 @@ def test_trained_kernels_and_the_advice_for_a_kernel_never_seen(tmp_path):
     assert "kernel B70f" in advice and "trained on B30f, D45f only" in advice and "--init" in advice
     assert kernel_advice(["B30f", "D45f"], "D45f") is None  # a kernel it saw
     assert kernel_advice(None, "B70f") is None and kernel_advice(["B30f"], None) is None  # nothing to compare
+    # a sharp kernel is pointed to the bundled sharp-kernel weights, unless they are the ones in use
+    assert "--weights sharp" in advice
+    assert "--weights sharp" not in kernel_advice(["B70f"], "B80f", weights="sharp")
+    assert "--weights sharp" not in kernel_advice(["B30f", "D45f"], "Br38f")  # a smooth kernel never seen
+    sharp = {"B70f": True, "Br64": True, "B60f": True, "BONE": True, "LUNG": True, "B70f/LUNG": True,
+             "B30f": False, "D45f": False, "Br38f": False, "STANDARD": False, "SOFT": False, "": False, None: False}
+    assert {k: is_sharp_kernel(k) for k in sharp} == sharp
     # a loaded denoiser carries its record's kernels
     path = save_checkpoint(tmp_path / "ck", make_tiny_seed(0), kind="seed", extra=run)
     assert Denoiser.load(path, device="cpu").info["trained_kernels"] == ["B30f"]

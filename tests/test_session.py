@@ -67,6 +67,18 @@ def test_default_weights_resolve_for_both_roles(bundle, monkeypatch):
         resolve_weights("default", role="vae")
 
 
+def test_sharp_weights_resolve_with_the_default_langae(bundle, monkeypatch, tmp_path):
+    monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", bundle)
+    monkeypatch.setattr(session, "SHARP_WEIGHTS_DIR", tmp_path / "sharp-missing")
+    with pytest.raises(CheckpointError, match="sharp-kernel weights are missing"):
+        resolve_weights("sharp")
+    monkeypatch.setattr(session, "SHARP_WEIGHTS_DIR", bundle)  # any denoiser checkpoint folder
+    assert resolve_weights(" Sharp ") == bundle
+    assert resolve_weights("sharp", role="langae") == bundle / "langae"  # trained on the default's encoder
+    assert Denoiser.load("sharp", device="cpu").info["weights"] == "sharp"
+    assert session.bundled_name("SHARP") == "sharp" and session.bundled_name(str(bundle)) is None
+
+
 def test_one_cache_serves_the_denoiser_and_the_langae(bundle, monkeypatch):
     monkeypatch.setattr(session, "DEFAULT_WEIGHTS_DIR", bundle)
     denoiser = Denoiser.load("default", device="cpu")

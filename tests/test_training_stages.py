@@ -858,3 +858,17 @@ def test_bundle_keeps_a_bundled_seed_beside_a_langae_with_its_encoder_unchanged(
     assert bundle.main(["--seed-run", str(tmp_path / "seed"), "--langae-bundle", str(first / "langae"),
                         "--out", str(tmp_path / "bundle5")]) == 2
     assert "another encoder" in capsys.readouterr().err
+    # the sharp-kernel bundle: the run's last checkpoint, no LangAE of its own, its own provenance
+    sharp = tmp_path / "sharp"
+    assert bundle.main(["--sharp", "--seed-run", str(tmp_path / "seed2"), "--langae-bundle", str(first / "langae"),
+                        "--out", str(sharp)]) == 0
+    assert not (sharp / "langae").exists()
+    sharp_weights = load_file(str(sharp / "model.safetensors"))
+    last_weights = load_file(str(tmp_path / "seed2" / "last" / "model.safetensors"))
+    assert sharp_weights.keys() == last_weights.keys()
+    assert all(torch.equal(a.to(sharp_weights[k].dtype), sharp_weights[k]) for k, a in last_weights.items())
+    sharp_meta = json.loads((sharp / "config.json").read_text())
+    assert "B70f" in sharp_meta["extra"]["provenance"] and sharp_meta["training"]["seed"]["run"] == str(tmp_path / "seed2")
+    assert bundle.main(["--sharp", "--seed-run", str(tmp_path / "seed2"), "--langae-run", str(tmp_path / "all"),
+                        "--out", str(tmp_path / "sharp2")]) == 2
+    assert "--langae-bundle" in capsys.readouterr().err

@@ -330,6 +330,8 @@ def test_settings_persist_across_two_widget_instances_and_reset(make_napari_view
     assert set(first.persisted) == {"weights_combo", "weights_path", "device_combo", "batch_spin", "strength_spin",
                                     "ensemble_check"}
     assert not first.ensemble_check.isChecked()
+    first.set_weights("sharp")  # the bundled sharp-kernel weights need no path
+    assert first.weights_combo.currentData() == "sharp" and not first.weights_path.isEnabled()
     first.set_weights(ckpt)
     first.device_combo.setCurrentText("cpu")
     first.batch_spin.setValue(7)

@@ -57,6 +57,7 @@ from napari_langmamba.io.layers import ct_layer_metadata
 from napari_langmamba.io.volume import CTVolume
 from napari_langmamba.session import (
     available_devices,
+    bundled_name,
     current_slice_index,
     derived_volume,
     layer_volume,
@@ -71,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_SOURCES = {
     "default": "Bundled default",
+    "sharp": "Bundled, sharp kernels (B70f)",
     "checkpoint": "Checkpoint folder",
     "zip": "Checkpoint .zip",
     "run": "Training run folder",
@@ -204,7 +206,7 @@ class DenoiseWidget(WidgetBase):
 
     def _sync_controls(self, *args: Any) -> None:
         running = self.state is WorkerState.RUNNING
-        needs_path = self.weights_combo.currentData() != "default"
+        needs_path = bundled_name(self.weights_combo.currentData()) is None
         self.weights_path.setEnabled(needs_path and not running)
         self.browse_button.setEnabled(needs_path and not running)
         for control in (
@@ -231,12 +233,12 @@ class DenoiseWidget(WidgetBase):
             self.weights_path.setText(path)
 
     def set_weights(self, weights: str | Path) -> None:
-        """Choose the weights: ``"default"``, a checkpoint folder or ``.zip``, or a training run folder.
+        """Choose the weights: ``"default"``, ``"sharp"``, a checkpoint folder or ``.zip``, or a training run folder.
 
         Used by the Train widget to hand over a finished run's checkpoint.
         """
-        if str(weights).strip().lower() == "default":
-            source = "default"
+        if bundled_name(str(weights)) is not None:
+            source = bundled_name(str(weights))
         else:
             path = Path(weights)
             is_checkpoint = (path / "config.json").is_file()
@@ -253,8 +255,8 @@ class DenoiseWidget(WidgetBase):
     def settings(self) -> DenoiseSettings:
         """The current choices, validated (raises :class:`LangMambaError` on a bad one)."""
         source = self.weights_combo.currentData()
-        if source == "default":
-            weights = "default"
+        if bundled_name(source) is not None:
+            weights = source
         else:
             text = self.weights_path.text().strip()
             if not text:
@@ -365,7 +367,8 @@ class DenoiseWidget(WidgetBase):
         where = "" if settings.slice_index is None else f" (slice {settings.slice_index})"
         status = (f"Added '{out.name}'{where}: {info.get('kind')} {info.get('preset') or ''} on "
                   f"{info.get('device')} in {seconds:.1f} s.")
-        advice = kernel_advice(info.get("trained_kernels"), series_kernel(volume.metadata))
+        advice = kernel_advice(info.get("trained_kernels"), series_kernel(volume.metadata),
+                               weights=info.get("weights"))
         if advice:  # a kernel the model never saw: say so where the user looks, and as a notification
             self.report_warning(f"{status}\n{advice}")
         else:
