@@ -267,6 +267,7 @@ def info_lines() -> list[str]:
         available_devices,
         default_weights_info,
         resolve_device,
+        resolve_weights,
     )
 
     lines = [
@@ -303,6 +304,10 @@ def info_lines() -> list[str]:
             if len(text) > 300:
                 text = text[:297] + "..."
             lines.append(f"  {key}: {text}")
+    try:
+        lines.append(f"sharp-kernel weights (--weights sharp): {resolve_weights('sharp')}")
+    except LangMambaError as exc:
+        lines.append(f"sharp-kernel weights (--weights sharp): {exc}")
     return lines
 
 

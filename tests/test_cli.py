@@ -206,6 +206,12 @@ def test_info_shows_the_default_weights_provenance(ckpt, tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert f"default weights: {bundled}" in out
     assert "kind: redcnn" in out
+    monkeypatch.setattr(session, "SHARP_WEIGHTS_DIR", bundled)
+    assert cli.main(["info"]) == 0
+    assert f"sharp-kernel weights (--weights sharp): {bundled}" in capsys.readouterr().out
+    monkeypatch.setattr(session, "SHARP_WEIGHTS_DIR", tmp_path / "none")
+    assert cli.main(["info"]) == 0
+    assert "sharp-kernel weights are missing" in capsys.readouterr().out
 
 
 def test_demo_without_default_weights_exits_2(tmp_path, monkeypatch, capsys):
