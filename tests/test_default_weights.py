@@ -134,3 +134,70 @@ def test_default_model_beats_tuned_nlm_on_a_real_low_dose_pair(l192_pair):
     roi = ndimage.binary_erosion(tissue_map(full, pixel_spacing=pixel_mm) == SOFT_TISSUE, iterations=4)
     assert roi.sum() > 5000
     assert abs(float(out[roi].mean() - full[roi].mean())) < 5.0
+
+
+# --- the bundled sharp-kernel weights ----------------------------------------------------------
+
+# Measured by `python -m training evaluate ... --sim-filter ramp --sim-match-noise` on the 15 held-out
+# chest slices (training.simulate.matched_i0: the I0 at which the simulated full dose has their own noise).
+CHEST_HELD_OUT_I0 = 3.5e4
+# NLM as tuned on simulated 10 % pairs of the chest volume's training slices (never the held-out ones).
+TUNED_NLM_CHEST_10 = {"h_factor": 2.0}
+
+
+def test_sharp_bundle_is_small_and_documents_its_making():
+    from napari_langmamba.session import SHARP_WEIGHTS_DIR
+
+    files = [p for p in DEFAULT_WEIGHTS_DIR.parent.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= MAX_BUNDLE_BYTES  # both bundles together
+    config = json.loads((SHARP_WEIGHTS_DIR / "config.json").read_text())
+    assert config["kind"] == "seed" and config["storage_dtype"] == "float16"
+    assert not (SHARP_WEIGHTS_DIR / "langae").exists()  # its tokens are the default LangAE's
+    seed = config["training"]["seed"]
+    assert "--sim-match-noise" in seed["command_line"] and "--init" in seed["command_line"]
+    inputs = seed["data"]["inputs"]
+    assert inputs["sim_match_noise"] is True and inputs["sim_filter"] == "ramp"
+    assert all("chest_train" in p for p in inputs["simulate_from"])  # never the held-out slices
+    assert seed["data"]["train"]["kernels"] == ["B70f"]
+    assert "not a medical device" in config["extra"]["provenance"].lower()
+
+
+@pytest.fixture(scope="module")
+def chest_held_out_pair():
+    """A held-out slice of the B70f chest volume (z in [-123, -81] mm, never trained on), at a simulated 10 %."""
+    from conftest import SHARED_DATA
+
+    from napari_langmamba.io import read_ct
+    from training.simulate import simulate_low_dose
+
+    folder = SHARED_DATA / "ct" / "chest_ct_B70f"
+    if not folder.is_dir():
+        pytest.skip(f"the chest volume is not at {folder} (../shared/data is absent)")
+    volume = read_ct(folder)
+    z = volume.slice_positions() @ volume.direction[0]
+    index = int(np.argmin(np.abs(z - (-102.0))))
+    assert -123.0 <= z[index] <= -81.0
+    full = volume.hu[index].astype(np.float32)
+    low = simulate_low_dose(full, pixel_mm=float(volume.spacing[1]), dose=0.1, i0=CHEST_HELD_OUT_I0, filter="ramp",
+                            seed=7)
+    return low, full, float(volume.spacing[1])
+
+
+def test_sharp_weights_beat_tuned_nlm_and_the_default_on_a_sharp_kernel(chest_held_out_pair):
+    from scipy import ndimage
+
+    from napari_langmamba.anatomy import SOFT_TISSUE, tissue_map
+    from napari_langmamba.metrics import psnr
+    from training.evaluate import baseline_denoiser
+
+    low, full, pixel_mm = chest_held_out_pair
+    sharp = Denoiser.load("sharp", device="cpu").denoise(low)
+    default = Denoiser.load("default", device="cpu").denoise(low)
+    nlm = baseline_denoiser("nlm", TUNED_NLM_CHEST_10)(low[None])[0]
+    assert psnr(sharp, full, "abdomen") > psnr(nlm, full, "abdomen") + 1.0
+    assert psnr(sharp, full, "abdomen") > psnr(default, full, "abdomen") + 1.0
+    assert psnr(nlm, full, "abdomen") > psnr(low, full, "abdomen") + 3.0  # heavy noise: any filter helps
+    # the mean HU of the soft tissue (mediastinum, chest wall) is kept
+    roi = ndimage.binary_erosion(tissue_map(full, pixel_spacing=pixel_mm) == SOFT_TISSUE, iterations=4)
+    assert roi.sum() > 1000
+    assert abs(float(sharp[roi].mean() - full[roi].mean())) < 5.0
