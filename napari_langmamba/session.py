@@ -96,7 +96,7 @@ DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "default"
 SHARP_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "sharp"
 """The bundled denoiser for sharp kernels (built on the default bundle's LangAE, which it reuses)."""
 
-BUNDLED_WEIGHTS = {"default": "the bundled default weights", "sharp": "the bundled sharp-kernel weights"}
+BUNDLED_WEIGHTS = ("default", "sharp")
 """Names that ``resolve_weights`` takes for the checkpoints shipped inside the package."""
 
 MODEL_ROLES = ("denoiser", "langae")

@@ -115,6 +115,13 @@ def _same_seed_encoder(seed_ckpt, langae_ckpt) -> bool:
                               for k in keys)
 
 
+def save_float16(folder: Path, checkpoint, *, training: dict, metrics, provenance: str) -> None:
+    """``checkpoint``'s model as a float16 checkpoint in ``folder`` with its record beside it."""
+    save_checkpoint(folder, build_model(checkpoint), kind=checkpoint.kind, config=checkpoint.config,
+                    dtype=torch.float16, extra={"normalization": checkpoint.normalization, "training": training,
+                                                "metrics": metrics, "provenance": provenance})
+
+
 def read_json(path: Path | None) -> dict | None:
     return None if path is None else json.loads(path.read_text())
 
@@ -191,33 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bundle-", dir=args.out.parent) as tmp:
         staging = Path(tmp) / "default"
-        save_checkpoint(
-            staging,
-            build_model(seed_ckpt),
-            kind=seed_ckpt.kind,
-            config=seed_ckpt.config,
-            dtype=torch.float16,
-            extra={
-                "normalization": seed_ckpt.normalization,
-                "training": {"seed": seed_training, "langae": langae_training},
-                "metrics": metrics,
-                "provenance": SHARP_PROVENANCE if args.sharp else PROVENANCE,
-            },
-        )
+        save_float16(staging, seed_ckpt, training={"seed": seed_training, "langae": langae_training},
+                     metrics=metrics, provenance=SHARP_PROVENANCE if args.sharp else PROVENANCE)
         if not args.sharp:
-            save_checkpoint(
-                staging / "langae",
-                build_model(langae_ckpt),
-                kind=langae_ckpt.kind,
-                config=langae_ckpt.config,
-                dtype=torch.float16,
-                extra={
-                    "normalization": langae_ckpt.normalization,
-                    "training": langae_training,
-                    "metrics": langae_ckpt.meta.get("metrics"),
-                    "provenance": PROVENANCE,
-                },
-            )
+            save_float16(staging / "langae", langae_ckpt, training=langae_training,
+                         metrics=langae_ckpt.meta.get("metrics"), provenance=PROVENANCE)
         if args.out.exists():
             shutil.rmtree(args.out)
         staging.rename(args.out)

@@ -194,11 +194,9 @@ class PairDataOptions:
             raise ConfigError("--simulate-from needs at least one dose (--sim-doses 0.05,0.5).")
         if isinstance(self.sim_slice_step, bool) or int(self.sim_slice_step) < 1:
             raise ConfigError(f"--sim-slice-step must be at least 1; got {self.sim_slice_step}.")
-        from training.simulate import FBP_FILTERS
+        from training.simulate import checked_filter
 
-        if not isinstance(self.sim_filter, str) or self.sim_filter.strip().lower() not in FBP_FILTERS:
-            raise ConfigError(f"Unknown --sim-filter {self.sim_filter!r}; choose one of {', '.join(FBP_FILTERS)}.")
-        object.__setattr__(self, "sim_filter", self.sim_filter.strip().lower())
+        object.__setattr__(self, "sim_filter", checked_filter(self.sim_filter, flag="--sim-filter"))
         if not isinstance(self.sim_match_noise, bool):
             raise ConfigError(f"--sim-match-noise is a flag (true or false); got {self.sim_match_noise!r}.")
 

@@ -151,6 +151,13 @@ class SimulationOptions:
         }
 
 
+def checked_filter(name: Any, *, flag: str = "FBP filter") -> str:
+    """``name`` as one of :data:`FBP_FILTERS` (stripped, lower case); a clear error otherwise."""
+    if not isinstance(name, str) or name.strip().lower() not in FBP_FILTERS:
+        raise ConfigError(f"Unknown {flag} {name!r}; choose one of {', '.join(FBP_FILTERS)}.")
+    return name.strip().lower()
+
+
 def _check_physics(
     *, dose: float, i0: float, electronic_noise: float, filter: str, n_views: int, mu_water: float
 ) -> None:
@@ -160,8 +167,7 @@ def _check_physics(
         raise ConfigError(f"I0 (incident photons per ray) must be positive; got {i0!r}.")
     if not (isinstance(electronic_noise, (int, float)) and math.isfinite(electronic_noise) and electronic_noise >= 0):
         raise ConfigError(f"The electronic noise (counts) must be >= 0; got {electronic_noise!r}.")
-    if not isinstance(filter, str) or filter.strip().lower() not in FBP_FILTERS:
-        raise ConfigError(f"Unknown FBP filter {filter!r}; choose one of {', '.join(FBP_FILTERS)}.")
+    checked_filter(filter)
     if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 16:
         raise ConfigError(f"The number of views must be an integer >= 16; got {n_views!r}.")
     if not (isinstance(mu_water, (int, float)) and math.isfinite(mu_water) and mu_water > 0):

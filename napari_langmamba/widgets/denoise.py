@@ -237,9 +237,8 @@ class DenoiseWidget(WidgetBase):
 
         Used by the Train widget to hand over a finished run's checkpoint.
         """
-        if bundled_name(str(weights)) is not None:
-            source = bundled_name(str(weights))
-        else:
+        source = bundled_name(str(weights))
+        if source is None:
             path = Path(weights)
             is_checkpoint = (path / "config.json").is_file()
             source = "zip" if path.suffix.lower() == ".zip" else "checkpoint" if is_checkpoint else "run"
