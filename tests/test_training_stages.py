@@ -872,3 +872,78 @@ def test_bundle_keeps_a_bundled_seed_beside_a_langae_with_its_encoder_unchanged(
     assert bundle.main(["--sharp", "--seed-run", str(tmp_path / "seed2"), "--langae-run", str(tmp_path / "all"),
                         "--out", str(tmp_path / "sharp2")]) == 2
     assert "--langae-bundle" in capsys.readouterr().err
+
+
+def test_cnn_region_head_sees_about_127_pixels_and_replaces_an_mlp_head_at_zero(minilm_langae_ckpt, tmp_path):
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.langae import LangAE, RegionCNN
+    from training.langae import init_from_checkpoint
+
+    codebook = load_codebook("minilm")
+    base = build_model(load_checkpoint(minilm_langae_ckpt)).eval()
+    cnn = LangAE(dataclasses.replace(base.config, region_pixels=True, region_head="cnn"), codebook=codebook).eval()
+    assert isinstance(cnn.region_pixels, RegionCNN)
+    assert init_from_checkpoint(cnn, minilm_langae_ckpt, codebook)["path"] == str(minilm_langae_ckpt)
+    x = torch.rand(1, 1, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(cnn.encode(x), base.encode(x))  # an untrained head adds nothing
+        torch.nn.init.normal_(cnn.region_pixels.offset.weight, std=0.1)
+        y = x.clone()
+        y[..., 128, 128] += 0.2
+        moved = (cnn.region_pixels(y) - cnn.region_pixels(x)).abs().sum(1)[0]
+    assert moved.shape == (16, 16)
+    # a position (16 x 16 pixels from 16 j) sees pixels 16 j - 63 ... 16 j + 78: 127 + 15 wide
+    assert moved[8, 8] > 0 and moved[8, 11] > 0 and moved[5, 8] > 0 and moved[11, 5] > 0
+    assert moved[8, 12] == 0 and moved[4, 8] == 0 and moved[0, 0] == 0  # farther: beyond it
+    assert cnn.region_pixels.tissue_logits(x).shape == (1, 7, 16, 16)
+
+    # an MLP head stored in a checkpoint is dropped for the CNN head, at zero
+    mlp = LangAE(dataclasses.replace(base.config, region_pixels=True), codebook=codebook)
+    torch.nn.init.normal_(mlp.region_pixels.mlp[-1].weight, std=0.1)
+    mlp_ckpt = tmp_path / "mlp"
+    save_checkpoint(mlp_ckpt, mlp, kind="langae")
+    state = mlp.state_dict()
+    fresh = LangAE(cnn.config, codebook=codebook).eval()
+    assert fresh.region_pixels.adapt_state_dict(state, "region_pixels.") == ["region_pixels.* replaced by a CNN head at zero"]
+    init_from_checkpoint(fresh, mlp_ckpt, codebook)
+    mlp.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh.encode(x), mlp.quant_conv(mlp.encoder(x)[0]))
+
+
+def test_langae_tissue_steps_train_the_cnn_head_before_its_words(data_dir, minilm_langae_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "cnn"
+    args = ["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--codebook", "words:minilm",
+            "--batch-size", "2", "--patch-size", "64", "--val-fraction", "0.2", "--gamma", "0", "--alpha", "1",
+            "--init", str(minilm_langae_ckpt), "--train-part", "region", "--region-pixels", "--region-head", "cnn",
+            "--lr", "1e-2"]
+    assert _train([*args, "--output", str(run), "--epochs", "1", "--tissue-steps", "60"]) == 0
+    record = json.loads((run / "tissue_pretrain.json").read_text())
+    curve = record["loss_every_10"]
+    assert record["steps"] == 60 and len(curve) == 6 and curve[-1] < 0.5 * curve[0]  # it learned the phantoms' tissues
+    per_class = record["validation"]["per_class"]
+    assert per_class["outside air"][1] > 0 and per_class["soft tissue"][1] > 0  # the held-out phantom slice
+    assert record["validation"]["accuracy"] >= 0.75
+    ckpt = load_checkpoint(run / "last")
+    assert ckpt.config["region_head"] == "cnn" and ckpt.meta["training"]["tissue_pretrain"] == record
+    after = load_file(str(run / "last" / "model.safetensors"))
+    before = load_file(str(minilm_langae_ckpt / "model.safetensors"))
+    assert after["region_pixels.tissue.weight"].abs().sum() > 0 and after["region_pixels.offset.weight"].abs().sum() > 0
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the rest is the --init LangAE's
+
+    # --resume reads the tissue phase back from the run folder instead of training it again
+    stamp = (run / "tissue_pretrain.json").stat().st_mtime_ns
+    assert _train([*args, "--output", str(run), "--epochs", "2", "--tissue-steps", "60", "--resume"]) == 0
+    assert (run / "tissue_pretrain.json").stat().st_mtime_ns == stamp
+    assert load_checkpoint(run / "last").meta["training"]["tissue_pretrain"] == record
+
+    for bad in (["--region-head", "cnn"],  # no --region-pixels
+                ["--region-pixels", "--tissue-steps", "5"],  # the MLP head has no tissue classifier
+                ["--region-pixels", "--region-head", "cnn", "--region-context", "3"],
+                ["--region-pixels", "--region-head", "cnn", "--tissue-steps", "-1"]):
+        out = tmp_path / "bad"
+        assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--output", str(out),
+                       *bad]) == 2
+        assert not out.exists()

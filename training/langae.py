@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_langmamba.errors import ConfigError
+from napari_langmamba.models.langae import REGION_HEADS
 from napari_langmamba.models.quantizer import POOL_TARGETS
 from training.common import (
     add_train_arguments,
@@ -144,6 +145,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="with --region-pixels: odd size of the head's first layer over the grid of latent positions; 3 "
                     "also shows each position its eight neighbours' pixels (an --init head of a smaller size becomes "
                     f"the centre of the new kernel, the same function) (default {d('region_context')})")
+    add_option(model, "--region-head", choices=REGION_HEADS,
+               help="with --region-pixels: mlp (each position's own pixels, --region-context wide) or cnn (a small "
+                    "CNN that sees about 127 x 127 pixels around each position: the shape and surroundings that tell "
+                    "the aorta from a vertebral body of the same HU; an --init MLP head is replaced, at zero) "
+                    f"(default {d('region_head')})")
+    add_option(model, "--tissue-steps", type=int, metavar="N",
+               help="with --region-head cnn: first train the head's tissue classifier for N steps by cross-entropy "
+                    "on the tissue maps (each 16 x 16 region's most frequent class; a few hundred steps, no encoder "
+                    "or vocabulary, a fraction of a word step each), so the words start from features that already "
+                    f"tell the tissues apart; skipped on --resume (default {d('tissue_steps')})")
     add_option(model, "--train-part", choices=TRAIN_PARTS,
                help="with --init: train only the word head (words: the encoder layers after SEED's features and "
                     "quant_conv, on the semantic and commitment losses; the best checkpoint by validation word "
@@ -502,6 +513,120 @@ def _with_word_agreement(validate: Any) -> Any:
     return run
 
 
+TISSUE_LR = 2e-3  # peak of the one-cycle AdamW schedule of --tissue-steps
+TISSUE_RECORD = "tissue_pretrain.json"  # in the run folder: what --resume reads back
+
+
+def region_tissue_labels(tissue: torch.Tensor, factor: int) -> torch.Tensor:
+    """(b, h, w) tissue maps -> (b, h/f, w/f) int64: each f x f region's most frequent tissue class."""
+    from napari_langmamba.anatomy import TISSUE_CLASSES
+
+    one_hot = F.one_hot(tissue.long(), len(TISSUE_CLASSES)).permute(0, 3, 1, 2).float()
+    return F.avg_pool2d(one_hot, factor).argmax(1)
+
+
+def tissue_class_weights(train_set: Any, factor: int, *, max_slices: int = 64) -> torch.Tensor:
+    """Cross-entropy weights ``count ** -0.5`` of each class's regions on up to ``max_slices`` training
+    slices, normalised to a mean of 1 over the regions (rare blood and bone weigh more, not all)."""
+    from napari_langmamba.anatomy import TISSUE_CLASSES
+
+    n = len(train_set.source)
+    picks = np.unique(np.linspace(0, n - 1, min(n, max_slices)).round().astype(int))
+    counts = torch.zeros(len(TISSUE_CLASSES))
+    for i in picks:
+        tissue = torch.from_numpy(train_set.slice_tissue(int(i)))
+        h, w = (tissue.shape[0] // factor) * factor, (tissue.shape[1] // factor) * factor
+        if h and w:
+            labels = region_tissue_labels(tissue[None, :h, :w], factor)
+            counts += torch.bincount(labels.reshape(-1), minlength=len(TISSUE_CLASSES)).float()
+    weights = counts.clamp_min(1.0).pow(-0.5)
+    return weights * counts.sum().clamp_min(1.0) / (weights * counts).sum().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def tissue_accuracy(head: Any, val_set: Any, *, device: torch.device, max_items: int) -> dict[str, Any]:
+    """Per tissue class: regions of the validation slices dominated (>= 60 %) by it, and how many of
+    them the head's tissue logits name."""
+    from napari_langmamba.anatomy import TISSUE_CLASSES, dominant_region_classes, tissue_map
+    from napari_langmamba.windowing import MODEL_NORMALIZATION
+
+    right = np.zeros(len(TISSUE_CLASSES), dtype=np.int64)
+    total = np.zeros(len(TISSUE_CLASSES), dtype=np.int64)
+    for index in range(min(len(val_set), max_items) if max_items else len(val_set)):
+        x = crop_to_multiple(val_set[index]["image"][None].to(device))
+        said = head.tissue_logits(x).argmax(1)[0].cpu().numpy()
+        dominant = dominant_region_classes(tissue_map(MODEL_NORMALIZATION.to_hu(x[0, 0].cpu().numpy())),
+                                           said.shape)[2]
+        for k in range(len(TISSUE_CLASSES)):
+            where = dominant == k
+            total[k] += int(where.sum())
+            right[k] += int((said[where] == k).sum())
+    return {"accuracy": float(right.sum() / max(int(total.sum()), 1)),
+            "per_class": {c.name: [int(right[c.index]), int(total[c.index])] for c in TISSUE_CLASSES}}
+
+
+def _tissue_phase(options: LangAEOptions, ctx: Any, run: Any, model: Any, data: Any,
+                  device: torch.device) -> dict[str, Any]:
+    """``--tissue-steps``: train the CNN region head's tissue classifier before the words; returns the record.
+
+    On ``--resume`` the head comes back with the checkpoint and the record from the run folder."""
+    import json
+    import time
+
+    from training.runs import atomic_write_text
+
+    record_path = Path(run.path) / TISSUE_RECORD
+    if options.resume:
+        if record_path.is_file():
+            return json.loads(record_path.read_text())
+        raise ConfigError(f"--resume --tissue-steps: {record_path} is missing; the run did not finish its tissue phase.")
+    if ctx.world_size > 1:
+        raise ConfigError("--tissue-steps runs in one process; start the run without torchrun (it takes minutes).")
+    head = model.region_pixels
+    factor = head.factor
+    train_set = data.loader.dataset
+    weights = tissue_class_weights(train_set, factor).to(device)
+    params = [p for p in head.parameters() if p is not head.offset.weight and p is not head.offset.bias]
+    optimizer = torch.optim.AdamW(params, lr=TISSUE_LR, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, TISSUE_LR, total_steps=int(options.tissue_steps))
+    generator = torch.Generator().manual_seed(int(options.seed))
+    logger.info("--tissue-steps %d: training the CNN region head's tissue classifier (class weights %s)",
+                options.tissue_steps, ", ".join(f"{w:.2f}" for w in weights.tolist()))
+    start, losses = time.monotonic(), []
+    head.train()
+    for step in range(int(options.tissue_steps)):
+        picks = torch.randint(len(train_set), (options.batch_size,), generator=generator).tolist()
+        loss = torch.zeros((), device=device)
+        for i in picks:  # one at a time: whole slices of different sizes do not stack
+            item = train_set[i]
+            x = crop_to_multiple(item["image"][None].to(device))
+            labels = region_tissue_labels(item["tissue"][None, : x.shape[-2], : x.shape[-1]].to(device), factor)
+            loss = loss + F.cross_entropy(head.tissue_logits(x), labels, weight=weights) / len(picks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 50 == 0 or step + 1 == options.tissue_steps:
+            logger.info("tissue step %d/%d: cross-entropy %.4f (%.1f s)", step + 1, options.tissue_steps,
+                        float(np.mean(losses[-50:])), time.monotonic() - start)
+    record: dict[str, Any] = {"steps": int(options.tissue_steps), "lr": TISSUE_LR, "schedule": "one-cycle AdamW",
+                              "batch_size": options.batch_size, "class_weights": [round(w, 4) for w in weights.tolist()],
+                              "loss_every_10": [round(float(np.mean(losses[i : i + 10])), 4)
+                                                for i in range(0, len(losses), 10)],
+                              "seconds": round(time.monotonic() - start, 1)}
+    if data.val_set is not None:
+        head.eval()
+        record["validation"] = tissue_accuracy(head, data.val_set, device=device, max_items=options.val_max_images)
+        head.train()
+        logger.info("tissue classifier on the validation slices: %.1f %% of dominated regions (%s)",
+                    100 * record["validation"]["accuracy"],
+                    ", ".join(f"{k} {a}/{b}" for k, (a, b) in record["validation"]["per_class"].items() if b))
+    if ctx.is_main:
+        atomic_write_text(record_path, json.dumps(record, indent=1))
+    return record
+
+
 def _perceptual_loss(options: LangAEOptions, device: torch.device) -> Any:
     if options.perceptual_weights is not None and options.eta > 0:
         from training.perceptual import load_perceptual_loss
@@ -528,7 +653,7 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     codebook = load_codebook(options.codebook)
     model_config = dataclasses.replace(LangAEConfig.preset(options.preset, codebook_dim=codebook.d),
                                        commitment_beta=float(options.beta), region_pixels=bool(options.region_pixels),
-                                       region_context=int(options.region_context))
+                                       region_context=int(options.region_context), region_head=options.region_head)
     model = LangAE(model_config, codebook=codebook)
     init_info = init_from_checkpoint(model, options.init, codebook) if options.init is not None else None
     frozen = freeze_features(model) if options.freeze_features else []
@@ -539,7 +664,8 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     if semantic and options.candidates is None and options.scorer == "anatomy" and options.alpha > 0:
         anatomy = AnatomyScorer(codebook, min_share=options.min_share, balance_by=options.balance_by)
     train_source, val_source = _ndct_sources(options)
-    data = make_stage_data(_stage_dataset(anatomy is not None), train_source, val_source, options, ctx,
+    data = make_stage_data(_stage_dataset(anatomy is not None or options.tissue_steps > 0), train_source, val_source,
+                           options, ctx,
                            source_summary={"source": [str(p) for p in options.data]}, val_label="--data")
     prior = _semantic_prior(options, codebook, train_source, anatomy) if semantic else SemanticPrior(n_words=codebook.n)
     if options.train_part in WORD_PARTS and not prior.on:
@@ -548,6 +674,8 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     if options.train_part != "all":
         logger.info("--train-part %s: training %s; frozen: %s", options.train_part,
                     ", ".join(_part_modules(model, options.train_part)), ", ".join(frozen))
+
+    tissue_record = _tissue_phase(options, ctx, run, model, data, device) if options.tissue_steps else None
 
     # -- losses, optimizers
     perceptual = _perceptual_loss(options, device) if options.train_part not in WORD_PARTS else None
@@ -573,6 +701,7 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
         "init": init_info,
         "train_part": options.train_part,
         "frozen": frozen,
+        "tissue_pretrain": tissue_record,
         "loss": {"alpha": options.alpha, "beta": options.beta, "gamma": options.gamma,
                  "eta": options.eta if perceptual is not None else 0.0, "disc_start": options.disc_start,
                  "semantic": prior.on, "perceptual": perceptual is not None},

@@ -235,6 +235,8 @@ class LangAEOptions(TrainOptions):
     train_part: str = "all"
     region_pixels: bool = False
     region_context: int = 1
+    region_head: str = "mlp"
+    tissue_steps: int = 0
     alpha: float = 0.3
     beta: float = 0.3
     gamma: float = 0.1
@@ -264,8 +266,23 @@ class LangAEOptions(TrainOptions):
             raise ConfigError(f"--region-context must be an odd positive integer (1, 3, 5 ...); got {self.region_context}.")
         if int(self.region_context) != 1 and not self.region_pixels:
             raise ConfigError("--region-context sets the size of the region-pixel head: give --region-pixels too.")
+        from napari_langmamba.models.langae import REGION_HEADS
+
+        if self.region_head not in REGION_HEADS:
+            raise ConfigError(f"--region-head must be one of {', '.join(REGION_HEADS)}; got {self.region_head!r}.")
+        if self.region_head != "mlp" and not self.region_pixels:
+            raise ConfigError("--region-head picks the region-pixel head: give --region-pixels too.")
+        if self.region_head == "cnn" and int(self.region_context) != 1:
+            raise ConfigError("--region-context sizes the MLP head; the CNN head (--region-head cnn) has its own context.")
+        if int(self.tissue_steps) < 0:
+            raise ConfigError(f"--tissue-steps must be 0 or more; got {self.tissue_steps}.")
+        if int(self.tissue_steps) and self.region_head != "cnn":
+            raise ConfigError("--tissue-steps trains the tissue classifier of the CNN region head: give "
+                              "--region-pixels --region-head cnn.")
         if self.train_part not in TRAIN_PARTS:
             raise ConfigError(f"--train-part must be one of {', '.join(TRAIN_PARTS)}; got {self.train_part!r}.")
+        if int(self.tissue_steps) and self.train_part == "decoder":
+            raise ConfigError("--tissue-steps trains the region head, which --train-part decoder keeps frozen.")
         if self.train_part != "all" and self.init is None:
             raise ConfigError(f"--train-part {self.train_part} fine-tunes part of a trained LangAE: give it with --init DIR.")
         if self.train_part == "region" and not self.region_pixels:

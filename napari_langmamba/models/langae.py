@@ -36,12 +36,16 @@ __all__ = [
     "Encoder",
     "LangAE",
     "LangAEConfig",
+    "REGION_HEADS",
+    "RegionCNN",
+    "RegionPixels",
     "ResnetBlock",
     "Upsample",
     "group_norm",
 ]
 
 NUM_LEVELS = 5  # ch_mult entries: four downsamplings, five feature scales for SEED
+REGION_HEADS = ("mlp", "cnn")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +85,12 @@ class LangAEConfig:
     region_context
         Odd kernel size of the region-pixel MLP's first layer over the grid of latent positions:
         1 (each position sees its own pixels), 3 (also its eight neighbours', 48 x 48 pixels:
-        enough to tell lung, air inside the body, from the air outside it).
+        enough to tell lung, air inside the body, from the air outside it). MLP head only.
+    region_head
+        Which region-pixel head: ``"mlp"`` (:class:`RegionPixels`) or ``"cnn"`` (:class:`RegionCNN`:
+        a small CNN that sees about 127 x 127 pixels around each position, the shape and
+        surroundings that tell the aorta from a vertebral body of the same HU, and that also
+        classifies each region's tissue, which ``--tissue-steps`` trains first).
     name
         Name of the preset this config came from (``"custom"`` otherwise); stored in checkpoints.
     """
@@ -99,6 +108,7 @@ class LangAEConfig:
     commitment_beta: float = 0.3
     region_pixels: bool = False
     region_context: int = 1
+    region_head: str = "mlp"
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -132,6 +142,10 @@ class LangAEConfig:
         if (not isinstance(self.region_context, int) or isinstance(self.region_context, bool)
                 or self.region_context < 1 or self.region_context % 2 == 0):
             raise ConfigError(f"LangAE region_context must be an odd positive integer; got {self.region_context!r}.")
+        if self.region_head not in REGION_HEADS:
+            raise ConfigError(f"LangAE region_head must be one of {', '.join(REGION_HEADS)}; got {self.region_head!r}.")
+        if self.region_head == "cnn" and self.region_context != 1:
+            raise ConfigError("LangAE region_context sizes the MLP head; the CNN head has its own context (keep it 1).")
 
     @property
     def downsample_factor(self) -> int:
@@ -382,6 +396,12 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (b, out_channels, h, w)
 
 
+def _to_hu100(x: Tensor) -> Tensor:
+    """Model units [0, 1] -> HU / 100 (air -10, fat about -1, organs 0.5, enhanced blood 1.5-3, bone 3+)."""
+    lo, hi = MODEL_NORMALIZATION.hu_min, MODEL_NORMALIZATION.hu_max
+    return x * ((hi - lo) / 100.0) + lo / 100.0
+
+
 class RegionPixels(nn.Module):
     """The pixels under each latent position -> a latent offset (``LangAEConfig.region_pixels``).
 
@@ -395,16 +415,13 @@ class RegionPixels(nn.Module):
     def __init__(self, factor: int, out_channels: int, *, hidden: int = 64, context: int = 1) -> None:
         super().__init__()
         self.factor = int(factor)
-        lo, hi = MODEL_NORMALIZATION.hu_min, MODEL_NORMALIZATION.hu_max
-        self.hu_scale = (hi - lo) / 100.0  # model units -> HU / 100
-        self.hu_offset = lo / 100.0
         self.mlp = nn.Sequential(nn.Conv2d(self.factor**2, hidden, context, padding=context // 2), nn.SiLU(),
                                  nn.Conv2d(hidden, out_channels, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(F.pixel_unshuffle(x * self.hu_scale + self.hu_offset, self.factor))
+        return self.mlp(F.pixel_unshuffle(_to_hu100(x), self.factor))
 
     def adapt_state_dict(self, state: dict[str, Tensor], prefix: str) -> list[str]:
         """Make a LangAE state dict from before this head fit it, as the same function; returns what changed.
@@ -424,6 +441,71 @@ class RegionPixels(nn.Module):
         state[first] = torch.zeros(want.shape, dtype=have.dtype)
         state[first][..., k : k + n, k : k + n] = have
         return [f"{first} widened to {want.shape[-1]} x {want.shape[-1]} around the stored {n} x {n}"]
+
+
+class RegionCNN(nn.Module):
+    """The pixels around each latent position -> a latent offset and tissue-class logits
+    (``LangAEConfig.region_head = "cnn"``).
+
+    Why: at the 16 x 16 pixels of one position, enhanced blood in the aorta, an enhanced liver and
+    the cancellous bone of a vertebral body have the same HU (115-165 HU on the Mayo volume); what
+    tells them apart is shape and surroundings -- a disk in fat, a large organ, bone inside a
+    cortical ring. Input: HU / 100 (clipped to [-10, 20]) and three soft HU thresholds (-30, 140,
+    300 HU: the fat, blood and bone limits of :mod:`napari_langmamba.anatomy`); four stride-2 3 x 3
+    convolutions down to the latent grid plus a 1 x 1 convolution of each position's own 16 x 16
+    pixels; then a 3 x 3 and a dilated 3 x 3 convolution on the grid: each position sees about
+    127 x 127 pixels (95 mm at 0.75 mm). Two 1 x 1 outputs share these features: ``offset`` (added
+    to the latent; starts at zero, so an untrained head adds nothing) and ``tissue`` (logits of the
+    seven :data:`napari_langmamba.anatomy.TISSUE_CLASSES`, trained by cross-entropy on tissue maps
+    before the words: ``python -m training langae --tissue-steps``).
+    """
+
+    THRESHOLDS_HU100 = (-0.3, 1.4, 3.0)
+    N_TISSUES = 7
+
+    def __init__(self, factor: int, out_channels: int, *, width: int = 32) -> None:
+        super().__init__()
+        if factor != 16:
+            raise ConfigError(f"The CNN region head is built for a downsampling of 16; this LangAE has {factor}.")
+        self.factor = int(factor)
+        wide = 2 * width
+        self.down = nn.Sequential(
+            nn.Conv2d(1 + len(self.THRESHOLDS_HU100), width // 2, 3, 2, 1), nn.SiLU(),
+            nn.Conv2d(width // 2, width, 3, 2, 1), nn.SiLU(),
+            nn.Conv2d(width, wide, 3, 2, 1), nn.SiLU(),
+            nn.Conv2d(wide, wide, 3, 2, 1), nn.SiLU())
+        self.cell = nn.Conv2d(self.factor**2, wide, 1)
+        self.context = nn.Sequential(nn.SiLU(), nn.Conv2d(wide, wide, 3, padding=1), nn.SiLU(),
+                                     nn.Conv2d(wide, wide, 3, padding=2, dilation=2), nn.SiLU())
+        self.offset = nn.Conv2d(wide, out_channels, 1)
+        self.tissue = nn.Conv2d(wide, self.N_TISSUES, 1)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def features(self, x: Tensor) -> Tensor:
+        """(b, 1, h, w) in model units -> (b, 2 * width, h/16, w/16) region features."""
+        hu = _to_hu100(x).clamp(-10.0, 20.0)
+        steps = [torch.sigmoid((hu - t) * 5.0) for t in self.THRESHOLDS_HU100]  # about 20 HU wide
+        down = self.down(torch.cat([hu, *steps], dim=1))
+        return self.context(down + self.cell(F.pixel_unshuffle(hu, self.factor)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.offset(self.features(x))
+
+    def tissue_logits(self, x: Tensor) -> Tensor:
+        """(b, 7, h/16, w/16) logits of each position's tissue class."""
+        return self.tissue(self.features(x))
+
+    def adapt_state_dict(self, state: dict[str, Tensor], prefix: str) -> list[str]:
+        """Put this head (at zero) into a LangAE state dict without it or with an MLP head; returns what changed."""
+        own = self.state_dict()
+        stored = [k for k in state if k.startswith(prefix)]
+        if stored and all(prefix + k in state for k in own):
+            return []
+        for k in stored:
+            del state[k]
+        state.update({prefix + k: v for k, v in own.items()})
+        return [f"{prefix}* {'replaced by a CNN head' if stored else 'added'} at zero"]
 
 
 class LangAE(nn.Module):
@@ -446,8 +528,12 @@ class LangAE(nn.Module):
         self.codebook = codebook
         self.encoder = Encoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_dim, 1)
-        self.region_pixels = (RegionPixels(config.downsample_factor, config.codebook_dim,
-                                           context=config.region_context) if config.region_pixels else None)
+        self.region_pixels: RegionPixels | RegionCNN | None = None
+        if config.region_pixels and config.region_head == "cnn":
+            self.region_pixels = RegionCNN(config.downsample_factor, config.codebook_dim)
+        elif config.region_pixels:
+            self.region_pixels = RegionPixels(config.downsample_factor, config.codebook_dim,
+                                              context=config.region_context)
         self.quantizer = PyramidQuantizer(codebook.embeddings, beta=config.commitment_beta)
         self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.z_channels, 1)
         self.decoder = Decoder(config)
