@@ -39,19 +39,22 @@ def test_bundle_is_small_and_documents_its_making():
     assert langae["codebook"]["source"] == "words:minilm"
     langae_training = langae["training"]
     # its chain: the LangAE trained with the anatomy prior, then its words retrained alone (selected by
-    # their agreement with the tissue map on L192), the last runs with the region-pixel head; SEED's
-    # encoder layers never moved
+    # their agreement with the tissue map on L192), with the region-pixel head, the last run the CNN
+    # region head alone after its tissue classifier; SEED's encoder layers never moved
     chain = [*_flat_chain(langae_training["init_runs"]), langae_training]
     parts = [r.get("train_part", "all") for r in chain]
     last_all = len(parts) - 1 - parts[::-1].index("all")
-    assert parts[last_all + 1:] and set(parts[last_all + 1:]) == {"words"}
+    assert set(parts[last_all + 1:]) == {"words", "region"} and parts[-1] == "region"
     assert chain[last_all]["loss"]["semantic"] is True and len(chain[last_all]["validation"]["curve"]) >= 5
-    assert langae["config"]["region_pixels"] is True and langae["config"]["region_context"] == 3
+    assert langae["config"]["region_pixels"] is True and langae["config"]["region_head"] == "cnn"
+    tissue = [r["tissue_pretrain"] for r in chain if r.get("tissue_pretrain")]
+    assert len(tissue) == 1 and tissue[0]["steps"] >= 300
+    assert tissue[0]["validation"]["accuracy"] > 0.95  # the head's tissue classes on L192's dominated regions
     prior = langae_training["semantic_prior"]
     assert prior["scorer"] == "anatomy" and prior["balance_by"] == "class" and prior["pool_balance"] == 0.75
-    assert langae_training["frozen"] == ["encoder.conv_in", "encoder.down[:-1]", "post_quant_conv", "decoder"]
+    assert langae_training["frozen"] == ["encoder", "quant_conv", "post_quant_conv", "decoder"]
     assert langae_training["validation"]["best_key"] == "word_agreement"
-    assert langae_training["validation"]["best_word_agreement"] > 0.87
+    assert langae_training["validation"]["best_word_agreement"] > 0.89
 
 
 def _flat_chain(runs: list[dict]) -> list[dict]:
@@ -201,3 +204,31 @@ def test_sharp_weights_beat_tuned_nlm_and_the_default_on_a_sharp_kernel(chest_he
     roi = ndimage.binary_erosion(tissue_map(full, pixel_spacing=pixel_mm) == SOFT_TISSUE, iterations=4)
     assert roi.sum() > 1000
     assert abs(float(sharp[roi].mean() - full[roi].mean())) < 5.0
+
+
+def _layer3_word(hu: np.ndarray, point: tuple[int, int]) -> str:
+    from napari_langmamba.tokens import load_token_model, token_pyramid
+
+    return token_pyramid(load_token_model("default"), hu).at(*point)[-1].word
+
+
+def test_bundled_words_name_the_aorta_and_lung_on_a_chest_slice_never_trained_on(chest_held_out_pair):
+    from napari_langmamba.anatomy import class_words
+
+    _, full, _ = chest_held_out_pair
+    words = class_words()
+    # (row, column) on the full-dose slice at z = -102 mm: the ascending and descending aorta
+    # (contrast-enhanced, 150-190 HU) and the right lung
+    assert _layer3_word(full, (175, 255)) in words["blood"]
+    assert _layer3_word(full, (325, 285)) in words["blood"]
+    assert _layer3_word(full, (250, 100)) in words["lung"]
+
+
+def test_bundled_words_name_spine_fat_and_air_on_the_validation_patient(l192_pair):
+    from napari_langmamba.anatomy import class_words
+
+    _, full, _ = l192_pair
+    words = class_words()
+    assert _layer3_word(full, (300, 265)) in words["bone"]  # vertebral body
+    assert _layer3_word(full, (250, 45)) in words["fat"]  # subcutaneous fat
+    assert _layer3_word(full, (30, 30)) in words["outside air"]
