@@ -517,12 +517,13 @@ TISSUE_LR = 2e-3  # peak of the one-cycle AdamW schedule of --tissue-steps
 TISSUE_RECORD = "tissue_pretrain.json"  # in the run folder: what --resume reads back
 
 
-def region_tissue_labels(tissue: torch.Tensor, factor: int) -> torch.Tensor:
-    """(b, h, w) tissue maps -> (b, h/f, w/f) int64: each f x f region's most frequent tissue class."""
-    from napari_langmamba.anatomy import TISSUE_CLASSES
+def region_tissue_labels(tissue: np.ndarray, factor: int) -> torch.Tensor:
+    """An (h, w) tissue map (cut to multiples of ``factor``) -> (h/f, w/f) int64: each layer-3
+    region's most frequent tissue class (:func:`napari_langmamba.anatomy.majority_region_classes`)."""
+    from napari_langmamba.anatomy import majority_region_classes
 
-    one_hot = F.one_hot(tissue.long(), len(TISSUE_CLASSES)).permute(0, 3, 1, 2).float()
-    return F.avg_pool2d(one_hot, factor).argmax(1)
+    h, w = (tissue.shape[0] // factor) * factor, (tissue.shape[1] // factor) * factor
+    return torch.from_numpy(majority_region_classes(np.asarray(tissue)[:h, :w], (h // factor, w // factor))[2])
 
 
 def tissue_class_weights(train_set: Any, factor: int, *, max_slices: int = 64) -> torch.Tensor:
@@ -534,11 +535,10 @@ def tissue_class_weights(train_set: Any, factor: int, *, max_slices: int = 64) -
     picks = np.unique(np.linspace(0, n - 1, min(n, max_slices)).round().astype(int))
     counts = torch.zeros(len(TISSUE_CLASSES))
     for i in picks:
-        tissue = torch.from_numpy(train_set.slice_tissue(int(i)))
-        h, w = (tissue.shape[0] // factor) * factor, (tissue.shape[1] // factor) * factor
-        if h and w:
-            labels = region_tissue_labels(tissue[None, :h, :w], factor)
-            counts += torch.bincount(labels.reshape(-1), minlength=len(TISSUE_CLASSES)).float()
+        tissue = train_set.slice_tissue(int(i))
+        if min(tissue.shape) >= factor:
+            counts += torch.bincount(region_tissue_labels(tissue, factor).reshape(-1),
+                                     minlength=len(TISSUE_CLASSES)).float()
     weights = counts.clamp_min(1.0).pow(-0.5)
     return weights * counts.sum().clamp_min(1.0) / (weights * counts).sum().clamp_min(1e-12)
 
@@ -586,8 +586,8 @@ def _tissue_phase(options: LangAEOptions, ctx: Any, run: Any, model: Any, data: 
     factor = head.factor
     train_set = data.loader.dataset
     weights = tissue_class_weights(train_set, factor).to(device)
-    params = [p for p in head.parameters() if p is not head.offset.weight and p is not head.offset.bias]
-    optimizer = torch.optim.AdamW(params, lr=TISSUE_LR, weight_decay=1e-4)
+    # the offset gets no gradient here, so AdamW leaves it (and its zeros) alone
+    optimizer = torch.optim.AdamW(head.parameters(), lr=TISSUE_LR, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, TISSUE_LR, total_steps=int(options.tissue_steps))
     generator = torch.Generator().manual_seed(int(options.seed))
     logger.info("--tissue-steps %d: training the CNN region head's tissue classifier (class weights %s)",
@@ -600,7 +600,7 @@ def _tissue_phase(options: LangAEOptions, ctx: Any, run: Any, model: Any, data: 
         for i in picks:  # one at a time: whole slices of different sizes do not stack
             item = train_set[i]
             x = crop_to_multiple(item["image"][None].to(device))
-            labels = region_tissue_labels(item["tissue"][None, : x.shape[-2], : x.shape[-1]].to(device), factor)
+            labels = region_tissue_labels(item["tissue"].numpy(), factor)[None].to(device)
             loss = loss + F.cross_entropy(head.tissue_logits(x), labels, weight=weights) / len(picks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

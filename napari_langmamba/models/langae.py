@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from napari_langmamba.anatomy import BLOOD_HU, BONE_HU, FAT_HU, TISSUE_CLASSES
 from napari_langmamba.errors import ConfigError
 from napari_langmamba.models._config import config_from_dict, config_to_dict
 from napari_langmamba.models.quantizer import PyramidOutput, PyramidQuantizer
@@ -460,8 +461,7 @@ class RegionCNN(nn.Module):
     before the words: ``python -m training langae --tissue-steps``).
     """
 
-    THRESHOLDS_HU100 = (-0.3, 1.4, 3.0)
-    N_TISSUES = 7
+    THRESHOLDS_HU100 = (FAT_HU / 100.0, BLOOD_HU / 100.0, BONE_HU / 100.0)
 
     def __init__(self, factor: int, out_channels: int, *, width: int = 32) -> None:
         super().__init__()
@@ -478,7 +478,7 @@ class RegionCNN(nn.Module):
         self.context = nn.Sequential(nn.SiLU(), nn.Conv2d(wide, wide, 3, padding=1), nn.SiLU(),
                                      nn.Conv2d(wide, wide, 3, padding=2, dilation=2), nn.SiLU())
         self.offset = nn.Conv2d(wide, out_channels, 1)
-        self.tissue = nn.Conv2d(wide, self.N_TISSUES, 1)
+        self.tissue = nn.Conv2d(wide, len(TISSUE_CLASSES), 1)
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
 
