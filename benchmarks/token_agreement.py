@@ -235,6 +235,10 @@ def langae_info(spec: str, model: Any) -> dict:
         training = config.get("training", {})
         info["trained_on"] = training.get("data")
     info["vocabulary_size"] = len(model.codebook.words)
+    # "tissue": the words are chosen among those of the class the region head predicts, so the
+    # agreement below then largely measures that classifier against the HU prior
+    info["word_choice"] = model.config.word_choice
+    info["region_wide"] = model.config.region_wide
     return info
 
 

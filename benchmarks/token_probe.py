@@ -51,7 +51,7 @@ def region_features(model, patient: str) -> tuple[dict[str, np.ndarray], np.ndar
             x = torch.from_numpy(MODEL_NORMALIZATION.to_model(hu.astype(np.float32)))[None, None]
             with torch.inference_mode():
                 z = model.encode(x)
-                out = model.quantize(z)
+                out = model.quantize(z, x)
             dominant = dominant_region_classes(tissue, tuple(z.shape[-2:]))[2]  # (rows, cols), -1: none
             keep = torch.from_numpy(dominant >= 0)
             feats["z"].append(z[0].permute(1, 2, 0)[keep].numpy())

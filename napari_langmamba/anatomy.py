@@ -55,6 +55,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +78,8 @@ __all__ = [
     "dominant_region_classes",
     "majority_region_classes",
     "region_class_sets",
+    "class_pool_table",
+    "class_token_ids",
     "region_edges",
     "tissue_map",
 ]
@@ -148,6 +151,39 @@ TABLE_MIN_AREA_MM2 = 10.0
 def class_words() -> dict[str, list[str]]:
     """``{class name: its words}`` in class order (what training records)."""
     return {c.name: list(c.words) for c in TISSUE_CLASSES}
+
+
+def class_token_ids(codebook: Any) -> tuple[list[list[int]], dict[str, list[str]], list[str]]:
+    """Per tissue class, the codebook rows of its words; the words used per class; the words that
+    are not tokens of ``codebook`` (skipped)."""
+    used: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    class_ids: list[list[int]] = []
+    for tissue in TISSUE_CLASSES:
+        ids, words = [], []
+        for word in tissue.words:
+            try:
+                ids.append(codebook.token_id(word))
+                words.append(word)
+            except ConfigError:
+                skipped.append(word)
+        class_ids.append(ids)
+        used[tissue.name] = words
+    return class_ids, used, skipped
+
+
+def class_pool_table(class_ids: Sequence[Sequence[int]]) -> Any:
+    """One pool of codebook rows per combination of classes (row ``bits``: bit ``k`` = class ``k``),
+    the union of their words, as a (2**classes, width) LongTensor padded with -1: the pools that
+    :func:`region_class_sets` bitmasks index."""
+    import torch  # imported on use only: the tissue map itself needs no torch
+
+    n_combos = 1 << len(class_ids)
+    pools = [sorted({i for k, ids in enumerate(class_ids) if combo >> k & 1 for i in ids}) for combo in range(n_combos)]
+    table = torch.full((n_combos, max(1, max(len(p) for p in pools))), -1, dtype=torch.long)
+    for combo, ids in enumerate(pools):
+        table[combo, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    return table
 
 
 def _as_slice(hu: np.ndarray) -> np.ndarray:

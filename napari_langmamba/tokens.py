@@ -694,7 +694,7 @@ def iter_token_pyramid(
         z = model.encode(x)  # (1, d, H/16, W/16)
     yield Progress(1, total, "Quantizing")
     with _evaluating(model), torch.inference_mode():
-        out = model.quantize(z)
+        out = model.quantize(z, x)
     table = model.quantizer.codebook.to(device=device, dtype=torch.float32)  # (n, d)
     k = min(top_k, table.shape[0] - 1)
     layers = []

@@ -357,3 +357,34 @@ def test_tiny_langae_tokens_move_toward_planted_region_pools():
         _, after_pyramid = model(x)
     after = hit_rate(after_pyramid)
     assert before <= 0.25 and after >= 0.75, (before, after)
+
+
+def test_pool_restricted_tokens_are_the_nearest_of_their_pool_and_the_rest_search_everything():
+    from napari_langmamba.models.quantizer import nearest_pool_tokens
+
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(50, 6, generator=g)
+    x = torch.randn(40, 6, generator=g)
+    pool_ids = torch.tensor([[3, 7, 11, -1], [20, 21, 22, 23], [-1, -1, -1, -1]])
+    index = torch.tensor([0] * 15 + [1] * 15 + [2] * 5 + [-1] * 5)
+    ids, dist = nearest_pool_tokens(x, table, pool_ids, index)
+    d2 = torch.cdist(x.double(), table.double()).pow(2)
+    for i in range(40):
+        allowed = [3, 7, 11] if i < 15 else [20, 21, 22, 23] if i < 30 else list(range(50))  # empty pool, -1: all
+        best = allowed[int(d2[i, allowed].argmin())]
+        assert int(ids[i]) == best and abs(float(dist[i]) - float(d2[i, best])) < 1e-4
+
+    # through the quantizer: every layer's tokens come from its positions' pools
+    z = torch.randn(2, 6, 8, 8, generator=g)
+    quantizer = PyramidQuantizer(table)
+    free = quantizer(z)
+    pools = [PositionPools(pool_ids, torch.zeros_like(i)) for i in free.ids]
+    pools[2] = PositionPools(pool_ids, torch.ones_like(free.ids[2]))
+    out = quantizer(z, pools=pools)
+    assert set(out.ids[0].unique().tolist()) <= {3, 7, 11} and set(out.ids[1].unique().tolist()) <= {3, 7, 11}
+    assert set(out.ids[2].unique().tolist()) <= {20, 21, 22, 23}
+    assert not set(free.ids[2].unique().tolist()) <= {20, 21, 22, 23}  # unrestricted, they were others
+    with pytest.raises(ConfigError, match="one pool set per pyramid layer"):
+        quantizer(z, pools=pools[:2])
+    with pytest.raises(ConfigError, match="positions"):
+        quantizer(z, pools=[pools[0], pools[1], pools[1]])

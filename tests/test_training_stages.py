@@ -911,6 +911,70 @@ def test_cnn_region_head_sees_about_127_pixels_and_replaces_an_mlp_head_at_zero(
         assert torch.allclose(fresh.encode(x), mlp.quant_conv(mlp.encoder(x)[0]))
 
 
+def test_wide_view_and_tissue_words_start_as_the_narrow_head_and_follow_the_head(minilm_langae_ckpt, tmp_path):
+    from napari_langmamba.anatomy import BONE, FAT, TISSUE_CLASSES
+    from napari_langmamba.errors import ConfigError
+    from napari_langmamba.models.codebook import load_codebook
+    from napari_langmamba.models.langae import LangAE, LangAEConfig
+    from napari_langmamba.tokens import load_token_model, token_pyramid
+    from training.langae import init_from_checkpoint
+
+    codebook = load_codebook("minilm")
+    base = build_model(load_checkpoint(minilm_langae_ckpt)).eval()
+    narrow = LangAE(dataclasses.replace(base.config, region_pixels=True, region_head="cnn"), codebook=codebook).eval()
+    init_from_checkpoint(narrow, minilm_langae_ckpt, codebook)
+    torch.manual_seed(4)
+    for p in narrow.region_pixels.parameters():  # a trained head
+        torch.nn.init.normal_(p, std=0.1)
+    narrow_ckpt = tmp_path / "narrow"
+    save_checkpoint(narrow_ckpt, narrow, kind="langae")
+
+    # the wide view joins a stored CNN head at zero: the same function until trained
+    wide_config = dataclasses.replace(narrow.config, region_wide=True)
+    wide = LangAE(wide_config, codebook=codebook).eval()
+    state = dict(narrow.state_dict())
+    assert wide.region_pixels.adapt_state_dict(state, "region_pixels.") == ["region_pixels.wide.* added at zero (the wide view)"]
+    init_from_checkpoint(wide, narrow_ckpt, codebook)
+    x = torch.rand(1, 1, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(wide.encode(x), narrow.encode(x))
+        for conv in wide.region_pixels.wide:
+            torch.nn.init.normal_(conv.weight, std=0.1)
+        y = x.clone()
+        y[..., 128, 128] += 0.2
+        moved = (wide.region_pixels.tissue_logits(y) - wide.region_pixels.tissue_logits(x)).abs().sum(1)[0]
+        moved_narrow = (narrow.region_pixels.tissue_logits(y) - narrow.region_pixels.tissue_logits(x)).abs().sum(1)[0]
+    assert moved_narrow[8, 12] == 0 and moved_narrow[8, 1] == 0  # beyond the narrow head's 127 pixels
+    assert moved[8, 12] > 0 and moved[8, 1] > 0 and moved[0, 15] > 0  # the wide head sees across the slice
+
+    # word_choice "tissue": every word is one of the words of the class the head predicts
+    chooser = LangAE(dataclasses.replace(narrow.config, word_choice="tissue"), codebook=codebook).eval()
+    chooser.load_state_dict(narrow.state_dict())
+    hu = np.full((256, 256), 40.0, dtype=np.float32)
+    hu[64:192, 64:192] = 400.0
+    for planted in (BONE, FAT):
+        with torch.no_grad():
+            chooser.region_pixels.tissue.weight.zero_()
+            chooser.region_pixels.tissue.bias.copy_(torch.nn.functional.one_hot(torch.tensor(planted), 7).float() * 10)
+        words = set(TISSUE_CLASSES[planted].words)
+        pyramid = token_pyramid(chooser, hu, cache=False)
+        assert all(set(pyramid.words(layer)) <= words for layer in (1, 2, 3))
+    free = token_pyramid(narrow, hu, cache=False)  # the same latent, the whole vocabulary
+    assert not set(free.words(3)) <= words
+    save_checkpoint(tmp_path / "chooser", chooser, kind="langae")
+    loaded = load_token_model(tmp_path / "chooser")
+    assert loaded.config.word_choice == "tissue" and token_pyramid(loaded, hu, cache=False).words(3) == pyramid.words(3)
+    with pytest.raises(ConfigError, match="needs the image"):
+        chooser.quantize(chooser.encode(torch.rand(1, 1, 64, 64)))
+
+    # both need the CNN head; configs without the fields load as before
+    for bad in ({"region_wide": True}, {"word_choice": "tissue"}, {"word_choice": "closest"}):
+        with pytest.raises(ConfigError):
+            dataclasses.replace(base.config, **bad)
+    old = {k: v for k, v in narrow.config.to_dict().items() if k not in ("region_wide", "word_choice")}
+    assert LangAEConfig.from_dict(old) == narrow.config
+
+
 def test_langae_tissue_steps_train_the_cnn_head_before_its_words(data_dir, minilm_langae_ckpt, tmp_path):
     from safetensors.torch import load_file
 
@@ -939,10 +1003,26 @@ def test_langae_tissue_steps_train_the_cnn_head_before_its_words(data_dir, minil
     assert (run / "tissue_pretrain.json").stat().st_mtime_ns == stamp
     assert load_checkpoint(run / "last").meta["training"]["tissue_pretrain"] == record
 
+    # --word-choice tissue: the head's classifier chooses the words, so the word steps train its offset only
+    chosen = tmp_path / "chosen"
+    assert _train([*args[:args.index("--init")], "--init", str(run / "last"), "--train-part", "region",
+                   "--region-pixels", "--region-head", "cnn", "--word-choice", "tissue", "--lr", "1e-2",
+                   "--output", str(chosen), "--epochs", "1"]) == 0
+    start, trained = (load_file(str(d / "last" / "model.safetensors")) for d in (run, chosen))
+    head = [k for k in start if k.startswith("region_pixels.")]
+    assert all(torch.equal(start[k], trained[k]) for k in head if not k.startswith("region_pixels.offset."))
+    assert not torch.equal(start["region_pixels.offset.weight"], trained["region_pixels.offset.weight"])
+    chosen_ckpt = load_checkpoint(chosen / "last")
+    assert chosen_ckpt.config["word_choice"] == "tissue"
+    assert "region_pixels.tissue" in chosen_ckpt.meta["training"]["frozen"]
+
     for bad in (["--region-head", "cnn"],  # no --region-pixels
                 ["--region-pixels", "--tissue-steps", "5"],  # the MLP head has no tissue classifier
                 ["--region-pixels", "--region-head", "cnn", "--region-context", "3"],
-                ["--region-pixels", "--region-head", "cnn", "--tissue-steps", "-1"]):
+                ["--region-pixels", "--region-head", "cnn", "--tissue-steps", "-1"],
+                ["--region-pixels", "--region-wide"],  # the wide view and tissue words need the CNN head
+                ["--region-pixels", "--word-choice", "tissue"],
+                ["--region-pixels", "--region-head", "cnn", "--word-choice", "tissue"]):  # an untrained classifier
         out = tmp_path / "bad"
         assert _train(["langae", "--data", str(data_dir / "ndct"), "--preset", "tiny", "--output", str(out),
                        *bad]) == 2

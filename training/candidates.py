@@ -231,30 +231,12 @@ class LexiconScorer:
 # anatomy scorer (per-position pools, computed while training)
 
 
-def _class_token_ids(codebook: Any) -> tuple[list[list[int]], dict[str, list[str]], list[str]]:
-    """Per tissue class, the codebook rows of its words; the words used per class; the words skipped."""
-    from napari_langmamba.anatomy import TISSUE_CLASSES
-
-    used: dict[str, list[str]] = {}
-    skipped: list[str] = []
-    class_ids: list[list[int]] = []
-    for tissue in TISSUE_CLASSES:
-        ids, words = [], []
-        for word in tissue.words:
-            try:
-                ids.append(codebook.token_id(word))
-                words.append(word)
-            except ConfigError:
-                skipped.append(word)
-        class_ids.append(ids)
-        used[tissue.name] = words
-    return class_ids, used, skipped
-
-
 def anatomy_word_classes(codebook: Any) -> Tensor | None:
     """(n,) tissue class value of each codebook row that is one of that class's words, -1 for the
     other rows; ``None`` when no class word is a row (e.g. a ``random:`` codebook)."""
-    class_ids, _, _ = _class_token_ids(codebook)
+    from napari_langmamba.anatomy import class_token_ids
+
+    class_ids, _, _ = class_token_ids(codebook)
     if not any(class_ids):
         return None
     table = torch.full((codebook.n,), -1, dtype=torch.long)
@@ -284,7 +266,7 @@ class AnatomyScorer:
     name = "anatomy"
 
     def __init__(self, codebook: Any, *, min_share: float = DEFAULT_MIN_SHARE, balance_by: str = "pool") -> None:
-        from napari_langmamba.anatomy import TISSUE_CLASSES
+        from napari_langmamba.anatomy import TISSUE_CLASSES, class_pool_table, class_token_ids
 
         if not 0.0 < float(min_share) <= 1.0:
             raise ConfigError(f"The anatomy scorer's min_share must be in (0, 1]; got {min_share}.")
@@ -294,7 +276,7 @@ class AnatomyScorer:
         self.min_share = float(min_share)
         self.balance_by = balance_by
         self.classes = TISSUE_CLASSES
-        class_ids, used, skipped = _class_token_ids(codebook)
+        class_ids, used, skipped = class_token_ids(codebook)
         if skipped:
             logger.warning("anatomy scorer: %d class words are not tokens of the codebook %r and are skipped: %s",
                            len(skipped), codebook.source, ", ".join(skipped))
@@ -306,14 +288,7 @@ class AnatomyScorer:
             )
         self.class_words = used
         self.skipped_words = skipped
-        # one pool per combination of classes (bit k = class k): the union of their words
-        n_combos = 1 << len(class_ids)
-        pools = [sorted({i for k, ids in enumerate(class_ids) if combo >> k & 1 for i in ids})
-                 for combo in range(n_combos)]
-        width = max(1, max(len(p) for p in pools))
-        self.pool_ids = torch.full((n_combos, width), -1, dtype=torch.long)
-        for combo, ids in enumerate(pools):
-            self.pool_ids[combo, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        self.pool_ids = class_pool_table(class_ids)  # one pool per combination of classes (bit k = class k)
 
     def info(self) -> dict[str, Any]:
         """What training records: the scorer, its share, the words used per class, the skipped ones."""

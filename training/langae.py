@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_langmamba.errors import ConfigError
-from napari_langmamba.models.langae import REGION_HEADS
+from napari_langmamba.models.langae import REGION_HEADS, WORD_CHOICES
 from napari_langmamba.models.quantizer import POOL_TARGETS
 from training.common import (
     add_train_arguments,
@@ -150,6 +150,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "CNN that sees about 127 x 127 pixels around each position: the shape and surroundings that tell "
                     "the aorta from a vertebral body of the same HU; an --init MLP head is replaced, at zero) "
                     f"(default {d('region_head')})")
+    add_option(model, "--region-wide", action="store_true",
+               help="with --region-head cnn: two more dilated convolutions (residual, starting at zero) widen each "
+                    "position's view to nearly the whole slice, so the lung's interior is told from the air outside "
+                    "the body (an --init CNN head gets them at zero)")
+    add_option(model, "--word-choice", choices=WORD_CHOICES,
+               help="with --region-head cnn: nearest (each token is the nearest word of the whole vocabulary) or tissue "
+                    "(the nearest among the words of the tissue classes the head's classifier sees in the token's "
+                    "region; train the classifier with --tissue-steps or start from a model whose head is trained; "
+                    "the word steps then train only the head's offset, never the classifier) "
+                    f"(default {d('word_choice')})")
     add_option(model, "--tissue-steps", type=int, metavar="N",
                help="with --region-head cnn: first train the head's tissue classifier for N steps by cross-entropy "
                     "on the tissue maps (each 16 x 16 region's most frequent class; a few hundred steps, no encoder "
@@ -565,6 +575,18 @@ def tissue_accuracy(head: Any, val_set: Any, *, device: torch.device, max_items:
             "per_class": {c.name: [int(right[c.index]), int(total[c.index])] for c in TISSUE_CLASSES}}
 
 
+def keep_tissue_classifier(model: Any) -> list[str]:
+    """Under ``--word-choice tissue`` the head's classifier picks each word's class, so the word steps
+    must not move it: freeze every layer of the CNN head but its offset; returns the frozen names."""
+    head = model.region_pixels
+    names = []
+    for name, module in head.named_children():
+        if name != "offset" and any(p.requires_grad for p in module.parameters()):
+            module.requires_grad_(False)
+            names.append(f"region_pixels.{name}")
+    return names
+
+
 def _tissue_phase(options: LangAEOptions, ctx: Any, run: Any, model: Any, data: Any,
                   device: torch.device) -> dict[str, Any]:
     """``--tissue-steps``: train the CNN region head's tissue classifier before the words; returns the record.
@@ -653,7 +675,8 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
     codebook = load_codebook(options.codebook)
     model_config = dataclasses.replace(LangAEConfig.preset(options.preset, codebook_dim=codebook.d),
                                        commitment_beta=float(options.beta), region_pixels=bool(options.region_pixels),
-                                       region_context=int(options.region_context), region_head=options.region_head)
+                                       region_context=int(options.region_context), region_head=options.region_head,
+                                       region_wide=bool(options.region_wide), word_choice=options.word_choice)
     model = LangAE(model_config, codebook=codebook)
     init_info = init_from_checkpoint(model, options.init, codebook) if options.init is not None else None
     frozen = freeze_features(model) if options.freeze_features else []
@@ -676,6 +699,8 @@ def _train(options: LangAEOptions, ctx: Any, run: Any) -> int:
                     ", ".join(_part_modules(model, options.train_part)), ", ".join(frozen))
 
     tissue_record = _tissue_phase(options, ctx, run, model, data, device) if options.tissue_steps else None
+    if options.word_choice == "tissue":
+        frozen += [name for name in keep_tissue_classifier(model) if name not in frozen]
 
     # -- losses, optimizers
     perceptual = _perceptual_loss(options, device) if options.train_part not in WORD_PARTS else None

@@ -236,6 +236,8 @@ class LangAEOptions(TrainOptions):
     region_pixels: bool = False
     region_context: int = 1
     region_head: str = "mlp"
+    region_wide: bool = False
+    word_choice: str = "nearest"
     tissue_steps: int = 0
     alpha: float = 0.3
     beta: float = 0.3
@@ -274,6 +276,16 @@ class LangAEOptions(TrainOptions):
             raise ConfigError("--region-head picks the region-pixel head: give --region-pixels too.")
         if self.region_head == "cnn" and int(self.region_context) != 1:
             raise ConfigError("--region-context sizes the MLP head; the CNN head (--region-head cnn) has its own context.")
+        from napari_langmamba.models.langae import WORD_CHOICES
+
+        if self.word_choice not in WORD_CHOICES:
+            raise ConfigError(f"--word-choice must be one of {', '.join(WORD_CHOICES)}; got {self.word_choice!r}.")
+        if (self.region_wide or self.word_choice != "nearest") and not (self.region_pixels and self.region_head == "cnn"):
+            raise ConfigError("--region-wide and --word-choice tissue need the CNN region head: give --region-pixels "
+                              "--region-head cnn.")
+        if self.word_choice == "tissue" and not int(self.tissue_steps) and self.init is None:
+            raise ConfigError("--word-choice tissue lets the head's tissue classifier choose the words: train it first "
+                              "(--tissue-steps N) or start from a model whose classifier is trained (--init DIR).")
         if int(self.tissue_steps) < 0:
             raise ConfigError(f"--tissue-steps must be 0 or more; got {self.tissue_steps}.")
         if int(self.tissue_steps) and self.region_head != "cnn":

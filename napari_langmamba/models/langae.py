@@ -21,10 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from napari_langmamba.anatomy import BLOOD_HU, BONE_HU, FAT_HU, TISSUE_CLASSES
+from napari_langmamba.anatomy import (
+    BLOOD_HU,
+    BONE_HU,
+    FAT_HU,
+    TISSUE_CLASSES,
+    class_pool_table,
+    class_token_ids,
+    region_class_sets,
+)
 from napari_langmamba.errors import ConfigError
 from napari_langmamba.models._config import config_from_dict, config_to_dict
-from napari_langmamba.models.quantizer import PyramidOutput, PyramidQuantizer
+from napari_langmamba.models.quantizer import PositionPools, PyramidOutput, PyramidQuantizer
 from napari_langmamba.windowing import MODEL_NORMALIZATION
 
 if TYPE_CHECKING:
@@ -38,6 +46,7 @@ __all__ = [
     "LangAE",
     "LangAEConfig",
     "REGION_HEADS",
+    "WORD_CHOICES",
     "RegionCNN",
     "RegionPixels",
     "ResnetBlock",
@@ -47,6 +56,10 @@ __all__ = [
 
 NUM_LEVELS = 5  # ch_mult entries: four downsamplings, five feature scales for SEED
 REGION_HEADS = ("mlp", "cnn")
+WORD_CHOICES = ("nearest", "tissue")
+# word_choice "tissue": a class's words are candidates of a pyramid token when the head predicts the
+# class on this share of the token's latent positions (the anatomy scorer's default share)
+WORD_MIN_SHARE = 0.25
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +105,15 @@ class LangAEConfig:
         a small CNN that sees about 127 x 127 pixels around each position, the shape and
         surroundings that tell the aorta from a vertebral body of the same HU, and that also
         classifies each region's tissue, which ``--tissue-steps`` trains first).
+    region_wide
+        CNN head only: two more dilated 3 x 3 convolutions on the latent grid (dilations 4 and 8,
+        residual, starting at zero) so that each position sees nearly the whole slice: the lung's
+        interior, tens of millimetres from any tissue, is then told from the air outside the body.
+    word_choice
+        ``"nearest"``: each token is the nearest codebook row to its latent (the paper's
+        quantizer); ``"tissue"`` (CNN head only): the nearest among the words of the tissue
+        classes the head sees in the token's region (:meth:`LangAE.word_pools`), so a word never
+        contradicts the head's tissue -- the latent still picks which of the class's words.
     name
         Name of the preset this config came from (``"custom"`` otherwise); stored in checkpoints.
     """
@@ -110,6 +132,8 @@ class LangAEConfig:
     region_pixels: bool = False
     region_context: int = 1
     region_head: str = "mlp"
+    region_wide: bool = False
+    word_choice: str = "nearest"
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -147,6 +171,14 @@ class LangAEConfig:
             raise ConfigError(f"LangAE region_head must be one of {', '.join(REGION_HEADS)}; got {self.region_head!r}.")
         if self.region_head == "cnn" and self.region_context != 1:
             raise ConfigError("LangAE region_context sizes the MLP head; the CNN head has its own context (keep it 1).")
+        if not isinstance(self.region_wide, bool):
+            raise ConfigError(f"LangAE region_wide must be true or false; got {self.region_wide!r}.")
+        if self.word_choice not in WORD_CHOICES:
+            raise ConfigError(f"LangAE word_choice must be one of {', '.join(WORD_CHOICES)}; got {self.word_choice!r}.")
+        cnn = self.region_pixels and self.region_head == "cnn"
+        if (self.region_wide or self.word_choice == "tissue") and not cnn:
+            raise ConfigError("LangAE region_wide and word_choice 'tissue' need the CNN region head "
+                              "(region_pixels true, region_head 'cnn').")
 
     @property
     def downsample_factor(self) -> int:
@@ -463,7 +495,7 @@ class RegionCNN(nn.Module):
 
     THRESHOLDS_HU100 = (FAT_HU / 100.0, BLOOD_HU / 100.0, BONE_HU / 100.0)
 
-    def __init__(self, factor: int, out_channels: int, *, width: int = 32) -> None:
+    def __init__(self, factor: int, out_channels: int, *, width: int = 32, wide_view: bool = False) -> None:
         super().__init__()
         if factor != 16:
             raise ConfigError(f"The CNN region head is built for a downsampling of 16; this LangAE has {factor}.")
@@ -477,6 +509,13 @@ class RegionCNN(nn.Module):
         self.cell = nn.Conv2d(self.factor**2, wide, 1)
         self.context = nn.Sequential(nn.SiLU(), nn.Conv2d(wide, wide, 3, padding=1), nn.SiLU(),
                                      nn.Conv2d(wide, wide, 3, padding=2, dilation=2), nn.SiLU())
+        # LangAEConfig.region_wide: residual dilated convolutions starting at zero (the same function
+        # until trained) that widen each position's view to +-15 positions, nearly a whole slice
+        self.wide = nn.ModuleList(nn.Conv2d(wide, wide, 3, padding=d, dilation=d) for d in (4, 8)) \
+            if wide_view else None
+        for conv in self.wide or ():
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
         self.offset = nn.Conv2d(wide, out_channels, 1)
         self.tissue = nn.Conv2d(wide, len(TISSUE_CLASSES), 1)
         nn.init.zeros_(self.offset.weight)
@@ -487,7 +526,10 @@ class RegionCNN(nn.Module):
         hu = _to_hu100(x).clamp(-10.0, 20.0)
         steps = [torch.sigmoid((hu - t) * 5.0) for t in self.THRESHOLDS_HU100]  # about 20 HU wide
         down = self.down(torch.cat([hu, *steps], dim=1))
-        return self.context(down + self.cell(F.pixel_unshuffle(hu, self.factor)))
+        features = self.context(down + self.cell(F.pixel_unshuffle(hu, self.factor)))
+        for conv in self.wide or ():
+            features = features + F.silu(conv(features))
+        return features
 
     def forward(self, x: Tensor) -> Tensor:
         return self.offset(self.features(x))
@@ -497,11 +539,16 @@ class RegionCNN(nn.Module):
         return self.tissue(self.features(x))
 
     def adapt_state_dict(self, state: dict[str, Tensor], prefix: str) -> list[str]:
-        """Put this head (at zero) into a LangAE state dict without it or with an MLP head; returns what changed."""
+        """Put this head (at zero) into a LangAE state dict without it or with an MLP head, or add the
+        wide view (at zero) to a CNN head without it; returns what changed."""
         own = self.state_dict()
         stored = [k for k in state if k.startswith(prefix)]
         if stored and all(prefix + k in state for k in own):
             return []
+        narrow = [k for k in own if not k.startswith("wide.")]
+        if self.wide is not None and stored and all(prefix + k in state for k in narrow):
+            state.update({prefix + k: v for k, v in own.items() if k.startswith("wide.")})
+            return [f"{prefix}wide.* added at zero (the wide view)"]
         for k in stored:
             del state[k]
         state.update({prefix + k: v for k, v in own.items()})
@@ -530,11 +577,18 @@ class LangAE(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_dim, 1)
         self.region_pixels: RegionPixels | RegionCNN | None = None
         if config.region_pixels and config.region_head == "cnn":
-            self.region_pixels = RegionCNN(config.downsample_factor, config.codebook_dim)
+            self.region_pixels = RegionCNN(config.downsample_factor, config.codebook_dim, wide_view=config.region_wide)
         elif config.region_pixels:
             self.region_pixels = RegionPixels(config.downsample_factor, config.codebook_dim,
                                               context=config.region_context)
         self.quantizer = PyramidQuantizer(codebook.embeddings, beta=config.commitment_beta)
+        if config.word_choice == "tissue":
+            class_ids, _, _ = class_token_ids(codebook)
+            if not any(class_ids):
+                raise ConfigError(f"word_choice 'tissue' needs the tissue classes' words in the codebook; none of them is "
+                                  f"a token of {codebook.source!r}.")
+            # not persistent: rebuilt from the codebook, like the codebook itself
+            self.register_buffer("class_pools", class_pool_table(class_ids), persistent=False)
         self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.z_channels, 1)
         self.decoder = Decoder(config)
 
@@ -545,9 +599,28 @@ class LangAE(nn.Module):
         z = self.quant_conv(h)
         return z if self.region_pixels is None else z + self.region_pixels(x)
 
-    def quantize(self, z: Tensor) -> PyramidOutput:
-        """Token pyramid of a latent from :meth:`encode`."""
-        return self.quantizer(z)
+    def quantize(self, z: Tensor, x: Tensor | None = None) -> PyramidOutput:
+        """Token pyramid of a latent from :meth:`encode` of the image ``x`` (which ``word_choice
+        "tissue"`` needs: the head's tissue classes choose each token's candidate words)."""
+        if self.config.word_choice == "nearest":
+            return self.quantizer(z)
+        if x is None:
+            raise ConfigError("This LangAE chooses words by tissue (word_choice 'tissue'): quantize(z, x) needs the image.")
+        return self.quantizer(z, pools=self.word_pools(x, tuple(z.shape[-2:])))
+
+    @torch.no_grad()
+    def word_pools(self, x: Tensor, latent_shape: tuple[int, int]) -> list[PositionPools]:
+        """Per pyramid layer, the candidate words of each token under ``word_choice "tissue"``: the
+        words of the tissue classes the region head predicts on at least :data:`WORD_MIN_SHARE`
+        of the token's latent positions (a layer-3 token: its position's class; the region's most
+        frequent class always counts)."""
+        if not isinstance(self.region_pixels, RegionCNN):
+            raise ConfigError("Words chosen by tissue need the CNN region head.")
+        said = self.region_pixels.tissue_logits(x).argmax(1)  # (b, h', w')
+        if tuple(said.shape[-2:]) != tuple(latent_shape):
+            raise ConfigError(f"The head's grid {tuple(said.shape[-2:])} is not the latent's {tuple(latent_shape)}.")
+        sets = region_class_sets(said.cpu().numpy(), latent_shape, min_share=WORD_MIN_SHARE)
+        return [PositionPools(self.class_pools, torch.as_tensor(bits.astype("int64"), device=x.device)) for bits in sets]
 
     def decode(self, z_q: Tensor) -> Tensor:
         """Quantized latent (b, codebook_dim, h', w') -> image (b, 1, 16 h', 16 w')."""
@@ -555,10 +628,10 @@ class LangAE(nn.Module):
 
     def forward(self, x: Tensor, *, decode: bool = True) -> tuple[Tensor | None, PyramidOutput]:
         """``(reconstruction, pyramid)`` of an image batch in [0, 1]; ``(None, pyramid)`` without ``decode``."""
-        pyramid = self.quantize(self.encode(x))
+        pyramid = self.quantize(self.encode(x), x)
         return (self.decode(pyramid.z_q) if decode else None), pyramid
 
     @torch.no_grad()
     def tokens(self, x: Tensor) -> PyramidOutput:
         """The token pyramid of an image batch without gradients (for display)."""
-        return self.quantize(self.encode(x))
+        return self.quantize(self.encode(x), x)

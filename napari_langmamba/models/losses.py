@@ -63,9 +63,9 @@ class LangDALoss(nn.Module):
         mse = F.mse_loss(denoised, target)
         with torch.no_grad():
             z_target = self.langae.encode(target)
-            zq_target = self.langae.quantize(z_target).z_q
+            zq_target = self.langae.quantize(z_target, target).z_q
         z_denoised = self.langae.encode(denoised)
-        zq_denoised = self.langae.quantize(z_denoised).z_q  # straight-through: gradient reaches z
+        zq_denoised = self.langae.quantize(z_denoised, denoised).z_q  # straight-through: gradient reaches z
         feature = F.mse_loss(z_denoised, z_target)
         token = F.mse_loss(zq_denoised, zq_target)
         total = mse + self.weight * (feature + token)

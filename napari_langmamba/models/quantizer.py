@@ -43,6 +43,7 @@ __all__ = [
     "PositionPools",
     "PyramidQuantizer",
     "axis_positions",
+    "nearest_pool_tokens",
     "nearest_tokens",
     "pyramid_positions",
     "pyramid_semantic_loss",
@@ -115,6 +116,32 @@ def nearest_tokens(
     return ids, dist
 
 
+@torch.no_grad()
+def nearest_pool_tokens(
+    x: Tensor, codebook: Tensor, pool_ids: Tensor, index: Tensor, *, sq_norms: Tensor | None = None,
+    block_elements: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Nearest codebook row to each row of ``x`` (N, d) among the rows of its pool.
+
+    ``pool_ids`` (k, m) lists each pool's rows (padded with -1), ``index`` (N,) names each row's
+    pool; a row whose index is -1 or whose pool is empty searches the whole codebook
+    (:func:`nearest_tokens`). Returns ``(ids, squared_distances)``, both (N,).
+    """
+    ids, dist = nearest_tokens(x, codebook, sq_norms=sq_norms, block_elements=block_elements)
+    codebook = codebook.to(dtype=x.dtype)
+    for pool in torch.unique(index[index >= 0]).tolist():
+        members = pool_ids[pool][pool_ids[pool] >= 0]
+        if members.numel() == 0:
+            continue
+        where = (index == pool).nonzero().squeeze(1)
+        words = codebook[members]  # (m, d)
+        d2 = (x[where, None, :] - words[None]).pow(2).sum(-1)  # (n, m): exact, the pools are small
+        best, pick = d2.min(dim=1)
+        ids[where] = members[pick]
+        dist[where] = best
+    return ids, dist
+
+
 @dataclass
 class PyramidOutput:
     """What :class:`PyramidQuantizer` returns.
@@ -171,8 +198,14 @@ class PyramidQuantizer(nn.Module):
     def num_tokens(self) -> int:
         return int(self.codebook.shape[0])
 
-    def forward(self, z: Tensor) -> PyramidOutput:
-        """Quantize a latent (b, d, h, w) into the three-layer token pyramid."""
+    def forward(self, z: Tensor, *, pools: Sequence[PositionPools] | None = None) -> PyramidOutput:
+        """Quantize a latent (b, d, h, w) into the three-layer token pyramid.
+
+        ``pools`` (one :class:`PositionPools` per layer, optional): each position's token is the
+        nearest among its pool's words instead of the whole codebook (positions without a pool
+        search the whole codebook); :class:`~napari_langmamba.models.langae.LangAE` passes the
+        words of the tissue its region head sees (``LangAEConfig.word_choice = "tissue"``).
+        """
         if z.ndim != 4 or z.shape[1] != self.codebook.shape[1]:
             raise ConfigError(
                 f"The quantizer expects a latent (b, {self.codebook.shape[1]}, h, w); got {tuple(z.shape)}."
@@ -183,15 +216,25 @@ class PyramidQuantizer(nn.Module):
         acc = torch.zeros_like(z, requires_grad=False)  # sum of the layer embeddings present
         count = torch.zeros((1, 1, h, w), dtype=z.dtype, device=z.device)
         ids_out, residuals, dists, commits = [], [], [], []
-        for rows, cols in positions:
+        if pools is not None and len(pools) != len(positions):
+            raise ConfigError(f"The quantizer takes one pool set per pyramid layer ({len(positions)}); got {len(pools)}.")
+        for layer, (rows, cols) in enumerate(positions):
             grid = (rows[:, None], cols[None, :])  # (r, 1), (1, c) broadcast to the r x c grid
             z_l = z[:, :, grid[0], grid[1]]  # (b, d, r, c)
             k = count[:, :, grid[0], grid[1]] + 1.0
             residual = k * z_l - acc[:, :, grid[0], grid[1]]  # what keeps the running mean at z
             r, c = residual.shape[-2:]
             flat = residual.detach().permute(0, 2, 3, 1).reshape(-1, d)  # (b*r*c, d)
-            ids, dist = nearest_tokens(flat, codebook, sq_norms=self.codebook_sq_norm,
-                                       block_elements=self.block_elements)
+            if pools is None:
+                ids, dist = nearest_tokens(flat, codebook, sq_norms=self.codebook_sq_norm,
+                                           block_elements=self.block_elements)
+            else:
+                index = pools[layer].index
+                if tuple(index.shape) != (b, r, c):
+                    raise ConfigError(f"Layer {layer + 1}'s pools cover {tuple(index.shape)} positions; the latent "
+                                      f"has {(b, r, c)}.")
+                ids, dist = nearest_pool_tokens(flat, codebook, pools[layer].pool_ids, index.reshape(-1),
+                                                sq_norms=self.codebook_sq_norm, block_elements=self.block_elements)
             emb = codebook[ids].reshape(b, r, c, d).permute(0, 3, 1, 2)  # (b, d, r, c)
             with torch.no_grad():
                 acc[:, :, grid[0], grid[1]] += emb
