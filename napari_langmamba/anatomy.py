@@ -40,7 +40,11 @@ How the map is made
    small (<= 1200 mm^2: a vertebral body, not the aortic arch or the heart) or bordered by
    cortex along >= 30 % of its rim; then closed by a 3 mm disk, with enclosed holes up to
    2500 mm^2 filled (the marrow of a vertebral body, not the pelvic cavity); >= 2000 HU is
-   metal.
+   metal. A vessel's contrast-filled lumen inside a calcified wall is neither: a [140, 300) HU
+   component of >= 250 mm^2 that is homogeneous (SD < 45 HU inside) and whose ring of >= 300 HU
+   is thin (< 1.5 mm on average; marrow is mottled and a vertebral body's cortex thicker) stays
+   blood (the calcified aorta of the sample series, contrast-dense great vessels and heart
+   chambers beside calcifications).
 5. Dense pixels outside the body (components of at least 10 mm^2) are the table.
 
 Pixel sizes in millimetres come from ``pixel_spacing`` (default 0.75 mm, a 384 mm field of view
@@ -145,6 +149,10 @@ BONE_CLOSING_MM = 3.0
 BONE_MAX_HOLE_MM2 = 2500.0
 CANCELLOUS_RIM_SHARE = 0.3
 CANCELLOUS_MAX_AREA_MM2 = 1200.0
+# A vessel lumen in a calcified wall: a large, homogeneous [140, 300) HU disk inside a thin ring
+LUMEN_MIN_AREA_MM2 = 250.0
+LUMEN_MAX_RING_MM = 1.5
+LUMEN_MAX_STD_HU = 45.0
 TABLE_MIN_AREA_MM2 = 10.0
 
 
@@ -243,7 +251,31 @@ def body_mask(hu: np.ndarray, *, pixel_spacing: float | Sequence[float] | None =
     return _body_from_smooth(_smooth(slice_hu, spacing), spacing)
 
 
-def _bone_mask(smooth: np.ndarray, body: np.ndarray, spacing: float) -> np.ndarray:
+def _lumens(hu: np.ndarray, labels: np.ndarray, n: int, cortex: np.ndarray, spacing: float) -> np.ndarray:
+    """Bool (n + 1,): which labelled [140, 300) HU components are the contrast-filled lumen of a vessel with a
+    calcified wall, not cancellous bone. Both sit inside a ring >= 300 HU; the lumen is large (an
+    aorta, >= 250 mm^2), homogeneous (HU SD < 45 inside, away from its edge: marrow between
+    trabeculae is mottled, 50-85 HU on the Mayo and sample series) and its ring is thin (cortex
+    within 3 mm of it / its equivalent circumference < 1.5 mm: a calcified wall is ~1 mm, a
+    vertebral body's cortex with its arch 2-4 mm)."""
+    from scipy import ndimage as ndi
+
+    lumen = np.zeros(n + 1, dtype=bool)
+    area = np.bincount(labels.ravel(), minlength=n + 1) * spacing**2
+    for index in np.flatnonzero(area >= LUMEN_MIN_AREA_MM2):
+        if index == 0:
+            continue
+        component = labels == index
+        ring = cortex & ndi.binary_dilation(component, structure=_disk(3.0 / spacing))
+        circumference = 2.0 * np.sqrt(np.pi * area[index])
+        inside = ndi.binary_erosion(component, structure=_disk(1.5 / spacing))
+        if (inside.sum() >= 10 and ring.sum() * spacing**2 / circumference < LUMEN_MAX_RING_MM
+                and float(hu[inside].std()) < LUMEN_MAX_STD_HU):
+            lumen[index] = True
+    return lumen
+
+
+def _bone_mask(smooth: np.ndarray, body: np.ndarray, spacing: float, hu: np.ndarray | None = None) -> np.ndarray:
     from scipy import ndimage as ndi
 
     cortex = smooth >= BONE_HU
@@ -262,9 +294,15 @@ def _bone_mask(smooth: np.ndarray, body: np.ndarray, spacing: float) -> np.ndarr
         area = np.bincount(labels.ravel(), minlength=n + 1)[1:] * spacing**2
         inner = np.zeros(n + 1, dtype=bool)
         inner[1:] = (contact > 0) & ((share >= CANCELLOUS_RIM_SHARE) | (area <= CANCELLOUS_MAX_AREA_MM2))
+        lumen = _lumens(smooth if hu is None else hu, labels, n, cortex, spacing)
+        lumen[0] = False
+        inner &= ~lumen
         dense |= inner[labels]
-    dense = ndi.binary_closing(dense, structure=_disk(BONE_CLOSING_MM / spacing)) & body
-    holes = ndi.binary_fill_holes(dense) & ~dense
+        lumen_mask = lumen[labels]
+    else:
+        lumen_mask = np.zeros_like(middle)
+    dense = ndi.binary_closing(dense, structure=_disk(BONE_CLOSING_MM / spacing)) & body & ~lumen_mask
+    holes = ndi.binary_fill_holes(dense) & ~dense & ~lumen_mask
     labels, n = ndi.label(holes)
     if n:
         areas = np.bincount(labels.ravel(), minlength=n + 1) * spacing**2
@@ -306,7 +344,7 @@ def tissue_map(hu: np.ndarray, *, pixel_spacing: float | Sequence[float] | None 
     inside = np.digitize(smooth, [LUNG_HU, FAT_HU, BLOOD_HU]).astype(np.uint8)  # 0 air, 1 fat, 2 soft, 3 blood
     by_range = np.array([LUNG, FAT, SOFT_TISSUE, BLOOD], dtype=np.uint8)[inside]
     out[body] = by_range[body]
-    out[_bone_mask(smooth, body, spacing)] = BONE
+    out[_bone_mask(smooth, body, spacing, slice_hu)] = BONE
     out[smooth >= METAL_HU] = TABLE_METAL
     return out
 

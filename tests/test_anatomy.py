@@ -115,6 +115,37 @@ def test_synthetic_phantom_classes_and_table():
     assert tissue[112, 64] == OUTSIDE_AIR  # the gap between body and table
 
 
+def test_a_lumen_in_a_calcified_wall_is_blood_and_mottled_marrow_in_a_cortex_is_bone():
+    rng = np.random.default_rng(1)
+    hu = np.full((320, 320), -1000.0, dtype=np.float32)  # 0.5 mm pixels
+    yy, xx = np.mgrid[:320, :320] * 0.5
+    hu[(yy - 80) ** 2 + (xx - 80) ** 2 <= 75**2] = 40.0  # the body, soft tissue
+    vessel = (yy - 60) ** 2 + (xx - 50) ** 2
+    arc = (np.arctan2(yy - 60, xx - 50) + np.pi) / (2 * np.pi) < 0.6
+    hu[(vessel <= 13.5**2) & arc] = 1500.0  # calcified plaque, 0.5 mm thick, along 60 % of the wall ...
+    hu[vessel <= 13**2] = 160.0  # ... of a homogeneous contrast-filled lumen of 530 mm^2
+    spine = (yy - 100) ** 2 + (xx - 100) ** 2
+    hu[spine <= 20**2] = 700.0  # a cortex, 2 mm thick ...
+    marrow = spine <= 18**2
+    hu[marrow] = 180.0 + rng.normal(0, 60, int(marrow.sum())).astype(np.float32)  # ... around mottled marrow
+    hu += rng.normal(0, 10, hu.shape).astype(np.float32)
+    tissue = tissue_map(hu, pixel_spacing=0.5)
+    assert (tissue[vessel <= 10**2] == BLOOD).all()  # (the rule before it called the lumen bone)
+    assert (tissue[spine <= 15**2] == BONE).all()
+
+
+def test_the_calcified_aorta_of_the_sample_series_is_blood_beside_a_bone_vertebral_body():
+    folder = SHARED_DATA / "ct" / "abdomen_dicom_series"
+    if not folder.is_dir():
+        pytest.skip(f"real CT data not found at {folder} (../shared/data is absent)")
+    from napari_langmamba.io import read_ct
+
+    volume = read_ct(folder)  # the series of `make run`
+    tissue = tissue_map(volume.hu[10], pixel_spacing=volume.spacing[1:])
+    assert tissue[298, 265] == BLOOD and tissue[300, 262] == BLOOD  # the aorta's lumen (~155 HU)
+    assert tissue[330, 242] == BONE and tissue[325, 245] == BONE  # the vertebral body below it
+
+
 def test_bad_input_is_a_config_error():
     with pytest.raises(ConfigError, match="2-D slice"):
         tissue_map(np.zeros((2, 8, 8)))
