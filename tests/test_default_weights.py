@@ -50,7 +50,7 @@ def test_bundle_is_small_and_documents_its_making():
     assert config["region_pixels"] is True and config["region_head"] == "cnn" and config["region_wide"] is True
     assert config["word_choice"] == "tissue"  # the head's tissue classes choose the words' candidates
     tissue = [r["tissue_pretrain"] for r in chain if r.get("tissue_pretrain")]
-    assert len(tissue) == 2 and tissue[-1]["steps"] >= 300 and chain[-1].get("tissue_pretrain") == tissue[-1]
+    assert len(tissue) == 3 and tissue[-1]["steps"] >= 300 and chain[-1].get("tissue_pretrain") == tissue[-1]
     assert tissue[-1]["validation"]["accuracy"] > 0.99  # the head's tissue classes on L192's dominated regions
     prior = langae_training["semantic_prior"]
     assert prior["scorer"] == "anatomy" and prior["balance_by"] == "class" and prior["pool_balance"] == 0.75
@@ -231,8 +231,8 @@ def test_bundled_words_name_lung_aortas_and_spine_on_a_chest_slice_never_trained
 def test_bundled_words_name_the_aorta_and_the_spine_on_real_contrast_ct():
     """The aorta and vertebral bodies of two contrast-enhanced series (both among the LangAE's training
     series: a check that the words keep naming them, not a held-out score, which is issue 11's
-    agreement benchmark). The sample series' aorta is not among them: its wall is calcified, and the
-    tissue prior (and so the head trained on it) calls the ring and what it encloses bone."""
+    agreement benchmark). The sample series' aorta has a calcified wall, which the tissue prior
+    filled as bone until its lumen rule."""
     from conftest import SHARED_DATA
 
     from napari_langmamba.anatomy import class_words
@@ -244,6 +244,7 @@ def test_bundled_words_name_the_aorta_and_the_spine_on_real_contrast_ct():
     words = class_words()
     sample = read_ct(folder / "abdomen_dicom_series")  # the series of `make run`
     assert _layer3_word(sample.hu[10].astype(np.float32), (330, 242)) in words["bone"]  # vertebral body
+    assert _layer3_word(sample.hu[10].astype(np.float32), (298, 265)) in words["blood"]  # the calcified aorta
     assert _layer3_word(sample.hu[10].astype(np.float32), (300, 170)) in words["soft tissue"]  # liver
     mayo = read_ct(folder / "mayo2016_L096_full_dose")
     upper, kidneys = mayo.hu[104].astype(np.float32), mayo.hu[64].astype(np.float32)  # 0209.IMA, 0129.IMA
