@@ -361,7 +361,7 @@ def test_token_model_error_is_a_notification_and_tokens_work_again(
     before = snapshot(viewer)
     calls: list[str] = []
 
-    def broken_quantize(z):  # the encoder ran; quantizing fails (mid-way through the pyramid)
+    def broken_quantize(z, x=None):  # the encoder ran; quantizing fails (mid-way through the pyramid)
         calls.append("quantize")
         raise RuntimeError("codebook tensor on a lost device")
 
@@ -481,7 +481,7 @@ def test_removing_the_image_layer_mid_tokens_raises_nothing_and_draws_nothing(
     widget.set_image_layer(image)
     gate = Gate()
     real_quantize = langae.quantize
-    monkeypatch.setattr(langae, "quantize", lambda z: (gate.pause(), real_quantize(z))[1])
+    monkeypatch.setattr(langae, "quantize", lambda z, x=None: (gate.pause(), real_quantize(z, x))[1])
 
     with qtbot.captureExceptions() as exceptions:
         worker = widget.show_tokens()
@@ -554,9 +554,9 @@ def test_closing_the_viewer_mid_tokens_raises_nothing(tokens_setup, qtbot, monke
     gate = Gate()
     real_quantize = langae.quantize
 
-    def slow_quantize(z):
+    def slow_quantize(z, x=None):
         gate.pause()
-        return real_quantize(z)
+        return real_quantize(z, x)
 
     monkeypatch.setattr(langae, "quantize", slow_quantize)
     worker = widget.show_tokens()
