@@ -262,9 +262,8 @@ def _lumens(hu: np.ndarray, labels: np.ndarray, n: int, cortex: np.ndarray, spac
 
     lumen = np.zeros(n + 1, dtype=bool)
     area = np.bincount(labels.ravel(), minlength=n + 1) * spacing**2
+    area[0] = 0.0  # the background is never a lumen
     for index in np.flatnonzero(area >= LUMEN_MIN_AREA_MM2):
-        if index == 0:
-            continue
         component = labels == index
         ring = cortex & ndi.binary_dilation(component, structure=_disk(3.0 / spacing))
         circumference = 2.0 * np.sqrt(np.pi * area[index])
@@ -275,7 +274,7 @@ def _lumens(hu: np.ndarray, labels: np.ndarray, n: int, cortex: np.ndarray, spac
     return lumen
 
 
-def _bone_mask(smooth: np.ndarray, body: np.ndarray, spacing: float, hu: np.ndarray | None = None) -> np.ndarray:
+def _bone_mask(hu: np.ndarray, smooth: np.ndarray, body: np.ndarray, spacing: float) -> np.ndarray:
     from scipy import ndimage as ndi
 
     cortex = smooth >= BONE_HU
@@ -294,8 +293,7 @@ def _bone_mask(smooth: np.ndarray, body: np.ndarray, spacing: float, hu: np.ndar
         area = np.bincount(labels.ravel(), minlength=n + 1)[1:] * spacing**2
         inner = np.zeros(n + 1, dtype=bool)
         inner[1:] = (contact > 0) & ((share >= CANCELLOUS_RIM_SHARE) | (area <= CANCELLOUS_MAX_AREA_MM2))
-        lumen = _lumens(smooth if hu is None else hu, labels, n, cortex, spacing)
-        lumen[0] = False
+        lumen = _lumens(hu, labels, n, cortex, spacing)
         inner &= ~lumen
         dense |= inner[labels]
         lumen_mask = lumen[labels]
@@ -344,7 +342,7 @@ def tissue_map(hu: np.ndarray, *, pixel_spacing: float | Sequence[float] | None 
     inside = np.digitize(smooth, [LUNG_HU, FAT_HU, BLOOD_HU]).astype(np.uint8)  # 0 air, 1 fat, 2 soft, 3 blood
     by_range = np.array([LUNG, FAT, SOFT_TISSUE, BLOOD], dtype=np.uint8)[inside]
     out[body] = by_range[body]
-    out[_bone_mask(smooth, body, spacing, slice_hu)] = BONE
+    out[_bone_mask(slice_hu, smooth, body, spacing)] = BONE
     out[smooth >= METAL_HU] = TABLE_METAL
     return out
 

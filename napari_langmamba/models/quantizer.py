@@ -127,18 +127,22 @@ def nearest_pool_tokens(
     pool; a row whose index is -1 or whose pool is empty searches the whole codebook
     (:func:`nearest_tokens`). Returns ``(ids, squared_distances)``, both (N,).
     """
-    ids, dist = nearest_tokens(x, codebook, sq_norms=sq_norms, block_elements=block_elements)
-    codebook = codebook.to(dtype=x.dtype)
+    ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    table = codebook.to(dtype=x.dtype)
+    searched = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for pool in torch.unique(index[index >= 0]).tolist():
         members = pool_ids[pool][pool_ids[pool] >= 0]
         if members.numel() == 0:
             continue
         where = (index == pool).nonzero().squeeze(1)
-        words = codebook[members]  # (m, d)
-        d2 = (x[where, None, :] - words[None]).pow(2).sum(-1)  # (n, m): exact, the pools are small
+        d2 = (x[where, None, :] - table[members][None]).pow(2).sum(-1)  # (n, m): exact, the pools are small
         best, pick = d2.min(dim=1)
-        ids[where] = members[pick]
-        dist[where] = best
+        ids[where], dist[where] = members[pick], best
+        searched[where] = True
+    rest = (~searched).nonzero().squeeze(1)  # no pool or an empty one: the whole codebook
+    if rest.numel():
+        ids[rest], dist[rest] = nearest_tokens(x[rest], codebook, sq_norms=sq_norms, block_elements=block_elements)
     return ids, dist
 
 
