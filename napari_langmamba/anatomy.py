@@ -97,6 +97,15 @@ class TissueClass:
     name: str
     words: tuple[str, ...]
     description: str
+    # The words true of every region of the class. The others name only some of its members (an
+    # organ, a bone, a kind of vessel) that a prior from HU cannot tell apart, so they are pool
+    # words while training but never the word a tissue-choosing LangAE shows (the liver is not
+    # to read "muscles", a vertebral body not "rib").
+    generic: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not set(self.generic) <= set(self.words):
+            raise ValueError(f"{self.name}: generic words must be among its words")
 
 
 OUTSIDE_AIR, LUNG, FAT, SOFT_TISSUE, BLOOD, BONE, TABLE_METAL = range(7)
@@ -107,28 +116,35 @@ OUTSIDE_AIR, LUNG, FAT, SOFT_TISSUE, BLOOD, BONE, TABLE_METAL = range(7)
 TISSUE_CLASSES: tuple[TissueClass, ...] = (
     TissueClass(OUTSIDE_AIR, "outside air",
                 ("air", "outside", "background", "exterior", "surrounding", "empty"),
-                "air outside the body"),
+                "air outside the body",
+                generic=("air", "outside", "background", "exterior", "surrounding", "empty")),
     TissueClass(LUNG, "lung",
                 ("lung", "lungs", "pulmonary", "respiratory", "breathing", "lobe"),
-                "air inside the body: lungs and airways (bowel gas too)"),
+                "air inside the body: lungs and airways (bowel gas too)",
+                generic=("lung", "lungs", "pulmonary", "respiratory")),
     TissueClass(FAT, "fat",
                 ("fat", "fatty", "obesity"),
-                "fat inside the body, subcutaneous and visceral"),
+                "fat inside the body, subcutaneous and visceral",
+                generic=("fat", "fatty")),
     TissueClass(SOFT_TISSUE, "soft tissue",
                 ("tissue", "tissues", "organ", "organs", "liver", "kidney", "muscle", "muscles", "stomach",
                  "colon", "gut", "flesh", "abdominal"),
-                "soft tissue and organs: muscle, liver, kidney, spleen, bowel, fluid"),
+                "soft tissue and organs: muscle, liver, kidney, spleen, bowel, fluid",
+                generic=("tissue", "tissues", "organ", "organs")),
     TissueClass(BLOOD, "blood",
                 ("blood", "artery", "arteries", "vein", "veins", "vessel", "vessels", "vascular", "arterial",
                  "contrast", "circulation"),
-                "contrast-enhanced blood: enhanced vessels and heart chambers"),
+                "contrast-enhanced blood: enhanced vessels and heart chambers",
+                generic=("blood", "vessel", "vessels", "vascular", "contrast")),
     TissueClass(BONE, "bone",
                 ("bone", "bones", "skeletal", "skeleton", "spine", "spinal", "vertebrae", "rib", "ribs", "marrow",
                  "calcium"),
-                "bone: cortex and the cancellous bone it encloses"),
+                "bone: cortex and the cancellous bone it encloses",
+                generic=("bone", "bones", "skeletal", "skeleton")),
     TissueClass(TABLE_METAL, "table or metal",
                 ("table", "metal", "metallic", "device", "implant", "hardware", "wire"),
-                "the patient table and other objects outside the body; metal anywhere"),
+                "the patient table and other objects outside the body; metal anywhere",
+                generic=("device", "hardware")),
 )
 """The seven tissue classes, in the order of their values in a :func:`tissue_map`."""
 
@@ -161,15 +177,16 @@ def class_words() -> dict[str, list[str]]:
     return {c.name: list(c.words) for c in TISSUE_CLASSES}
 
 
-def class_token_ids(codebook: Any) -> tuple[list[list[int]], dict[str, list[str]], list[str]]:
-    """Per tissue class, the codebook rows of its words; the words used per class; the words that
-    are not tokens of ``codebook`` (skipped)."""
+def class_token_ids(codebook: Any, generic: bool = False) -> tuple[list[list[int]], dict[str, list[str]], list[str]]:
+    """Per tissue class, the codebook rows of its words (``generic``: only the words true of the
+    whole class, :attr:`TissueClass.generic`); the words used per class; the words that are not
+    tokens of ``codebook`` (skipped)."""
     used: dict[str, list[str]] = {}
     skipped: list[str] = []
     class_ids: list[list[int]] = []
     for tissue in TISSUE_CLASSES:
         ids, words = [], []
-        for word in tissue.words:
+        for word in tissue.generic if generic else tissue.words:
             try:
                 ids.append(codebook.token_id(word))
                 words.append(word)

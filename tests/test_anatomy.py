@@ -18,6 +18,7 @@ from napari_langmamba.anatomy import (
     SOFT_TISSUE,
     TABLE_METAL,
     TISSUE_CLASSES,
+    TissueClass,
     body_mask,
     region_class_sets,
     region_edges,
@@ -54,6 +55,21 @@ def test_classes_are_ordered_and_their_words_are_minilm_words():
     assert {"bone", "spine", "rib"} <= set(TISSUE_CLASSES[BONE].words)
     assert {"lung", "lungs", "pulmonary"} <= set(TISSUE_CLASSES[LUNG].words)
     assert {"liver", "kidney", "muscle"} <= set(TISSUE_CLASSES[SOFT_TISSUE].words)
+
+
+def test_generic_words_name_no_single_organ_bone_or_vessel():
+    # what a tissue-choosing LangAE shows: true of every region of the class, as the prior cannot
+    # tell the liver from a muscle, a vertebra from a rib, an artery from a vein
+    specific = {"liver", "kidney", "muscle", "muscles", "stomach", "colon", "spine", "spinal", "vertebrae",
+                "rib", "ribs", "artery", "arteries", "arterial", "vein", "veins", "table", "implant", "wire"}
+    for tissue in TISSUE_CLASSES:
+        assert 2 <= len(tissue.generic) and set(tissue.generic) <= set(tissue.words), tissue.name
+        assert not set(tissue.generic) & specific, tissue.name
+    assert {"tissue", "organ"} <= set(TISSUE_CLASSES[SOFT_TISSUE].generic)
+    assert {"bone", "skeletal"} <= set(TISSUE_CLASSES[BONE].generic)
+    assert {"blood", "vascular"} <= set(TISSUE_CLASSES[BLOOD].generic)
+    with pytest.raises(ValueError, match="generic words must be among its words"):
+        TissueClass(0, "x", ("air",), "x", generic=("air", "liver"))
 
 
 def test_abdominal_slice_pixels_fall_in_their_tissue_class():

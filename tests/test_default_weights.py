@@ -217,11 +217,17 @@ def _layer3_word(hu: np.ndarray, point: tuple[int, int]) -> str:
     return token_pyramid(load_token_model("default"), hu).at(*point)[-1].word
 
 
-def test_bundled_words_name_lung_aortas_and_spine_on_a_chest_slice_never_trained_on(chest_held_out_pair):
-    from napari_langmamba.anatomy import class_words
+def _shown_words() -> dict[str, tuple[str, ...]]:
+    """Per tissue class, the words the bundled LangAE may show (it chooses words by tissue among
+    the generic ones: "tissue" at the liver, never "muscles")."""
+    from napari_langmamba.anatomy import TISSUE_CLASSES
 
+    return {c.name: c.generic for c in TISSUE_CLASSES}
+
+
+def test_bundled_words_name_lung_aortas_and_spine_on_a_chest_slice_never_trained_on(chest_held_out_pair):
     _, full, _ = chest_held_out_pair  # the full-dose slice at z = -102 mm (another scanner, kernel B70f)
-    words = class_words()
+    words = _shown_words()
     assert _layer3_word(full, (250, 100)) in words["lung"]  # the right lung
     assert _layer3_word(full, (175, 255)) in words["blood"]  # the ascending aorta
     assert _layer3_word(full, (325, 285)) in words["blood"]  # the descending aorta
@@ -235,13 +241,12 @@ def test_bundled_words_name_the_aorta_and_the_spine_on_real_contrast_ct():
     filled as bone until its lumen rule."""
     from conftest import SHARED_DATA
 
-    from napari_langmamba.anatomy import class_words
     from napari_langmamba.io import read_ct
 
     folder = SHARED_DATA / "ct"
     if not (folder / "abdomen_dicom_series").is_dir():
         pytest.skip(f"the real series are not in {folder} (../shared/data is absent)")
-    words = class_words()
+    words = _shown_words()
     sample = read_ct(folder / "abdomen_dicom_series")  # the series of `make run`
     assert _layer3_word(sample.hu[10].astype(np.float32), (330, 242)) in words["bone"]  # vertebral body
     assert _layer3_word(sample.hu[10].astype(np.float32), (298, 265)) in words["blood"]  # the calcified aorta
@@ -251,13 +256,13 @@ def test_bundled_words_name_the_aorta_and_the_spine_on_real_contrast_ct():
     assert _layer3_word(upper, (275, 268)) in words["blood"]  # aorta, upper abdomen
     assert _layer3_word(kidneys, (228, 233)) in words["blood"]  # aorta at the kidneys
     assert _layer3_word(upper, (322, 235)) in words["bone"] and _layer3_word(kidneys, (270, 225)) in words["bone"]
+    assert _layer3_word(upper, (180, 180)) in words["soft tissue"]  # liver (the latent alone said "muscles")
 
 
 def test_bundled_words_name_spine_fat_and_air_on_the_validation_patient(l192_pair):
-    from napari_langmamba.anatomy import class_words
-
     _, full, _ = l192_pair
-    words = class_words()
+    words = _shown_words()
     assert _layer3_word(full, (300, 265)) in words["bone"]  # vertebral body
+    assert _layer3_word(full, (252, 276)) in words["blood"]  # the aorta
     assert _layer3_word(full, (250, 45)) in words["fat"]  # subcutaneous fat
     assert _layer3_word(full, (30, 30)) in words["outside air"]

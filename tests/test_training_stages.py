@@ -947,7 +947,7 @@ def test_wide_view_and_tissue_words_start_as_the_narrow_head_and_follow_the_head
     assert moved_narrow[8, 12] == 0 and moved_narrow[8, 1] == 0  # beyond the narrow head's 127 pixels
     assert moved[8, 12] > 0 and moved[8, 1] > 0 and moved[0, 15] > 0  # the wide head sees across the slice
 
-    # word_choice "tissue": every word is one of the words of the class the head predicts
+    # word_choice "tissue": every word is one of the generic words of the class the head predicts
     chooser = LangAE(dataclasses.replace(narrow.config, word_choice="tissue"), codebook=codebook).eval()
     chooser.load_state_dict(narrow.state_dict())
     hu = np.full((256, 256), 40.0, dtype=np.float32)
@@ -956,7 +956,7 @@ def test_wide_view_and_tissue_words_start_as_the_narrow_head_and_follow_the_head
         with torch.no_grad():
             chooser.region_pixels.tissue.weight.zero_()
             chooser.region_pixels.tissue.bias.copy_(torch.nn.functional.one_hot(torch.tensor(planted), 7).float() * 10)
-        words = set(TISSUE_CLASSES[planted].words)
+        words = set(TISSUE_CLASSES[planted].generic)
         pyramid = token_pyramid(chooser, hu, cache=False)
         assert all(set(pyramid.words(layer)) <= words for layer in (1, 2, 3))
     free = token_pyramid(narrow, hu, cache=False)  # the same latent, the whole vocabulary

@@ -156,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "the body (an --init CNN head gets them at zero)")
     add_option(model, "--word-choice", choices=WORD_CHOICES,
                help="with --region-head cnn: nearest (each token is the nearest word of the whole vocabulary) or tissue "
-                    "(the nearest among the words of the tissue classes the head's classifier sees in the token's "
+                    "(the nearest among the generic words -- tissue, organ, bone, vascular, never liver or rib -- of the tissue classes the head's classifier sees in the token's "
                     "region; train the classifier with --tissue-steps or start from a model whose head is trained; "
                     "the word steps then train only the head's offset, never the classifier) "
                     f"(default {d('word_choice')})")

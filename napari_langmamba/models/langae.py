@@ -111,9 +111,11 @@ class LangAEConfig:
         interior, tens of millimetres from any tissue, is then told from the air outside the body.
     word_choice
         ``"nearest"``: each token is the nearest codebook row to its latent (the paper's
-        quantizer); ``"tissue"`` (CNN head only): the nearest among the words of the tissue
-        classes the head sees in the token's region (:meth:`LangAE.word_pools`), so a word never
-        contradicts the head's tissue -- the latent still picks which of the class's words.
+        quantizer); ``"tissue"`` (CNN head only): the nearest among the generic words of the
+        tissue classes the head sees in the token's region (:meth:`LangAE.word_pools`;
+        :attr:`~napari_langmamba.anatomy.TissueClass.generic`: "tissue" or "organ", never "liver"
+        or "muscle", which the head cannot tell apart), so a word never contradicts the head's
+        tissue -- the latent still picks which of the class's generic words.
     name
         Name of the preset this config came from (``"custom"`` otherwise); stored in checkpoints.
     """
@@ -583,7 +585,8 @@ class LangAE(nn.Module):
                                               context=config.region_context)
         self.quantizer = PyramidQuantizer(codebook.embeddings, beta=config.commitment_beta)
         if config.word_choice == "tissue":
-            class_ids, _, _ = class_token_ids(codebook)
+            # only the words true of a whole class: the head tells tissues apart, not organs
+            class_ids, _, _ = class_token_ids(codebook, generic=True)
             if not any(class_ids):
                 raise ConfigError(f"word_choice 'tissue' needs the tissue classes' words in the codebook; none of them is "
                                   f"a token of {codebook.source!r}.")
@@ -611,7 +614,7 @@ class LangAE(nn.Module):
     @torch.no_grad()
     def word_pools(self, x: Tensor, latent_shape: tuple[int, int]) -> list[PositionPools]:
         """Per pyramid layer, the candidate words of each token under ``word_choice "tissue"``: the
-        words of the tissue classes the region head predicts on at least :data:`WORD_MIN_SHARE`
+        generic words of the tissue classes the region head predicts on at least :data:`WORD_MIN_SHARE`
         of the token's latent positions (a layer-3 token: its position's class; the region's most
         frequent class always counts)."""
         if not isinstance(self.region_pixels, RegionCNN):
