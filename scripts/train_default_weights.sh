@@ -120,7 +120,7 @@ $PY -m training seed "${SEED_FT[@]}" --init "$RUNS/seed-ft/last" --output "$RUNS
 # 1.91 M trainable parameters, lite's 1.19 M), from scratch on the same pairs like stage 2 (lr 5e-4,
 # cosine over 1800 steps, stopped at step 1522: the best checkpoint, step 1500, 30.48 dB), then
 # fine-tuned at lr 1.5e-4 -> 1e-6 over 600 steps (best at step 500, 30.54 dB). The lite chain above
-# (2a-2c, 30.44 dB) stays: the sharp-kernel weights below start from it.
+# (2a-2c, 30.44 dB, the previous bundle) stays for the comparison row of the table below.
 WIDE=(--pairs "$CT/mayo2016_pairs" --val-patients L192 --langae "$RUNS/langae-A/last" --preset lite --lambda 0
       --val-max-images 11 --checkpoint-every 50 --steps-per-epoch 100 --patch-size 128 --batch-size 4 --repeat 24
       --decoder-channels 128 64 48 48)
@@ -143,7 +143,8 @@ $PY scripts/bundle_weights.py --seed-run "$RUNS/seed-wide-ft" \
     "$RUNS/langae-R3" "$RUNS/langae-C" "$RUNS/langae-M" "$RUNS/langae-U2" "$RUNS/langae-Y" \
     --evaluation "$RUNS/eval-L192/evaluation.json" "$RUNS/eval-L192-se/evaluation.json" --overwrite
 
-# The sharp-kernel weights (napari_langmamba/weights/sharp): the default SEED fine-tuned on simulated
+# The sharp-kernel weights (napari_langmamba/weights/sharp): the bundled default (stage 2x, the wider
+# decoder) fine-tuned on simulated
 # low-dose pairs of every 6th chest training slice (B70f), noise matched to the volume's own noise
 # (--sim-match-noise, ramp texture), doses 5-50 %; no validation patient of its kernel exists, so
 # the last checkpoint of this fixed schedule is bundled (L192 only logs Mayo quality). Stage S1:
@@ -154,8 +155,9 @@ SHARP=(--simulate-from "chest=$RUNS/data/chest_train" --sim-doses 0.05,0.1,0.25,
        --low "$CT/mayo2016_pairs/L192/quarter_3mm_B30" --full "$CT/mayo2016_pairs/L192/full_3mm_B30"
        --low "$CT/mayo2016_pairs/L192/quarter_3mm_D45" --full "$CT/mayo2016_pairs/L192/full_3mm_D45"
        --val-patients L192 --val-max-images 11 --preset lite --steps-per-epoch 100 --patch-size 128 --repeat 8
-       --batch-size 4 --checkpoint-every 50 --langae "$RUNS/langae-A/last" --lambda 0 --lr 2e-4)
-$PY -m training seed "${SHARP[@]}" --init "$RUNS/seed-ft2/best" --output "$RUNS/seed-sharp" --seed 12 \
+       --batch-size 4 --checkpoint-every 50 --langae "$RUNS/langae-A/last" --lambda 0 --lr 2e-4
+       --decoder-channels 128 64 48 48)
+$PY -m training seed "${SHARP[@]}" --init "$RUNS/seed-wide-ft/best" --output "$RUNS/seed-sharp" --seed 12 \
     --epochs 8 --stop-at-step 420
 $PY -m training seed "${SHARP[@]}" --init "$RUNS/seed-sharp/last" --output "$RUNS/seed-sharp2" --seed 13 \
     --epochs 6 --noise-scale 0.75 1.75
@@ -167,6 +169,7 @@ $PY -m training evaluate --simulate-from "chest=$RUNS/data/chest_heldout" --sim-
     --sim-filter ramp --sim-match-noise --val-patients chest --baselines gaussian,nlm,bm3d \
     --tuned "$RUNS/eval-chest-tune-matched/evaluation.json" --weights "SEED default=$RUNS/seed-wide-ft/best" \
     "SEED sharp=$RUNS/seed-sharp2/last" --metrics psnr ssim fsim --out "$RUNS/eval-chest-matched"
-$PY scripts/bundle_weights.py --sharp --seed-run "$RUNS/seed-sharp2" --seed-init-run "$RUNS/seed-sharp" \
+$PY scripts/bundle_weights.py --sharp --seed-run "$RUNS/seed-sharp2" \
+    --seed-init-run "$RUNS/seed-wide" "$RUNS/seed-wide-ft" "$RUNS/seed-sharp" \
     --langae-bundle napari_langmamba/weights/default/langae \
     --evaluation "$RUNS/eval-chest-matched/evaluation.json" --overwrite
