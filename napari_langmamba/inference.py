@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_langmamba.allocator import heap_allocations
 from napari_langmamba.errors import CheckpointError, ConfigError
 from napari_langmamba.events import Progress, run
 from napari_langmamba.session import (
@@ -372,31 +373,34 @@ class Denoiser:
 
         pending: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # z -> (input, acc, wsum)
         yield Progress(0, total, f"denoising {n_slices} slice(s)")
-        for first in range(0, total, batch_size):
-            batch = items[first : first + batch_size]
-            inputs = []
-            for z, (r, c) in batch:
-                if z not in pending:
-                    pending[z] = self._prepare_slice(volume[z], plan)
-                th, tw = plan.tile_shape
-                inputs.append(pending[z][0][r : r + th, c : c + tw])
-            outputs = self._run_batch(np.stack(inputs), self_ensemble=self_ensemble)  # (b, th, tw) in HU
-            for (z, start), out in zip(batch, outputs, strict=True):
-                norm, acc, wsum = pending[z]
-                if not plan.tiled:
-                    acc[...] = out
-                else:
-                    r, c = start
+        # The network's large temporaries reuse heap memory instead of fresh pages (``result``,
+        # allocated above, pins none of it afterwards); see napari_langmamba.allocator.
+        with heap_allocations():
+            for first in range(0, total, batch_size):
+                batch = items[first : first + batch_size]
+                inputs = []
+                for z, (r, c) in batch:
+                    if z not in pending:
+                        pending[z] = self._prepare_slice(volume[z], plan)
                     th, tw = plan.tile_shape
-                    acc[r : r + th, c : c + tw] += out * weights[start]
-                    wsum[r : r + th, c : c + tw] += weights[start]
-                if start == plan.starts[-1]:  # the slice's last tile: finish it
-                    h, w = plan.shape
-                    result[z] = acc[:h, :w] if not plan.tiled else acc[:h, :w] / wsum[:h, :w]
-                    result[z] += self._outside_range(volume[z])
-                    del pending[z]
-            done = first + len(batch)
-            yield Progress(done, total, f"slice {min(batch[-1][0] + 1, n_slices)} of {n_slices}")
+                    inputs.append(pending[z][0][r : r + th, c : c + tw])
+                outputs = self._run_batch(np.stack(inputs), self_ensemble=self_ensemble)  # (b, th, tw) in HU
+                for (z, start), out in zip(batch, outputs, strict=True):
+                    norm, acc, wsum = pending[z]
+                    if not plan.tiled:
+                        acc[...] = out
+                    else:
+                        r, c = start
+                        th, tw = plan.tile_shape
+                        acc[r : r + th, c : c + tw] += out * weights[start]
+                        wsum[r : r + th, c : c + tw] += weights[start]
+                    if start == plan.starts[-1]:  # the slice's last tile: finish it
+                        h, w = plan.shape
+                        result[z] = acc[:h, :w] if not plan.tiled else acc[:h, :w] / wsum[:h, :w]
+                        result[z] += self._outside_range(volume[z])
+                        del pending[z]
+                done = first + len(batch)
+                yield Progress(done, total, f"slice {min(batch[-1][0] + 1, n_slices)} of {n_slices}")
         return result[0] if was_2d else result
 
     def _prepare_slice(self, hu_slice: Any, plan: TilingPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -447,3 +447,31 @@ def test_training_works_after_the_same_shapes_ran_under_inference_mode():
     out.square().mean().backward()
     grads = [p.grad for p in block.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_es2d_under_cpu_bf16_autocast_takes_the_fused_training_kernel(monkeypatch):
+    """``--amp bf16`` on CPU: ES2D's bfloat16 input goes through the fused float32 training
+    kernel (not the generic split/scan/merge graph), with the same values and gradients as
+    the float32 call on the same (bfloat16-rounded) input."""
+    import napari_langmamba.models.ema as ema
+
+    calls = []
+    original = ema.es2d_scan_train
+    monkeypatch.setattr(ema, "es2d_scan_train", lambda *a, **k: calls.append(a[0].dtype) or original(*a, **k))
+    m = _random_es2d(seed=3)
+    x = torch.randn(2, 6, 8, 6).bfloat16()
+    gy = torch.randn(2, 6, 8, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x.requires_grad_())
+    grads = torch.autograd.grad(y, [x, *m.parameters()], gy)
+    x32 = x.detach().float().requires_grad_()
+    y32 = m(x32)
+    grads32 = torch.autograd.grad(y32, [x32, *m.parameters()], gy)
+    assert calls == [torch.bfloat16, torch.float32]
+    assert y.dtype == torch.float32  # the kernel's float32 result, not rounded to bf16
+    assert torch.equal(y, y32)
+    assert grads[0].dtype == torch.bfloat16 and torch.equal(grads[0], grads32[0].bfloat16())
+    for (name, _), g, g32 in zip(m.named_parameters(), grads[1:], grads32[1:], strict=True):
+        assert torch.equal(g, g32), name
+    ref = _es2d_reference(m, x.detach().double())
+    assert _rel(y, ref) < 1e-4

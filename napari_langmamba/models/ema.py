@@ -73,9 +73,12 @@ def _lean(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _fused_training(x: torch.Tensor) -> bool:
-    """Whether a differentiable call may take the fused CPU training kernels (float32, no
-    autocast, not switched off by :func:`~napari_langmamba.models.scan.legacy_training_paths`)."""
-    return x.dtype == torch.float32 and not legacy_training_paths() and not _autocast_on(x.device.type)
+    """Whether a differentiable call may take the fused CPU training kernels (float32, or
+    bfloat16 under CPU autocast: the kernels compute in float32 either way; not switched off
+    by :func:`~napari_langmamba.models.scan.legacy_training_paths`)."""
+    if legacy_training_paths():
+        return False
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _autocast_on(x.device.type))
 
 
 # --------------------------------------------------------------------------- scan orders

@@ -605,6 +605,7 @@ class _ES2DTrain(torch.autograd.Function):
     projected ones and the state before every chunk of ``_NUMBA_CHUNK`` steps."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # float32 kernels under autocast
     def forward(ctx, x, x_proj_weight, dt_weight, dt_bias, A, D, order, inverse):
         kernels = _numba_kernels()
         b, npix, d = x.shape
@@ -637,6 +638,7 @@ class _ES2DTrain(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, dy):
         kernels = _numba_kernels()
         xs, xdbl, proj32, wT, bias32, At, D32, h_chunks, order, inverse = ctx.saved_tensors
