@@ -541,8 +541,15 @@ def kernel_advice(trained: Sequence[str] | None, kernel: str | None, *, weights:
 def _find_preset(config: dict) -> str | None:
     """The preset a checkpoint's architecture config records (``preset`` or ``name``), if any.
 
-    SEED configs are ``{"encoder": ..., "seed": ...}``: the denoiser's own preset comes first.
+    SEED configs are ``{"encoder": ..., "seed": ...}``: the denoiser's own preset comes first;
+    a SEED with its own decoder widths (``custom``) reads e.g. ``lite, decoder 128-64-48-48``
+    (its encoder's preset and its decoder channels).
     """
+    seed, encoder = config.get("seed"), config.get("encoder")
+    if isinstance(seed, dict) and seed.get("name") == "custom" and isinstance(encoder, dict):
+        channels = seed.get("decoder_channels")
+        if isinstance(encoder.get("name"), str) and isinstance(channels, list):
+            return f"{encoder['name']}, decoder {'-'.join(str(c) for c in channels)}"
     for section in (config, config.get("seed"), config.get("redcnn"), config.get("encoder")):
         if isinstance(section, dict):
             for key in ("preset", "name"):

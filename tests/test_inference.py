@@ -65,6 +65,18 @@ def phantom(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 # --- loading ---------------------------------------------------------------------------------------
+def test_a_seed_with_its_own_decoder_widths_names_its_encoder_and_decoder(tmp_path):
+    from napari_langmamba.models.langae import Encoder, LangAEConfig
+    from napari_langmamba.models.seed import SEED, SEEDConfig
+
+    encoder_config = LangAEConfig.preset("tiny", codebook_dim=8)
+    config = SEEDConfig(feature_channels=encoder_config.feature_channels, decoder_channels=(24, 20, 12, 10))
+    path = save_checkpoint(tmp_path / "wide", SEED(config, encoder=Encoder(encoder_config)), kind="seed")
+    denoiser = Denoiser.load(path, device="cpu")
+    assert denoiser.info["preset"] == "tiny, decoder 24-20-12-10"
+    assert "preset='tiny, decoder 24-20-12-10'" in repr(denoiser)
+
+
 def test_load_records_provenance(seed_ckpt):
     denoiser = Denoiser.load(seed_ckpt, device="cpu")
     info = denoiser.info
