@@ -26,7 +26,9 @@ Backends (see :func:`scan_backend`):
 :func:`selective_scan_reference` is the plain sequential loop the others are tested
 against. :func:`selective_scan_channels_last` takes the "grouped channels-last" layout the
 2D scan produces directly, u (b, g, L, dg), so the CPU path needs no transposes.
-:func:`es2d_scan_fused` and :func:`norm_gate_` are CPU inference fusions used by ES2D/ESSM.
+:func:`es2d_scan_fused` and :func:`norm_gate_` are CPU inference fusions used by ES2D/ESSM;
+:func:`es2d_scan_train` is ES2D's fused CPU training scan (float32 inside, also under CPU
+bfloat16 autocast, where it takes its inputs in float32 and returns float32).
 """
 
 from __future__ import annotations
