@@ -295,7 +295,7 @@ def test_arguments_parse_with_the_stage_parser(stage, tmp_path):
         val_data=(tmp_path / "v",), output=tmp_path / "out", preset="lite", epochs=3, steps_per_epoch=5,
         batch_size=2, patch_size=48, lr=2e-4, langda_weight=0.5, backbone="redcnn", codebook="random:8x4",
         langae=tmp_path / "ae", candidates=tmp_path / "c.json", checkpoint=tmp_path / "ck", dose=0.1,
-        device="cpu", extra=EXTRA[stage],
+        device="cpu", amp="bf16", extra=EXTRA[stage],
     )
     args = build_parser(stage).parse_args(build_arguments(settings, resume=stage in ("langae", "seed")))
     ns = vars(args)
@@ -315,6 +315,7 @@ def test_arguments_parse_with_the_stage_parser(stage, tmp_path):
         assert (ns["preset"], ns["epochs"], ns["steps_per_epoch"], ns["batch_size"], ns["patch_size"]) == (
             "lite", 3, 5, 2, 48)
         assert ns["lr"] == 2e-4 and ns["device"] == "cpu" and ns["resume"] is True and ns["seed"] == 3
+        assert ns["amp"] == "bf16"
         if stage == "seed":
             assert ns["backbone"] == "redcnn" and ns["langda_weight"] == 0.5 and Path(ns["langae"]) == tmp_path / "ae"
         else:
@@ -368,6 +369,14 @@ def test_the_form_takes_its_fields_defaults_and_flags_from_the_stages_options(vi
     assert widget.patch_spin.value() == stage_default("seed", "patch_size")
     assert float(widget.lr_edit.text()) == stage_default("seed", "lr")
     assert widget.lambda_spin.value() == pytest.approx(stage_default("seed", "langda_weight"))
+    # the precision: the stages' choices, their default, and the choice reaches the command
+    from training.options import AMP_CHOICES
+
+    assert [widget.amp_combo.itemText(i) for i in range(widget.amp_combo.count())] == list(AMP_CHOICES)
+    assert widget.amp_combo.currentText() == stage_default("seed", "amp") == "auto"
+    widget.amp_combo.setCurrentText("bf16")
+    command = widget.preview_command()
+    assert command[command.index("--amp") + 1] == "bf16"
     assert widget.preset_combo.currentText() == stage_default("seed", "preset")
     assert widget.codebook_edit.text() == stage_default("langae", "codebook")
     assert widget.dose_spin.value() == pytest.approx(stage_default("simulate", "dose"))

@@ -29,6 +29,7 @@ def test_stage_rows_show_what_each_stage_uses():
         rows = stage_rows(stage)
         assert rows["epochs_spin"] == rows["lr_edit"] == rows["val"] == (stage in TRAINING_STAGES)
         assert rows["dose_spin"] == (stage == "simulate") and rows["device_combo"] == (stage != "simulate")
+        assert rows["amp_combo"] == (stage in TRAINING_STAGES)
         assert rows["langae"] == rows["backbone_combo"] == (stage == "seed")
         assert rows["checkpoint"] == (stage == "evaluate") and rows["candidates"] == (stage == "langae")
         assert rows["codebook_edit"] == (stage in ("langae", "candidates"))
@@ -105,17 +106,18 @@ def test_a_recorded_run_fills_the_form_it_was_started_from():
 
     seed = recorded_form("seed", {
         "data": ["/a", "/b"], "val_data": None, "preset": "lite", "epochs": 3, "steps_per_epoch": "many",
-        "batch_size": 2, "patch_size": 48, "lr": 0.0002, "device": "cpu", "backbone": "redcnn",
+        "batch_size": 2, "patch_size": 48, "lr": 0.0002, "device": "cpu", "amp": "bf16", "backbone": "redcnn",
         "langda_weight": 0, "langae": "/ae", "codebook": "ignored for seed",
     })
     assert list(seed)[0] == "stage_combo" and seed["stage_combo"] == "seed"
     assert seed == {
         "stage_combo": "seed", "data_edit": "/a; /b", "val_edit": "", "preset_combo": "lite", "epochs_spin": 3,
-        "batch_spin": 2, "patch_spin": 48, "lr_edit": "0.0002", "device_combo": "cpu",
+        "batch_spin": 2, "patch_spin": 48, "lr_edit": "0.0002", "device_combo": "cpu", "amp_combo": "bf16",
         "backbone_combo": "redcnn", "lambda_spin": 0.0, "langae_edit": "/ae",
     }  # steps_per_epoch of the wrong type is left out: the control keeps its value
-    langae = recorded_form("langae", {"data": "/ct", "preset": "no such preset", "lr": None, "candidates": "/c.json"})
-    assert "preset_combo" not in langae and langae["lr_edit"] == "" and langae["data_edit"] == "/ct"
+    langae = recorded_form("langae", {"data": "/ct", "preset": "no such preset", "lr": None, "candidates": "/c.json",
+                                      "amp": "fp8"})
+    assert "preset_combo" not in langae and "amp_combo" not in langae and langae["lr_edit"] == "" and langae["data_edit"] == "/ct"
     assert langae["codebook_edit"] == stage_default("langae", "codebook") and langae["candidates_edit"] == "/c.json"
     assert "backbone_combo" not in langae and "langae_edit" not in langae
 

@@ -42,7 +42,7 @@ DEVICES = ("auto", "cpu", "cuda")
 _TRAINING_FIELDS = {
     "data": "data", "val_data": "val_data", "output": "output", "preset": "preset", "epochs": "epochs",
     "steps_per_epoch": "steps_per_epoch", "batch_size": "batch_size", "patch_size": "patch_size",
-    "device": "device", "lr": "lr",
+    "device": "device", "amp": "amp", "lr": "lr",
 }
 STAGE_FIELDS: dict[str, dict[str, str]] = {
     "simulate": {"data": "inputs", "output": "out", "dose": "dose"},
@@ -100,10 +100,10 @@ def stage_default(stage: str, option: str) -> Any:
 
 
 def stage_choices(name: str) -> tuple[str, ...]:
-    """The values the stages accept for ``preset`` or ``backbone``."""
-    from training.options import BACKBONES, PRESET_CHOICES
+    """The values the stages accept for ``preset``, ``backbone`` or ``amp``."""
+    from training.options import AMP_CHOICES, BACKBONES, PRESET_CHOICES
 
-    return {"preset": PRESET_CHOICES, "backbone": BACKBONES}[name]
+    return {"preset": PRESET_CHOICES, "backbone": BACKBONES, "amp": AMP_CHOICES}[name]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +132,7 @@ class TrainSettings:
     checkpoint: Path | None = None
     dose: float | None = None
     device: str | None = None
+    amp: str | None = None
     extra: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -306,6 +307,7 @@ def stage_rows(stage: str) -> dict[str, bool]:
         "checkpoint": stage == "evaluate",
         "dose_spin": stage == "simulate",
         "device_combo": stage != "simulate",
+        "amp_combo": training,
     }
 
 
@@ -377,6 +379,8 @@ def recorded_form(stage: str, options: dict[str, Any]) -> dict[str, Any]:
     form["lr_edit"] = "" if o.get("lr") is None else num_text(float(o["lr"]))
     if isinstance(o.get("device"), str):
         form["device_combo"] = o["device"]
+    if o.get("amp") in stage_choices("amp"):
+        form["amp_combo"] = o["amp"]
     if stage == "langae":
         form["codebook_edit"] = str(o.get("codebook") or stage_default("langae", "codebook"))
         form["candidates_edit"] = paths_text(o.get("candidates"))

@@ -110,7 +110,7 @@ __all__ = [
 PERSISTED_FIELDS = (
     "stage_combo", "data_edit", "val_edit", "output_edit", "preset_combo", "epochs_spin", "steps_spin",
     "batch_spin", "patch_spin", "lr_edit", "backbone_combo", "lambda_spin", "langae_edit", "codebook_edit",
-    "candidates_edit", "checkpoint_edit", "dose_spin", "device_combo", "extra_edit",
+    "candidates_edit", "checkpoint_edit", "dose_spin", "device_combo", "amp_combo", "extra_edit",
 )
 """The form's fields remembered between napari sessions, in the order they are restored."""
 LOG_BLOCKS = 2000
@@ -228,6 +228,9 @@ class TrainWidget(TrainProcess, WidgetBase):
         device = self._row("device_combo", QComboBox(), "Device")
         device.setEditable(True)
         device.addItems(DEVICES)
+        amp = self._row("amp_combo", QComboBox(), "Precision")
+        amp.addItems(stage_choices("amp"))
+        amp.setCurrentText(stage_default("seed", "amp"))
         extra = self._row("extra_edit", QLineEdit(), "Extra options")
         extra.setPlaceholderText("e.g. --log-every 1 --val-fraction 0.2")
         command = self._row("command_edit", QLineEdit(), "Command")
@@ -249,6 +252,7 @@ class TrainWidget(TrainProcess, WidgetBase):
         for control in (preset, backbone):
             control.currentIndexChanged.connect(self._on_form_changed)
         device.currentTextChanged.connect(self._on_form_changed)
+        amp.currentIndexChanged.connect(self._on_form_changed)
         for control in (epochs, steps, batch, patch, lam, dose):
             control.valueChanged.connect(self._on_form_changed)
         for control in (lr, self.codebook_edit, extra):
@@ -332,6 +336,7 @@ class TrainWidget(TrainProcess, WidgetBase):
             checkpoint=optional_path(self.checkpoint_edit.text()),
             dose=float(self.dose_spin.value()),
             device=device,
+            amp=self.amp_combo.currentText(),
             extra=extra,
         )
 
