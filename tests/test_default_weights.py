@@ -31,9 +31,13 @@ def test_bundle_is_small_and_documents_its_making():
                                                        "origins": ["real"]}}
     assert training["seed"]["codebook"]["source"] == "words:minilm"
     assert training["seed"]["validation"]["best_psnr"] > 30.5
-    # the chain: trained from scratch, then fine-tuned from its best checkpoint (--init)
-    assert [r.get("init") for r in training["seed"]["init_runs"]] == [None]
-    assert training["seed"]["init"]["path"].rstrip("/").split("/")[-2] == "seed-wide"
+    # the chain: trained from scratch (seed-wide), fine-tuned from its best checkpoint (the previous
+    # bundle), then trained longer from that bundle in bfloat16 (--init, --amp bf16)
+    assert training["seed"]["amp"] == "bf16" and training["seed"]["total_steps"] == 2500
+    (previous,) = training["seed"]["init_runs"]
+    assert previous["seed"]["init"]["path"].rstrip("/").split("/")[-2] == "seed-wide"
+    assert [r.get("init") for r in previous["seed"]["init_runs"]] == [None]
+    assert previous["seed"]["validation"]["best_psnr"] < training["seed"]["validation"]["best_psnr"]
     assert "not a medical device" in config["extra"]["provenance"]
     assert "L192" in json.dumps(config["metrics"]["evaluation"])
     langae = json.loads((DEFAULT_WEIGHTS_DIR / "langae" / "config.json").read_text())
