@@ -128,7 +128,7 @@ $PY -m training seed "${WIDE[@]}" --output "$RUNS/seed-wide" --seed 5 --epochs 1
 $PY -m training seed "${WIDE[@]}" --init "$RUNS/seed-wide/best" --output "$RUNS/seed-wide-ft" --seed 6 \
     --epochs 6 --lr 1.5e-4
 # Stage 2y, the bundled default now: stage 2x trained 2500 steps more, twice the batch (8 x 128^2, 20 000
-# crops: 2.5x all of 2w + 2x), lr 1.5e-4 -> 1e-6, in bfloat16 on the CPU (--amp bf16; validation in
+# crops: 2.4x all of 2w + 2x), lr 1.5e-4 -> 1e-6, in bfloat16 on the CPU (--amp bf16; validation in
 # float32); validated every 250 steps: 30.51-30.60 dB, best at step 1500 (30.60 dB), last 30.56 dB.
 # 69 minutes on 2 cores with AVX512-BF16 (the session's copy of the 2x bundle was its --init).
 $PY -m training seed "${WIDE[@]}" --init "$RUNS/seed-wide-ft/best" --output "$RUNS/seed-long" --seed 21 \
