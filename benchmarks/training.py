@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     goal = next((r for r in results if r["model"] == "seed-lite" and r["batch"] == 4 and r["patch"] == 128
                  and not r["langda"] and "ratio" in r), None)
     default_allocator = None
-    if goal is not None or args.quick:
+    if goal is not None or args.quick:  # --quick: the smoke run goes through this job too
         default_allocator = _job({"threads": THREADS, "OMP_WAIT_POLICY": None}, steps, args.quick,
                                  modes=seed_modes, heap=False)
         print("glibc's default allocator, fresh process: " + _row(default_allocator), file=sys.stderr, flush=True)
