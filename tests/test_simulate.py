@@ -284,6 +284,26 @@ def test_match_noise_dataset_inserts_the_image_noise_times_one_over_dose_minus_o
     assert np.std((np.load(plain / "low/00000.npy") - volume[0])[44:84, 44:84]) < 0.3 * inserted
 
 
+def test_a_matched_dataset_from_another_noise_measurement_is_not_reused(tmp_path, monkeypatch):
+    volume = _noisy_soft_tissue_disc(5e4, seeds=(1, 2))
+    path = tmp_path / "sharp.npy"
+    np.save(path, volume)
+    options = SimulationOptions(dose=0.25, filter="ramp", n_views=180, electronic_noise=0.0, match_noise=True)
+    out = run(iter_simulate_dataset([path], tmp_path / "pairs", options=options, workers=1))
+    first = json.loads((out / "dataset.json").read_text())["fingerprint"]
+    # the same inputs and options, the I0 measured another way (an older revision of the probe)
+    monkeypatch.setitem(simulate.MATCH_PROBE, "revision", 1)
+    with pytest.raises(ConfigError, match="other inputs or options"):
+        run(iter_simulate_dataset([path], out, options=options, workers=1))
+    remade = run(iter_simulate_dataset([path], out, options=options, workers=1, overwrite=True))
+    assert json.loads((remade / "dataset.json").read_text())["fingerprint"] != first
+    # a plain (unmatched) dataset's fingerprint does not depend on the probe
+    plain = dataclasses.replace(options, match_noise=False)
+    made = run(iter_simulate_dataset([path], tmp_path / "plain", options=plain, workers=1))
+    monkeypatch.setitem(simulate.MATCH_PROBE, "revision", 2)
+    assert run(iter_simulate_dataset([path], made, options=plain, workers=1)) == made
+
+
 def test_pair_options_check_the_simulated_noise_options():
     from training.options import PairDataOptions
 

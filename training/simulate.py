@@ -344,6 +344,10 @@ NOISE_HIGH_PASS_SIGMA = 1.5
 MATCH_PROBE_DOSE = 0.5  # inserts exactly the full dose's quantum noise variance
 MATCH_SLICES = 8
 MATCH_MIN_BLOCKS = 8
+# How the matched I0 is measured; part of a matched dataset's fingerprint, so a cache made by an
+# earlier measurement (revision 1 seeded its probe by dose and seed) is never reused.
+MATCH_PROBE = {"revision": 2, "dose": MATCH_PROBE_DOSE, "slices": MATCH_SLICES, "block": NOISE_BLOCK,
+               "high_pass_sigma": NOISE_HIGH_PASS_SIGMA}
 
 
 def block_noise_ratios(full_hu: np.ndarray, noise_hu: np.ndarray, *, pixel_spacing: tuple[float, float],
@@ -508,6 +512,8 @@ def _fingerprint(options: SimulationOptions, sources: list[_Source], slice_step:
         "slice_step": slice_step,
         "sources": [(s.hu_sha256, list(s.shape), list(s.spacing)) for s in sources],
     }
+    if options.match_noise:
+        payload["match_probe"] = MATCH_PROBE
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
