@@ -56,7 +56,7 @@ SHARP_PROVENANCE = (
     "Research weights, not a medical device. Trained on CPU with the bundled training package, starting "
     "from the bundled default SEED (--init). Data: simulated low-dose pairs of every 6th, later every 3rd, "
     "of the 84 training slices of one contrast chest CT (Siemens Sensation 16, 100 kVp, 3 mm, sharp kernel "
-    "B70f), at doses of 5, 7.5, 10, 25 and 50 % with each sample's noise scaled by 0.75-2.5, made by "
+    "B70f), at doses of 5, 7.5, 10, 25 and 50 % with each sample's noise scaled by 0.75-1.75, made by "
     "projection-domain noise insertion matched to the volume's own measured noise (training.simulate, "
     "--match-noise, ramp-filtered texture). No real low-dose scan of a sharp kernel "
     "was available: these weights have never seen real sharp-kernel low-dose noise. Selection: none (the last "

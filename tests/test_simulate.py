@@ -291,8 +291,9 @@ def test_a_matched_dataset_from_another_noise_measurement_is_not_reused(tmp_path
     options = SimulationOptions(dose=0.25, filter="ramp", n_views=180, electronic_noise=0.0, match_noise=True)
     out = run(iter_simulate_dataset([path], tmp_path / "pairs", options=options, workers=1))
     first = json.loads((out / "dataset.json").read_text())["fingerprint"]
+    revision = simulate.MATCH_PROBE["revision"]
     # the same inputs and options, the I0 measured another way (an older revision of the probe)
-    monkeypatch.setitem(simulate.MATCH_PROBE, "revision", 1)
+    monkeypatch.setitem(simulate.MATCH_PROBE, "revision", revision - 1)
     with pytest.raises(ConfigError, match="other inputs or options"):
         run(iter_simulate_dataset([path], out, options=options, workers=1))
     remade = run(iter_simulate_dataset([path], out, options=options, workers=1, overwrite=True))
@@ -300,7 +301,7 @@ def test_a_matched_dataset_from_another_noise_measurement_is_not_reused(tmp_path
     # a plain (unmatched) dataset's fingerprint does not depend on the probe
     plain = dataclasses.replace(options, match_noise=False)
     made = run(iter_simulate_dataset([path], tmp_path / "plain", options=plain, workers=1))
-    monkeypatch.setitem(simulate.MATCH_PROBE, "revision", 2)
+    monkeypatch.setitem(simulate.MATCH_PROBE, "revision", revision)
     assert run(iter_simulate_dataset([path], made, options=plain, workers=1)) == made
 
 
